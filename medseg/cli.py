@@ -15,6 +15,7 @@ from medseg.errors import MedsegError
 COMMAND_MODULES = (
     "medseg.commands.info",
     "medseg.commands.data",
+    "medseg.commands.config",
     "medseg.commands.demo",
 )
 

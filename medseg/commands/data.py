@@ -1,0 +1,85 @@
+"""`medseg data fetch | list`: bring datasets named in data_manifest.csv here and check them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medseg import manifest
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `data` command and its `fetch` and `list` actions."""
+    parser = subparsers.add_parser(
+        "data",
+        help="fetch and verify datasets named in data_manifest.csv",
+        description="Fetch datasets named in data_manifest.csv and verify their sha256 sums. "
+        f"Data root: --dest, else $MEDSEG_DATA_DIR, else {manifest.default_data_root()}.",
+    )
+    actions = parser.add_subparsers(title="actions", dest="action", metavar="ACTION", required=True)
+
+    fetch = actions.add_parser(
+        "fetch",
+        help="copy (from a mirror) or download a dataset and verify every file",
+        description="Files already present and verified are kept; a file whose checksum differs "
+        "is an error unless --force.",
+    )
+    fetch.add_argument("dataset", help="dataset id from the manifest, e.g. isbi2012_em")
+    fetch.add_argument(
+        "--mirror",
+        type=Path,
+        help="local folder laid out as DIR/<dataset>/<path> to copy from "
+        "(default: $MEDSEG_DATA_MIRROR; files not in it are downloaded)",
+    )
+    fetch.add_argument("--force", action="store_true", help="replace local files whose checksum differs")
+    _add_common(fetch)
+
+    listing = actions.add_parser("list", help="show each dataset and whether it is present and verified")
+    _add_common(listing)
+
+    parser.set_defaults(func=handler)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dest", type=Path, help="data root; datasets go to DEST/<dataset>/")
+    parser.add_argument(
+        "--manifest", type=Path, help="manifest CSV (default: the repository's data_manifest.csv)"
+    )
+
+
+def handler(args: argparse.Namespace) -> int:
+    """Run the chosen action; errors surface as ManifestError for the CLI to print."""
+    if args.action == "fetch":
+        return _fetch(args)
+    return _list(args)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    report = manifest.fetch(
+        args.dataset, dest=args.dest, mirror=args.mirror, force=args.force, manifest=args.manifest
+    )
+    print(report.summary())
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    statuses = manifest.dataset_status(dest=args.dest, manifest=args.manifest)
+    header = ("dataset", "files", "present", "verified", "status", "where")
+    rows = [
+        (s.dataset, str(s.expected), str(s.present), str(s.verified), s.status, str(s.folder))
+        for s in statuses
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    dest = f" --dest {args.dest}" if args.dest else ""
+    for s in statuses:
+        if s.corrupt:
+            print(f"{s.dataset}: {len(s.corrupt)} corrupt (first: {s.corrupt[0]}); "
+                  f"run `medseg data fetch {s.dataset}{dest} --force`")
+        elif s.status != "verified":
+            print(
+                f"{s.dataset}: {len(s.missing)} missing; "
+                f"run `medseg data fetch {s.dataset}{dest} --mirror DIR`"
+            )
+    return 0

@@ -1,0 +1,240 @@
+"""Experiment configs: YAML validated by pydantic, with dotted overrides.
+
+A config is data: every section forbids unknown keys, so a typo is an error that names
+the file and the dotted key instead of a silently ignored setting. Relative paths in a
+config resolve against the config file's folder, so a config works from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from medseg.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "SplitConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "InferConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(os.path.normpath(Path(base) / value))
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors; values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Section):
+    """How cases divide into training and validation.
+
+    manifest: the split column of data_manifest.csv; cases: explicit lists;
+    fraction: a seeded random validation fraction; kfold: fold ``fold`` of ``folds``.
+    """
+
+    mode: Literal["manifest", "cases", "fraction", "kfold"] = "manifest"
+    train: list[str] | None = None
+    val: list[str] | None = None
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if self.mode == "cases" and not self.train:
+            raise ValueError("mode 'cases' needs a 'train' list of case ids")
+        if self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} does not exist with folds={self.folds} (folds are 0..{self.folds - 1})")
+        return self
+
+
+class DataConfig(Section):
+    """Where the cases come from and what their label values mean.
+
+    Exactly one source: a manifest ``dataset`` id, an ``images`` folder (with a
+    ``labels`` folder paired by case name), or a ``csv`` of image,label paths.
+    """
+
+    dataset: str | None = None
+    root: ConfigPath | None = None
+    images: ConfigPath | None = None
+    labels: ConfigPath | None = None
+    csv: ConfigPath | None = None
+    classes: dict[str, int] = Field(default_factory=lambda: {"background": 0, "foreground": 1})
+    color: Literal["grey", "channels"] = "grey"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: dict[str, int]) -> dict[str, int]:
+        if len(value) < 2:
+            raise ValueError("at least two classes are needed (e.g. background and one structure)")
+        values = list(value.values())
+        if len(set(values)) != len(values):
+            raise ValueError(f"two classes share a label value: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        sources = [name for name in ("dataset", "images", "csv") if getattr(self, name) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"give one data source, not {' and '.join(sources)}")
+        if self.labels is not None and self.images is None:
+            raise ValueError("'labels' needs an 'images' folder to pair with")
+        return self
+
+
+class ModelConfig(Section):
+    """A model from the registry by name; ``options`` are family-specific keyword arguments."""
+
+    name: str
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(2, ge=1)
+    features: int = Field(32, ge=1)
+    depth: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    """The training loop's settings."""
+
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    device: str = "auto"
+
+
+class InferConfig(Section):
+    """Sliding-window inference settings."""
+
+    roi_size: list[int] | None = None
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(4, ge=1)
+    tta: bool = False
+    device: str = "auto"
+
+
+class Config(Section):
+    """A whole experiment: data, model, training, inference, and where results go."""
+
+    name: str = "experiment"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    output_dir: ConfigPath = Path("runs")
+    source: Path | None = Field(None, exclude=True, description="the file this config was read from")
+
+    def dump(self) -> dict[str, Any]:
+        """Plain-data form (paths as strings), e.g. to store in a checkpoint."""
+        return self.model_dump(mode="json")
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = _dotted(err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}: unknown key (check the spelling; see the documented sections)")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {key}: required value is missing")
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+            lines.append(f"{source}: {key}: {err['msg']}{shown}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (5, 1e-3, [64, 64], true)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"{source} {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source} {key}: value {text!r} is not valid YAML ({exc})") from exc
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source} {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: str = "config") -> Config:
+    """Validate plain data into a Config; errors name ``source`` and the dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, train, ...)")
+    try:
+        return Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise _describe(exc, source) from None
+
+
+def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+    apply_overrides(raw, overrides, source=f"{path} (--set)")
+    config = config_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+    config.source = path.resolve()
+    return config

@@ -1,0 +1,73 @@
+"""Reading scans: one module per source kind, one ``load`` for all of them.
+
+``discover(folder)`` finds ScanRefs; ``load(ref)`` returns a Scan (channel-first array +
+Geometry in RAS+ mm); ``load_label(path, image)`` returns a validated reference mask.
+Reading never modifies, moves or locks an input file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from medseg.errors import ScanError
+from medseg.io.discover import Discovery, discover
+from medseg.io.dicom import load_dicom
+from medseg.io.labels import load_label, validate_label
+from medseg.io.microscopy import load_image, load_image_sequence, load_tiff
+from medseg.io.nifti import load_nifti
+from medseg.io.scan import LoadOptions, Problem, Scan, ScanKind, ScanRef
+
+__all__ = [
+    "Discovery",
+    "LoadOptions",
+    "Problem",
+    "READERS",
+    "Scan",
+    "ScanKind",
+    "ScanRef",
+    "discover",
+    "load",
+    "load_label",
+    "ref_for_path",
+    "validate_label",
+]
+
+READERS: dict[str, Callable[[ScanRef, LoadOptions], Scan]] = {
+    "dicom": load_dicom,
+    "nifti": load_nifti,
+    "tiff": load_tiff,
+    "image": load_image,
+    "image-sequence": load_image_sequence,
+}
+
+
+def load(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
+    """Read the scan ``ref`` names with the reader for its kind."""
+    try:
+        reader = READERS[ref.kind]
+    except KeyError:
+        raise ScanError(ref.paths, f"unknown scan kind {ref.kind!r}", f"use one of {sorted(READERS)}") from None
+    try:
+        return reader(ref, options)
+    except MemoryError as exc:
+        raise ScanError(ref.paths, "too large to load into memory", "free memory or split the scan") from exc
+    except PermissionError as exc:
+        raise ScanError(ref.paths, f"permission denied ({exc.filename})", "make the file readable by this user") from exc
+
+
+def ref_for_path(path: Path) -> ScanRef:
+    """The single scan at ``path`` (a file, a DICOM series folder or an image-sequence folder)."""
+    found = discover(path)
+    if len(found.scans) == 1:
+        return found.scans[0]
+    if found.problems:
+        first = found.problems[0]
+        raise ScanError(first.paths, first.reason, "fix or remove the file")
+    if not found.scans:
+        raise ScanError(path, "holds no scan medseg can read", "point at a DICOM series, NIfTI, TIFF or image file")
+    raise ScanError(
+        path,
+        f"holds {len(found.scans)} scans ({', '.join(s.id for s in found.scans[:5])}), expected one",
+        "point at a single scan",
+    )

@@ -1,0 +1,508 @@
+"""DICOM series and multi-frame images → channel-first array + RAS affine.
+
+Slices are ordered by their position projected on the slice normal (never by file name
+or InstanceNumber), slice spacing comes from those positions (never SliceThickness), and
+oblique planes keep their full direction cosines. Every way a series can be inconsistent
+is an error that names the series and its files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medseg.errors import ScanError
+from medseg.geometry import Geometry, lps_to_ras
+from medseg.io.scan import LoadOptions, Scan, ScanRef
+
+__all__ = [
+    "DicomSeries",
+    "read_dataset",
+    "non_image_reason",
+    "group_series",
+    "plan_series",
+    "load_dicom",
+]
+
+# Objects that hold no image to segment: reported as skipped, not as errors.
+NON_IMAGE_MODALITIES = {
+    "SR": "structured report",
+    "RTSTRUCT": "RT structure set",
+    "RTPLAN": "RT plan",
+    "RTRECORD": "RT treatment record",
+    "RTDOSE": "RT dose grid",
+    "SEG": "segmentation object",
+    "KO": "key object selection",
+    "PR": "presentation state",
+    "DOC": "encapsulated document",
+    "REG": "registration",
+    "ECG": "waveform",
+    "HD": "waveform",
+    "AU": "audio",
+}
+
+# Relative tolerance on slice spacing; a missing slice doubles one gap.
+SPACING_TOLERANCE = 0.02
+# Largest angle (radians) between the stacking direction and the slice normal before
+# the series counts as gantry-tilted.
+TILT_TOLERANCE = 1e-3
+# Direction cosines that differ by more than this are different orientations.
+ORIENTATION_TOLERANCE = 1e-4
+
+
+def read_dataset(path: Path, pixels: bool = True) -> Dataset:
+    """Read one DICOM file, with or without preamble; ScanError if it is not DICOM."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+            except InvalidDicomError:
+                ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+                if "SOPClassUID" not in ds and "Rows" not in ds:
+                    raise ScanError(path, "not a DICOM file", "remove it from the folder or give it its real extension")
+    except ScanError:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ScanError(path, f"unreadable DICOM file ({exc})", "the file is probably truncated or corrupt; re-export it") from exc
+    if pixels:
+        _check_pixel_length(path, ds)
+    return ds
+
+
+def non_image_reason(ds: Dataset) -> str | None:
+    """Why a DICOM object holds no image to segment (SR, RTSTRUCT, SEG...), else None."""
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NON_IMAGE_MODALITIES:
+        return f"{modality} ({NON_IMAGE_MODALITIES[modality]}) holds no image to segment"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        return "structured report holds no image to segment"
+    if "Rows" not in ds and "PixelData" not in ds:
+        return f"{modality or 'object'} without image attributes holds no image to segment"
+    return None
+
+
+def _check_pixel_length(path: Path, ds: Dataset) -> None:
+    if "PixelData" not in ds:
+        raise ScanError(
+            path,
+            "DICOM image has no pixel data",
+            "the export from the PACS/scanner is incomplete; re-export the series",
+        )
+    if ds.file_meta.get("TransferSyntaxUID") and ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    expected = _native_pixel_bytes(ds)
+    actual = len(ds.PixelData)
+    if expected and actual < expected:
+        raise ScanError(
+            path,
+            f"truncated DICOM file: pixel data has {actual} bytes, the header declares {expected}",
+            "the copy is incomplete; copy or re-export the file again",
+        )
+
+
+def _native_pixel_bytes(ds: Dataset) -> int:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    if bits == 1:
+        return (rows * cols * samples * frames + 7) // 8
+    return rows * cols * samples * frames * (bits // 8)
+
+
+def _floats(value: Any, n: int, path: Path, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ScanError(path, f"{name} is not numeric ({value!r})", "the header is corrupt; re-export the series") from exc
+    if arr.shape != (n,):
+        raise ScanError(path, f"{name} has {arr.size} values, expected {n}", "the header is corrupt; re-export the series")
+    return arr
+
+
+def _blank(value: Any) -> bool:
+    return value is None or str(value).strip() == ""
+
+
+def series_key(ds: Dataset) -> tuple:
+    """Group key: SeriesInstanceUID, else frame of reference + orientation + matrix size."""
+    uid = ds.get("SeriesInstanceUID")
+    if not _blank(uid):
+        return ("uid", str(uid))
+    iop = ds.get("ImageOrientationPatient")
+    iop_key = tuple(round(float(v), 4) for v in iop) if iop else ()
+    return ("fallback", str(ds.get("FrameOfReferenceUID", "")), iop_key, ds.get("Rows"), ds.get("Columns"))
+
+
+def group_series(headers: dict[Path, Dataset]) -> list[list[Path]]:
+    """Files grouped into series, each group in path order (ordering comes later)."""
+    groups: dict[tuple, list[Path]] = defaultdict(list)
+    for path, ds in headers.items():
+        groups[series_key(ds)].append(path)
+    return [sorted(paths) for paths in groups.values()]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A validated series: files (or frames) in spatial order and the grid they form."""
+
+    paths: tuple[Path, ...]
+    frame_order: tuple[int, ...]  # for multi-frame files; () for a single-frame series
+    geometry: Geometry
+    notes: tuple[str, ...]
+
+
+def plan_series(paths: Sequence[Path], headers: dict[Path, Dataset] | None = None) -> DicomSeries:
+    """Order and validate a series from its headers, without decoding pixels."""
+    headers = headers or {p: read_dataset(p, pixels=False) for p in paths}
+    datasets = [headers[p] for p in paths]
+    if len(paths) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        return _plan_multiframe(paths[0], datasets[0])
+    multi = [p for p, ds in zip(paths, datasets) if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multi:
+        raise ScanError(
+            multi,
+            f"series mixes multi-frame files with {len(paths) - len(multi)} other files",
+            "keep each multi-frame image in a folder (or series) of its own",
+        )
+    return _plan_single_frames(list(paths), datasets)
+
+
+def _series_name(ds: Dataset) -> str:
+    desc = str(ds.get("SeriesDescription", "") or "").strip()
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    return f"series '{desc}' ({uid})" if desc else f"series {uid or '(no SeriesInstanceUID)'}"
+
+
+def _check_same(paths: Sequence[Path], values: list, what: str, series: str, fix: str) -> None:
+    distinct = {}
+    for path, value in zip(paths, values):
+        distinct.setdefault(value, []).append(path)
+    if len(distinct) > 1:
+        parts = "; ".join(f"{v} in {len(ps)} files (e.g. {ps[0].name})" for v, ps in distinct.items())
+        raise ScanError(paths, f"{series} mixes {what}: {parts}", fix)
+
+
+def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeries:
+    series = _series_name(datasets[0])
+    _check_same(
+        paths,
+        [(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in datasets],
+        "image sizes (rows, columns)",
+        series,
+        "split the files into one folder per image size; they are not one volume",
+    )
+    missing = [p for p, ds in zip(paths, datasets) if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds]
+    if missing:
+        if len(paths) == 1:
+            return _plan_without_geometry(paths, datasets[0], frames=())
+        raise ScanError(
+            missing,
+            f"{series}: {len(missing)} of {len(paths)} files have no ImagePositionPatient/ImageOrientationPatient, "
+            "so the slices cannot be placed in space",
+            "re-export the series with patient geometry, or keep only the images that have it",
+        )
+    positions = np.stack([_floats(ds.ImagePositionPatient, 3, p, "ImagePositionPatient") for p, ds in zip(paths, datasets)])
+    orientations = np.stack([_floats(ds.ImageOrientationPatient, 6, p, "ImageOrientationPatient") for p, ds in zip(paths, datasets)])
+    spacings = np.stack([_pixel_spacing(ds, p) for p, ds in zip(paths, datasets)])
+    return _plan_stack(paths, positions, orientations, spacings, datasets[0], series, frames=())
+
+
+def _pixel_spacing(ds: Dataset, path: Path) -> np.ndarray:
+    if "PixelSpacing" in ds:
+        return _floats(ds.PixelSpacing, 2, path, "PixelSpacing")
+    if "ImagerPixelSpacing" in ds:
+        return _floats(ds.ImagerPixelSpacing, 2, path, "ImagerPixelSpacing")
+    return np.array([np.nan, np.nan])
+
+
+def _plan_stack(
+    paths: list[Path],
+    positions: np.ndarray,
+    orientations: np.ndarray,
+    spacings: np.ndarray,
+    first: Dataset,
+    series: str,
+    frames: tuple[int, ...],
+    single_step: float | None = None,
+) -> DicomSeries:
+    """Shared by single-frame series and multi-frame files: one position per slice."""
+    notes: list[str] = []
+    who = paths if not frames else paths[:1]
+    spread = np.abs(orientations - orientations[0]).max(axis=0).max()
+    if spread > ORIENTATION_TOLERANCE:
+        _check_same(
+            who if not frames else [who[0]] * len(orientations),
+            [tuple(np.round(o, 4)) for o in orientations],
+            "image orientations (ImageOrientationPatient)",
+            series,
+            "split the files into one folder per orientation (e.g. axial and sagittal localizers)",
+        )
+    if np.isnan(spacings).any():
+        notes.append("no PixelSpacing in the header: in-plane pixel size set to 1 mm")
+        spacings = np.where(np.isnan(spacings), 1.0, spacings)
+    if np.abs(spacings - spacings[0]).max() > 1e-4:
+        raise ScanError(who, f"{series} mixes pixel spacings", "split the files into one folder per pixel spacing")
+    row_cos, col_cos = orientations[0][:3], orientations[0][3:]
+    row_cos = row_cos / np.linalg.norm(row_cos)
+    col_cos = col_cos / np.linalg.norm(col_cos)
+    normal = np.cross(row_cos, col_cos)
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    depth = depth[order]
+    positions = positions[order]
+    names = [paths[i].name for i in order] if not frames else [f"frame {frames[i] + 1}" for i in order]
+    gaps = np.diff(depth)
+    if gaps.size:
+        median = float(np.median(gaps))
+        dup = np.flatnonzero(gaps < max(1e-3, 1e-3 * abs(median)))
+        if dup.size:
+            i = int(dup[0])
+            raise ScanError(
+                who,
+                f"{series} has slices at duplicate positions ({dup.size} pairs; "
+                f"e.g. {names[i]} and {names[i + 1]} both at {depth[i]:.3f} mm along the slice normal)",
+                "the folder holds more than one acquisition (echoes, phases, repeats); split them into separate folders",
+            )
+        off = np.flatnonzero(np.abs(gaps - median) > 0.01 + SPACING_TOLERANCE * median)
+        if off.size:
+            i = int(off[0])
+            raise ScanError(
+                who,
+                f"{series} has non-uniform slice spacing: {gaps[i]:.3f} mm between {names[i]} and {names[i + 1]} "
+                f"where the series spacing is {median:.3f} mm ({off.size} irregular gaps); slices are probably missing",
+                "add the missing slices, or remove the incomplete series",
+            )
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        along = float(step @ normal)
+        lateral = float(np.linalg.norm(step - along * normal))
+        angle = float(np.arctan2(lateral, abs(along)))
+        if angle > TILT_TOLERANCE:
+            raise ScanError(
+                who,
+                f"{series} is gantry-tilted by {np.degrees(angle):.2f} degrees "
+                "(slices shift sideways along the stack), which a voxel grid cannot represent",
+                "resample it to an untilted grid first (e.g. dcm2niix corrects gantry tilt), then load the NIfTI",
+            )
+    else:
+        thickness = single_step or _single_slice_thickness(first)
+        if thickness is None:
+            thickness = 1.0
+            notes.append("single slice without SliceThickness: slice spacing set to 1 mm")
+        step = normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacings[0][1]  # along a row: column index i, spacing between columns
+    lps[:3, 1] = col_cos * spacings[0][0]  # down a column: row index j, spacing between rows
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    shape = (int(first.Columns), int(first.Rows), len(positions))
+    geometry = Geometry(lps_to_ras(lps), shape)
+    if frames:
+        return DicomSeries(tuple(paths), tuple(int(frames[i]) for i in order), geometry, tuple(notes))
+    return DicomSeries(tuple(paths[i] for i in order), (), geometry, tuple(notes))
+
+
+def _single_slice_thickness(ds: Dataset) -> float | None:
+    for name in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(name)
+        if not _blank(value):
+            try:
+                return abs(float(value)) or None
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _plan_without_geometry(paths: Sequence[Path], ds: Dataset, frames: tuple[int, ...]) -> DicomSeries:
+    spacing = _pixel_spacing(ds, paths[0])
+    known = not np.isnan(spacing).any()
+    spacing = np.where(np.isnan(spacing), 1.0, spacing)
+    n = len(frames) if frames else 1
+    shape = (int(ds.Columns), int(ds.Rows), n)
+    geometry = Geometry.from_spacing(shape, (spacing[1], spacing[0], 1.0), spacing_known=known)
+    note = "no patient geometry in the header (ImagePositionPatient/ImageOrientationPatient): pixel grid only"
+    return DicomSeries(tuple(paths), frames, geometry, (note,))
+
+
+def _plan_multiframe(path: Path, ds: Dataset) -> DicomSeries:
+    n = int(ds.NumberOfFrames)
+    frames = tuple(range(n))
+    series = _series_name(ds)
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
+    if per_frame:
+        if len(per_frame) != n:
+            raise ScanError(path, f"{series}: {len(per_frame)} per-frame groups for {n} frames", "the file is corrupt; re-export it")
+        positions, orientations, spacings = [], [], []
+        for i, group in enumerate(per_frame):
+            pos = _functional(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+            ori = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+            if pos is None or ori is None:
+                return _plan_without_geometry([path], ds, frames)
+            positions.append(_floats(pos, 3, path, f"frame {i + 1} ImagePositionPatient"))
+            orientations.append(_floats(ori, 6, path, f"frame {i + 1} ImageOrientationPatient"))
+            spacing = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+            spacings.append(_floats(spacing, 2, path, "PixelSpacing") if spacing is not None else np.array([np.nan, np.nan]))
+        measures = _first_item(shared, "PixelMeasuresSequence") if shared is not None else None
+        thickness = None
+        if measures is not None:
+            thickness = _single_slice_thickness(measures)
+        return _plan_stack([path], np.stack(positions), np.stack(orientations), np.stack(spacings), ds, series, frames, thickness)
+    if "GridFrameOffsetVector" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+        offsets = _floats(ds.GridFrameOffsetVector, n, path, "GridFrameOffsetVector")
+        origin = _floats(ds.ImagePositionPatient, 3, path, "ImagePositionPatient")
+        ori = _floats(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
+        normal = np.cross(ori[:3], ori[3:])
+        positions = origin + offsets[:, None] * normal
+        spacing = _pixel_spacing(ds, path)
+        return _plan_stack([path], positions, np.tile(ori, (n, 1)), np.tile(spacing, (n, 1)), ds, series, frames)
+    return _plan_without_geometry([path], ds, frames)
+
+
+def _first_item(ds: Dataset | None, name: str) -> Dataset | None:
+    if ds is None:
+        return None
+    seq = ds.get(name)
+    return seq[0] if seq else None
+
+
+def _functional(group: Dataset, shared: Dataset | None, sequence: str, attribute: str) -> Any:
+    for source in (group, shared):
+        item = _first_item(source, sequence)
+        if item is not None and attribute in item:
+            return item.get(attribute)
+    return None
+
+
+def _rescale(ds: Dataset, frame: Dataset | None, shared: Dataset | None) -> tuple[float, float]:
+    for source in (frame, shared):
+        item = _first_item(source, "PixelValueTransformationSequence")
+        if item is not None and "RescaleSlope" in item:
+            return float(item.RescaleSlope), float(item.get("RescaleIntercept", 0.0) or 0.0)
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return (1.0 if _blank(slope) else float(slope)), (0.0 if _blank(intercept) else float(intercept))
+
+
+def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad pixel data
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
+        name = getattr(syntax, "name", str(syntax))
+        raise ScanError(
+            path,
+            f"cannot decode pixel data ({name}): {exc}",
+            "the file is corrupt or declares the wrong transfer syntax; re-export it "
+            "(for compressed data, check that pylibjpeg and its plugins are installed)",
+        ) from exc
+
+
+def _to_channels_first(pixels: np.ndarray, samples: int) -> np.ndarray:
+    """(rows, cols[, samples]) → (channels, cols, rows)."""
+    if samples > 1:
+        return np.transpose(pixels, (2, 1, 0))
+    return pixels.T[None]
+
+
+def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
+    """Load a DICOM series (or one multi-frame file) named by ``ref``."""
+    headers = {p: read_dataset(p, pixels=False) for p in ref.paths}
+    for path, ds in headers.items():
+        reason = non_image_reason(ds)
+        if reason:
+            raise ScanError(path, reason, "point medseg at the image series, not at this object")
+    plan = plan_series(list(ref.paths), headers)
+    first = headers[plan.paths[0]]
+    samples = int(first.get("SamplesPerPixel", 1) or 1)
+    slopes: list[tuple[float, float]] = []
+    slices: list[np.ndarray] = []
+    if plan.frame_order:
+        ds = read_dataset(plan.paths[0])
+        pixels = _decode(plan.paths[0], ds)
+        if pixels.ndim == (3 if samples > 1 else 2):
+            pixels = pixels[None]
+        shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+        per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
+        for f in plan.frame_order:
+            slices.append(_to_channels_first(pixels[f], samples))
+            slopes.append(_rescale(ds, per_frame[f] if per_frame else None, shared))
+        sop_uids = [str(ds.get("SOPInstanceUID", ""))]
+    else:
+        sop_uids = []
+        for path in plan.paths:
+            ds = read_dataset(path)
+            slices.append(_to_channels_first(_decode(path, ds), samples))
+            slopes.append(_rescale(ds, None, None))
+            sop_uids.append(str(ds.get("SOPInstanceUID", "")))
+    array = _apply_rescale(np.stack(slices, axis=-1), slopes)
+    array, color_notes = _color(array, options, samples)
+    return Scan(
+        ref=ref,
+        array=array,
+        geometry=plan.geometry,
+        modality=str(first.get("Modality", "") or "OT"),
+        metadata=_metadata(first, sop_uids, plan.frame_order),
+        notes=list(plan.notes) + color_notes,
+    )
+
+
+def _apply_rescale(stack: np.ndarray, slopes: list[tuple[float, float]]) -> np.ndarray:
+    """Apply per-slice RescaleSlope/Intercept; stay integer when that loses nothing."""
+    params = np.asarray(slopes)
+    if np.all(params[:, 0] == 1.0) and np.all(params[:, 1] == np.round(params[:, 1])):
+        if np.all(params[:, 1] == 0):
+            return stack
+        out = stack.astype(np.int32) + params[:, 1].astype(np.int32)
+        lo, hi = out.min(), out.max()
+        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
+            out = out.astype(np.int16)
+        return out
+    return (stack.astype(np.float32) * params[:, 0].astype(np.float32) + params[:, 1].astype(np.float32))
+
+
+def _color(array: np.ndarray, options: LoadOptions, samples: int) -> tuple[np.ndarray, list[str]]:
+    if samples == 1:
+        return array, []
+    notes = []
+    if samples == 4:
+        array = array[:3]
+        notes.append("alpha channel dropped")
+    if options.color == "grey":
+        weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32).reshape((3,) + (1,) * (array.ndim - 1))
+        return (array.astype(np.float32) * weights).sum(axis=0, keepdims=True), notes + ["RGB converted to grey"]
+    return array, notes
+
+
+def _metadata(ds: Dataset, sop_uids: list[str], frames: Iterable[int]) -> dict[str, Any]:
+    def text(name: str) -> str:
+        value = ds.get(name)
+        return "" if value is None else str(value)
+
+    return {
+        "study_instance_uid": text("StudyInstanceUID"),
+        "series_instance_uid": text("SeriesInstanceUID"),
+        "frame_of_reference_uid": text("FrameOfReferenceUID"),
+        "sop_class_uid": text("SOPClassUID"),
+        "sop_instance_uids": sop_uids,
+        "frame_order": [int(f) + 1 for f in frames],  # DICOM frame numbers, 1-based
+        "series_description": text("SeriesDescription"),
+        "series_number": text("SeriesNumber"),
+        "modality": text("Modality"),
+        "transfer_syntax": str(getattr(ds.file_meta.get("TransferSyntaxUID", ""), "name", "")),
+    }

@@ -1,0 +1,233 @@
+"""Microscopy images: multi-page TIFF stacks, single PNG/TIFF/JPEG images, numbered sequences.
+
+Arrays come out channel first with spatial axes (x, y[, z]) like every other scan, so a
+2D model slices along the last axis whatever the source. Pixel size comes from ImageJ
+metadata or the TIFF resolution tags (PNG: the pHYs chunk) and is stored in mm; when a
+file carries none, the pixel size is 1 and the geometry says it is unknown.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from medseg.errors import ScanError
+from medseg.geometry import Geometry
+from medseg.io.scan import LoadOptions, Scan, ScanRef
+
+__all__ = ["load_tiff", "load_image", "load_image_sequence", "natural_key", "tiff_pages"]
+
+# mm per unit
+_UNITS = {
+    "mm": 1.0,
+    "millimeter": 1.0,
+    "cm": 10.0,
+    "centimeter": 10.0,
+    "m": 1000.0,
+    "meter": 1000.0,
+    "um": 1e-3,
+    "µm": 1e-3,
+    "\u03bcm": 1e-3,
+    "micron": 1e-3,
+    "microns": 1e-3,
+    "micrometer": 1e-3,
+    "nm": 1e-6,
+    "nanometer": 1e-6,
+    "inch": 25.4,
+    "in": 25.4,
+}
+
+_GREY = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that puts 2.png before 10.png."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path.name)]
+
+
+def tiff_pages(path: Path) -> int:
+    """Number of image planes in a TIFF's first series (1 for a single image)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            return int(np.prod([n for n, a in zip(series.shape, axes) if a not in "YXS C"], dtype=np.int64) or 1)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise ScanError(path, f"not a readable TIFF file ({exc})", "check that the file is complete") from exc
+
+
+def _color(array: np.ndarray, options: LoadOptions, path: Path) -> tuple[np.ndarray, list[str]]:
+    """Channel-first array with 1..4 channels → grey or RGB channels as configured."""
+    notes = []
+    c = array.shape[0]
+    if c in (2, 4):  # grey+alpha or RGBA
+        array = array[: c - 1]
+        notes.append("alpha channel dropped")
+        c -= 1
+    if c == 3 and options.color == "grey":
+        weights = _GREY.reshape((3,) + (1,) * (array.ndim - 1))
+        array = (array.astype(np.float32) * weights).sum(axis=0, keepdims=True)
+        notes.append("RGB converted to grey")
+    return array, notes
+
+
+def _tiff_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, float | None, float | None, list[str]]:
+    """(x, y, z) pixel size in mm, None where the file does not say."""
+    notes: list[str] = []
+    page = tif.pages[0]
+    ij = tif.imagej_metadata or {}
+    unit_name = str(ij.get("unit", "")).strip().lower().replace("\\u00b5", "µ")
+    scale = None
+    tags = page.tags
+    res_unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    if unit_name:
+        scale = _UNITS.get(unit_name)
+        if scale is None:
+            notes.append(f"unknown ImageJ unit {unit_name!r}: pixel size taken as mm")
+            scale = 1.0
+    elif res_unit == 2:
+        scale = 25.4
+    elif res_unit == 3:
+        scale = 10.0
+    sizes: list[float | None] = []
+    for tag in ("XResolution", "YResolution"):
+        size = None
+        if tag in tags and scale is not None:
+            num, den = tags[tag].value
+            if num and den and not (num == 1 and den == 1 and not unit_name and res_unit == 1):
+                size = scale * den / num
+        sizes.append(size)
+    z = None
+    if "spacing" in ij and scale is not None:
+        z = float(ij["spacing"]) * scale
+    # Plain TIFF writers store 72 dpi by default: that is no physical pixel size.
+    if not unit_name and res_unit == 2 and sizes[0] is not None and abs(sizes[0] - 25.4 / 72) < 1e-9:
+        sizes = [None, None]
+    return sizes[0], sizes[1], z, notes
+
+
+def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
+    """Load a (multi-page) TIFF: one 2D image or a z-stack, channels from S or C axes."""
+    path = ref.paths[0]
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            data = series.asarray()
+            axes = series.axes
+            px, py, pz, notes = _tiff_pixel_size(tif)
+    except ScanError:
+        raise
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, MemoryError, EOFError) as exc:
+        raise ScanError(path, f"not a readable TIFF file ({exc})", "check that the file is complete and really TIFF") from exc
+    array = _tiff_to_channels_first(path, data, axes)
+    array, color_notes = _color(array, options, path)
+    return _microscopy_scan(ref, array, (px, py, pz), notes + color_notes, {"tiff_axes": axes})
+
+
+def _tiff_to_channels_first(path: Path, data: np.ndarray, axes: str) -> np.ndarray:
+    """Reorder tifffile's axes (e.g. 'ZCYX', 'YXS') into (C, X, Y[, Z])."""
+    axes = axes.upper()
+    channel_axes = [i for i, a in enumerate(axes) if a in "CS"]
+    if len(channel_axes) > 1:
+        raise ScanError(path, f"TIFF axes {axes!r} have both colour samples and channels", "save one kind of channel axis")
+    plane_axes = [i for i, a in enumerate(axes) if a not in "YXCS"]
+    if "Y" not in axes or "X" not in axes:
+        raise ScanError(path, f"TIFF axes {axes!r} have no Y/X image plane", "save the image as a plain TIFF stack")
+    stack_axes = [i for i in plane_axes if data.shape[i] > 1]
+    if len(stack_axes) > 1:
+        names = "".join(axes[i] for i in stack_axes)
+        raise ScanError(path, f"TIFF has more than one stack axis ({names}, shape {data.shape})", "save one z-stack (or time series) per file")
+    order = channel_axes + [axes.index("X"), axes.index("Y")] + stack_axes
+    rest = [i for i in range(data.ndim) if i not in order]
+    arr = np.transpose(data, order + rest).reshape([data.shape[i] for i in order] or [1])
+    if not channel_axes:
+        arr = arr[None]
+    return arr
+
+
+def _microscopy_scan(
+    ref: ScanRef,
+    array: np.ndarray,
+    sizes: Sequence[float | None],
+    notes: list[str],
+    metadata: dict,
+) -> Scan:
+    spatial = array.shape[1:]
+    known = sizes[0] is not None and sizes[1] is not None
+    px = sizes[0] or 1.0
+    py = sizes[1] or px
+    pz = sizes[2] if len(sizes) > 2 and sizes[2] else None
+    if not known:
+        notes = notes + ["no pixel size in the file: 1 per pixel assumed"]
+    if len(spatial) == 3 and pz is None:
+        pz = px if known else 1.0
+        if known:
+            notes = notes + ["no z spacing in the file: taken equal to the x pixel size"]
+    geometry = Geometry.from_spacing(spatial, (px, py, pz or 1.0), spacing_known=known)
+    return Scan(ref=ref, array=array, geometry=geometry, modality="SM", metadata=metadata, notes=notes)
+
+
+def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[float | None, float | None], list[str]]:
+    """One 2D image (any Pillow/TIFF format) as (C, X, Y) plus its pixel size in mm."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        scan = load_tiff(ScanRef(path.stem, "tiff", (path,)), options)
+        if scan.array.ndim != 3:
+            raise ScanError(path, f"expected a single image, found a stack of shape {scan.array.shape[1:]}", "use one single-plane image per sequence file")
+        size = scan.geometry.spacing if scan.geometry.spacing_known else (None, None)
+        return scan.array, (size[0], size[1]), []
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            dpi = img.info.get("dpi")
+            if mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            elif mode == "1":
+                img = img.convert("L")
+            data = np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ScanError(path, f"not a readable image ({exc})", "check that the file is complete and of the format its name says") from exc
+    array = data.T[None] if data.ndim == 2 else np.transpose(data, (2, 1, 0))
+    array, notes = _color(np.ascontiguousarray(array), options, path)
+    size: tuple[float | None, float | None] = (None, None)
+    if dpi and dpi[0] and dpi[1] and abs(dpi[0] - 72) > 1e-6:
+        size = (25.4 / float(dpi[0]), 25.4 / float(dpi[1]))
+    return array, size, notes
+
+
+def load_image(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
+    """A single 2D image (PNG, JPEG, BMP, single-page TIFF)."""
+    path = ref.paths[0]
+    array, size, notes = _read_plane(path, options)
+    return _microscopy_scan(ref, array, size, notes, {"format": path.suffix.lower().lstrip(".")})
+
+
+def load_image_sequence(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
+    """A numbered sequence of 2D images (naturally sorted) stacked along z."""
+    paths = sorted(ref.paths, key=natural_key)
+    planes = []
+    first_size: tuple[float | None, float | None] = (None, None)
+    notes: list[str] = []
+    for i, path in enumerate(paths):
+        array, size, plane_notes = _read_plane(path, options)
+        if i == 0:
+            first_size, notes = size, plane_notes
+        elif array.shape != planes[0].shape:
+            raise ScanError(
+                [paths[0], path],
+                f"image sequence mixes sizes: {path.name} is {array.shape[1:]} (x, y) with {array.shape[0]} channels, "
+                f"{paths[0].name} is {planes[0].shape[1:]} with {planes[0].shape[0]}",
+                "put images of one size per folder",
+            )
+        planes.append(array)
+    dtypes = {p.dtype for p in planes}
+    stack = np.stack([p.astype(np.result_type(*dtypes)) for p in planes], axis=-1)
+    sizes = (first_size[0], first_size[1], None)
+    return _microscopy_scan(ref, stack, sizes, notes, {"files": [p.name for p in paths]})
