@@ -73,7 +73,7 @@ def read_dataset(path: Path, pixels: bool = True) -> Dataset:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise ScanError(path, f"unreadable DICOM file ({exc})", "the file is probably truncated or corrupt; re-export it") from exc
-    if pixels:
+    if pixels and non_image_reason(ds) is None:
         _check_pixel_length(path, ds)
     return ds
 

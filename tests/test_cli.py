@@ -1,0 +1,74 @@
+"""The command line: help, version, `medseg info`, `medseg demo`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medseg import __version__, phantoms
+from medseg.cli import main
+
+INFO_KEYS = {
+    "id", "kind", "path", "files", "modality", "series_description", "channels", "dtype", "intensity_range",
+    "shape", "spacing", "spacing_known", "origin", "orientation", "affine", "notes", "problems",
+}
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "data", "config", "demo"):
+        assert command in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in result.stdout
+
+
+def test_info_json_on_oblique_series(tmp_path, capsys, oblique_ct):
+    phantoms.write_dicom_series(oblique_ct, tmp_path / "ct", order="reversed")
+    assert main(["info", str(tmp_path / "ct"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"root", "scans", "problems", "skipped"}
+    (scan,) = report["scans"]
+    assert set(scan) == INFO_KEYS
+    assert scan["kind"] == "dicom" and scan["files"] == oblique_ct.image.shape[2]
+    assert np.allclose(scan["affine"], oblique_ct.affine, atol=1e-4)
+    assert scan["modality"] == "CT" and scan["series_description"] == "phantom CT"
+
+
+def test_info_text_lists_problems_and_exits_nonzero(tmp_path, capsys, ct):
+    paths = phantoms.write_dicom_series(ct, tmp_path / "ct")
+    paths[3].unlink()
+    (tmp_path / "zero.dcm").write_bytes(b"")
+    assert main(["info", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "non-uniform slice spacing" in out and "empty file" in out
+
+
+def test_info_on_missing_path(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_writes_study_and_summary(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for case in ("ct_series", "ct_volume", "em_sequence", "em_stack"):
+        assert case in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert len(summary["cases"]) == 4
+    assert all(c["reference"] and not c["problems"] for c in summary["cases"])
