@@ -133,6 +133,36 @@ def _floats(value: Any, n: int, path: Path, name: str) -> np.ndarray:
     return arr
 
 
+def _get(ds: Dataset, name: str, path: Path) -> Any:
+    """An attribute's value; pydicom converts on access, so a malformed value raises here."""
+    try:
+        return ds.get(name)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ScanError(path, f"{name} is malformed ({exc})", "the header is corrupt; re-export the file") from exc
+
+
+def _int(ds: Dataset, name: str, path: Path, default: int | None = None) -> int:
+    """An integer attribute, or ScanError naming it when it is missing or not a number."""
+    value = _get(ds, name, path)
+    if _blank(value):
+        if default is not None:
+            return default
+        raise ScanError(path, f"DICOM image has no {name}", "the header is incomplete; re-export the file")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ScanError(path, f"{name} is not an integer ({value!r})", "the header is corrupt; re-export the file") from exc
+
+
+def _float(value: Any, path: Path, name: str, default: float) -> float:
+    if _blank(value):
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ScanError(path, f"{name} is not a number ({value!r})", "the header is corrupt; re-export the file") from exc
+
+
 def _blank(value: Any) -> bool:
     return value is None or str(value).strip() == ""
 
@@ -169,9 +199,10 @@ def plan_series(paths: Sequence[Path], headers: dict[Path, Dataset] | None = Non
     """Order and validate a series from its headers, without decoding pixels."""
     headers = headers or {p: read_dataset(p, pixels=False) for p in paths}
     datasets = [headers[p] for p in paths]
-    if len(paths) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+    frames = [_int(ds, "NumberOfFrames", p, default=1) for p, ds in zip(paths, datasets)]
+    if len(paths) == 1 and (frames[0] > 1 or "PerFrameFunctionalGroupsSequence" in datasets[0]):
         return _plan_multiframe(paths[0], datasets[0])
-    multi = [p for p, ds in zip(paths, datasets) if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    multi = [p for p, n in zip(paths, frames) if n > 1]
     if multi:
         raise ScanError(
             multi,
@@ -200,8 +231,8 @@ def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeri
     series = _series_name(datasets[0])
     _check_same(
         paths,
-        [(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in datasets],
-        "image sizes (rows, columns)",
+        [(_int(ds, "Rows", p), _int(ds, "Columns", p), _int(ds, "SamplesPerPixel", p, default=1)) for p, ds in zip(paths, datasets)],
+        "image sizes (rows, columns, samples per pixel)",
         series,
         "split the files into one folder per image size; they are not one volume",
     )
@@ -257,8 +288,15 @@ def _plan_stack(
     if np.abs(spacings - spacings[0]).max() > 1e-4:
         raise ScanError(who, f"{series} mixes pixel spacings", "split the files into one folder per pixel spacing")
     row_cos, col_cos = orientations[0][:3], orientations[0][3:]
-    row_cos = row_cos / np.linalg.norm(row_cos)
-    col_cos = col_cos / np.linalg.norm(col_cos)
+    norms = np.linalg.norm(row_cos), np.linalg.norm(col_cos)
+    if min(norms) < 0.9 or max(norms) > 1.1 or abs(float(row_cos @ col_cos)) > 1e-2 * norms[0] * norms[1]:
+        raise ScanError(
+            who,
+            f"{series}: ImageOrientationPatient {np.round(orientations[0], 4).tolist()} is not two orthogonal unit vectors",
+            "the header is corrupt; re-export the series",
+        )
+    row_cos = row_cos / norms[0]
+    col_cos = col_cos / norms[1]
     normal = np.cross(row_cos, col_cos)
     depth = positions @ normal
     order = np.argsort(depth, kind="stable")
@@ -308,7 +346,7 @@ def _plan_stack(
     lps[:3, 1] = col_cos * spacings[0][0]  # down a column: row index j, spacing between rows
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
-    shape = (int(first.Columns), int(first.Rows), len(positions))
+    shape = (_int(first, "Columns", who[0]), _int(first, "Rows", who[0]), len(positions))
     geometry = Geometry(lps_to_ras(lps), shape)
     if frames:
         return DicomSeries(tuple(paths), tuple(int(frames[i]) for i in order), geometry, tuple(notes))
@@ -331,14 +369,14 @@ def _plan_without_geometry(paths: Sequence[Path], ds: Dataset, frames: tuple[int
     known = not np.isnan(spacing).any()
     spacing = np.where(np.isnan(spacing), 1.0, spacing)
     n = len(frames) if frames else 1
-    shape = (int(ds.Columns), int(ds.Rows), n)
+    shape = (_int(ds, "Columns", paths[0]), _int(ds, "Rows", paths[0]), n)
     geometry = Geometry.from_spacing(shape, (spacing[1], spacing[0], 1.0), spacing_known=known)
     note = "no patient geometry in the header (ImagePositionPatient/ImageOrientationPatient): pixel grid only"
     return DicomSeries(tuple(paths), frames, geometry, (note,))
 
 
 def _plan_multiframe(path: Path, ds: Dataset) -> DicomSeries:
-    n = int(ds.NumberOfFrames)
+    n = _int(ds, "NumberOfFrames", path, default=1)
     frames = tuple(range(n))
     series = _series_name(ds)
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -387,14 +425,18 @@ def _functional(group: Dataset, shared: Dataset | None, sequence: str, attribute
     return None
 
 
-def _rescale(ds: Dataset, frame: Dataset | None, shared: Dataset | None) -> tuple[float, float]:
-    for source in (frame, shared):
-        item = _first_item(source, "PixelValueTransformationSequence")
+def _rescale(ds: Dataset, frame: Dataset | None, shared: Dataset | None, path: Path) -> tuple[float, float]:
+    source = ds
+    for group in (frame, shared):
+        item = _first_item(group, "PixelValueTransformationSequence")
         if item is not None and "RescaleSlope" in item:
-            return float(item.RescaleSlope), float(item.get("RescaleIntercept", 0.0) or 0.0)
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    return (1.0 if _blank(slope) else float(slope)), (0.0 if _blank(intercept) else float(intercept))
+            source = item
+            break
+    slope = _float(_get(source, "RescaleSlope", path), path, "RescaleSlope", 1.0)
+    intercept = _float(_get(source, "RescaleIntercept", path), path, "RescaleIntercept", 0.0)
+    if slope == 0.0 or not np.isfinite(slope) or not np.isfinite(intercept):
+        raise ScanError(path, f"RescaleSlope/Intercept {slope}/{intercept} cannot map stored values", "the header is corrupt; re-export the file")
+    return slope, intercept
 
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
@@ -429,7 +471,7 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
             raise ScanError(path, reason, "point medseg at the image series, not at this object")
     plan = plan_series(list(ref.paths), headers)
     first = headers[plan.paths[0]]
-    samples = int(first.get("SamplesPerPixel", 1) or 1)
+    samples = _int(first, "SamplesPerPixel", plan.paths[0], default=1)
     slopes: list[tuple[float, float]] = []
     slices: list[np.ndarray] = []
     if plan.frame_order:
@@ -441,14 +483,14 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
         for f in plan.frame_order:
             slices.append(_to_channels_first(pixels[f], samples))
-            slopes.append(_rescale(ds, per_frame[f] if per_frame else None, shared))
+            slopes.append(_rescale(ds, per_frame[f] if per_frame else None, shared, plan.paths[0]))
         sop_uids = [str(ds.get("SOPInstanceUID", ""))]
     else:
         sop_uids = []
         for path in plan.paths:
             ds = read_dataset(path)
             slices.append(_to_channels_first(_decode(path, ds), samples))
-            slopes.append(_rescale(ds, None, None))
+            slopes.append(_rescale(ds, None, None, path))
             sop_uids.append(str(ds.get("SOPInstanceUID", "")))
     array = _apply_rescale(np.stack(slices, axis=-1), slopes)
     array, color_notes = _color(array, options, samples)

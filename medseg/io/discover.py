@@ -234,18 +234,27 @@ def _make_ids_unique(result: Discovery) -> None:
     for scan in result.scans:
         if scan.kind == "dicom":
             folder_counts[scan.id.rsplit("/series_", 1)[0]] += 1
-    renamed = []
-    seen: set[str] = set()
+    wanted = []
     for scan in result.scans:
         scan_id = scan.id
         if scan.kind == "dicom" and "/series_" in scan_id:
             folder = scan_id.rsplit("/series_", 1)[0]
             if folder_counts[folder] == 1:
                 scan_id = folder
+        wanted.append(scan_id)
+    # Reserve every id first, so a suffix never takes the id of a real file (x.png, x_2.png).
+    taken = set(wanted)
+    seen: set[str] = set()
+    renamed = []
+    for scan, scan_id in zip(result.scans, wanted):
         candidate, n = scan_id, 2
         while candidate in seen:
             candidate = f"{scan_id}_{n}"
+            while candidate in taken:
+                n += 1
+                candidate = f"{scan_id}_{n}"
             n += 1
         seen.add(candidate)
+        taken.add(candidate)
         renamed.append(ScanRef(candidate, scan.kind, scan.paths))
     result.scans[:] = renamed

@@ -21,11 +21,11 @@ def load_label(
     tolerance_mm: float | None = None,
 ) -> Scan:
     """Load a label map for ``image`` and validate it (see ``validate_label``)."""
-    from medseg.io import load, ref_for_path
+    from medseg.io import LoadOptions, load, ref_for_path
 
     ref = source if isinstance(source, ScanRef) else ref_for_path(Path(source))
     try:
-        label = load(ref)
+        label = load(ref, LoadOptions(color="channels", palette="indices"))
     except LabelError:
         raise
     except ScanError as exc:

@@ -61,15 +61,19 @@ def tiff_pages(path: Path) -> int:
         raise ScanError(path, f"not a readable TIFF file ({exc})", "check that the file is complete") from exc
 
 
-def _color(array: np.ndarray, options: LoadOptions, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Channel-first array with 1..4 channels → grey or RGB channels as configured."""
+def _color(array: np.ndarray, options: LoadOptions, has_alpha: bool, rgb: bool) -> tuple[np.ndarray, list[str]]:
+    """Colour samples → grey or RGB channels as configured.
+
+    Only colour samples (PNG modes, TIFF 'S' axis) are touched: a TIFF channel axis ('C',
+    e.g. fluorescence) keeps every channel as it is.
+    """
     notes = []
     c = array.shape[0]
-    if c in (2, 4):  # grey+alpha or RGBA
+    if has_alpha and c in (2, 4):  # grey+alpha or RGBA
         array = array[: c - 1]
         notes.append("alpha channel dropped")
         c -= 1
-    if c == 3 and options.color == "grey":
+    if rgb and c == 3 and options.color == "grey":
         weights = _GREY.reshape((3,) + (1,) * (array.ndim - 1))
         array = (array.astype(np.float32) * weights).sum(axis=0, keepdims=True)
         notes.append("RGB converted to grey")
@@ -85,6 +89,8 @@ def _tiff_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, float | None
     scale = None
     tags = page.tags
     res_unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    if unit_name in ("pixel", "pixels", "px"):
+        return None, None, None, notes
     if unit_name:
         scale = _UNITS.get(unit_name)
         if scale is None:
@@ -105,10 +111,31 @@ def _tiff_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, float | None
     z = None
     if "spacing" in ij and scale is not None:
         z = float(ij["spacing"]) * scale
-    # Plain TIFF writers store 72 dpi by default: that is no physical pixel size.
-    if not unit_name and res_unit == 2 and sizes[0] is not None and abs(sizes[0] - 25.4 / 72) < 1e-9:
+    # Plain TIFF writers store 72 (or 96) dpi by default: that is no physical pixel size.
+    if not unit_name and res_unit == 2 and sizes[0] is not None and _default_dpi(25.4 / sizes[0]):
         sizes = [None, None]
     return sizes[0], sizes[1], z, notes
+
+
+def _default_dpi(dpi: float) -> bool:
+    """72 and 96 dpi are what writers store when nobody said (PNG rounds 72 to 72.009)."""
+    return any(abs(dpi - default) < 0.05 for default in (72.0, 96.0))
+
+
+def _tiff_series(path: Path, tif: tifffile.TiffFile) -> tuple[np.ndarray, str]:
+    """The image data of a TIFF; several same-shaped single-plane series form a stack."""
+    series = tif.series
+    if len(series) > 1:
+        shapes = {(s.shape, s.axes, str(s.dtype)) for s in series}
+        if len(shapes) == 1 and set(series[0].axes) <= set("YXS"):
+            return np.stack([s.asarray() for s in series]), "Z" + series[0].axes
+        raise ScanError(path, f"TIFF holds {len(series)} image series of different shapes", "save one image or stack per file")
+    data, axes = series[0].asarray(), series[0].axes
+    declared = int((tif.imagej_metadata or {}).get("images", 0) or 0)
+    planes = int(np.prod([n for n, a in zip(data.shape, axes) if a not in "YXS"], dtype=np.int64))
+    if declared > planes:
+        raise ScanError(path, f"ImageJ metadata declares {declared} images but only {planes} could be read", "the file is truncated; copy it again")
+    return data, axes
 
 
 def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
@@ -116,16 +143,15 @@ def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     path = ref.paths[0]
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
+            data, axes = _tiff_series(path, tif)
             px, py, pz, notes = _tiff_pixel_size(tif)
     except ScanError:
         raise
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError, MemoryError, EOFError) as exc:
-        raise ScanError(path, f"not a readable TIFF file ({exc})", "check that the file is complete and really TIFF") from exc
+    except Exception as exc:  # tifffile and its codecs (zlib, lzw, jpeg...) raise many types
+        raise ScanError(path, f"not a readable TIFF file ({type(exc).__name__}: {exc})", "check that the file is complete and really TIFF") from exc
     array = _tiff_to_channels_first(path, data, axes)
-    array, color_notes = _color(array, options, path)
+    samples = "S" in axes.upper()
+    array, color_notes = _color(array, options, has_alpha=samples, rgb=samples)
     return _microscopy_scan(ref, array, (px, py, pz), notes + color_notes, {"tiff_axes": axes})
 
 
@@ -185,19 +211,24 @@ def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[flo
             img.load()
             mode = img.mode
             dpi = img.info.get("dpi")
-            if mode == "P":
+            if mode == "P" and options.palette == "indices":
+                pass  # a palette mask (VOC style): the indices are the class values
+            elif mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
             elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert("RGB")
             elif mode == "1":
                 img = img.convert("L")
+            alpha = img.mode in ("LA", "RGBA", "PA")
             data = np.asarray(img)
+    except Image.DecompressionBombError as exc:
+        raise ScanError(path, f"image too large for Pillow's safety limit ({exc})", "save large images as (BigTIFF) TIFF, which medseg reads without that limit") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ScanError(path, f"not a readable image ({exc})", "check that the file is complete and of the format its name says") from exc
     array = data.T[None] if data.ndim == 2 else np.transpose(data, (2, 1, 0))
-    array, notes = _color(np.ascontiguousarray(array), options, path)
+    array, notes = _color(np.ascontiguousarray(array), options, has_alpha=alpha, rgb=data.ndim == 3)
     size: tuple[float | None, float | None] = (None, None)
-    if dpi and dpi[0] and dpi[1] and abs(dpi[0] - 72) > 1e-6:
+    if dpi and dpi[0] and dpi[1] and not _default_dpi(float(dpi[0])):
         size = (25.4 / float(dpi[0]), 25.4 / float(dpi[1]))
     return array, size, notes
 

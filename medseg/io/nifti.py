@@ -25,7 +25,7 @@ def read_nifti_header(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     """Open a NIfTI file lazily (header only); ScanError if it is not one."""
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
         raise ScanError(path, f"not a readable NIfTI file ({exc})", "check that the file is complete and really NIfTI") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ScanError(path, f"{type(img).__name__} is not a NIfTI image", "convert it to NIfTI (.nii.gz)")
@@ -55,7 +55,6 @@ def load_nifti(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     """Load a 2D/3D/4D NIfTI; a 4th (or 5th) axis becomes the channel axis."""
     path = ref.paths[0]
     img = read_nifti_header(path)
-    _check_declared_size(path, img)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(
@@ -64,10 +63,17 @@ def load_nifti(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
             "fix the header (e.g. set a valid qform with nibabel) so voxels can be placed in space",
         )
     try:
+        _check_declared_size(path, img)
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile, MemoryError) as exc:
+    except (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile, MemoryError) as exc:
         raise ScanError(path, f"cannot read the voxel data ({exc})", "the file is truncated or corrupt; re-export it") from exc
     notes: list[str] = []
+    if data.dtype.names:  # RGB24 / RGBA32: one structured value per voxel → colour channels
+        names = data.dtype.names
+        data = np.stack([data[name] for name in names], axis=-1)
+        notes.append(f"{'/'.join(names)} colour voxels read as {len(names)} channels")
+    if not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype == np.float64:
         data = data.astype(np.float32)
         notes.append("float64 data stored as float32")

@@ -51,10 +51,12 @@ class LoadOptions:
     """How to turn file contents into arrays.
 
     color: 'grey' averages RGB(A) to one luminance channel; 'channels' keeps R, G, B as
-    channels (alpha is dropped either way, with a note).
+    channels (alpha is dropped either way, with a note). palette: a palette ('P') image
+    becomes RGB, or keeps its indices as values (masks saved with a colour palette).
     """
 
     color: Literal["grey", "channels"] = "grey"
+    palette: Literal["rgb", "indices"] = "rgb"
 
 
 @dataclass

@@ -32,7 +32,9 @@ def sniff(path: Path) -> str:
         return "empty"
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
-    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00"):
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    if len(head) >= 8 and head[4:8] in (b"n+2\x00", b"ni2\x00"):  # NIfTI-2 keeps its magic at byte 4
         return "nifti"
     for magic, kind in _MAGIC:
         if head.startswith(magic):
