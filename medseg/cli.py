@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "medseg.commands.info",
     "medseg.commands.data",
     "medseg.commands.config",
+    "medseg.commands.train",
     "medseg.commands.demo",
 )
 

@@ -30,7 +30,9 @@ __all__ = [
     "DataConfig",
     "SplitConfig",
     "ModelConfig",
+    "PreprocessConfig",
     "TrainConfig",
+    "AugmentConfig",
     "InferConfig",
     "load_config",
     "config_from_dict",
@@ -115,6 +117,33 @@ class DataConfig(Section):
         return self
 
 
+class PreprocessConfig(Section):
+    """Intensity normalisation and, for volumes, the model-space grid.
+
+    intensity: zscore (per case and channel, nnU-Net's default for non-CT), percentile
+    (clip to the given percentiles, scale to 0..1), ct_window (clip HU to ``window``,
+    scale to 0..1) or none. orientation/spacing apply to 3D scans with a physical
+    voxel size only; 2D images and microscopy stacks keep their pixel grid.
+    """
+
+    intensity: Literal["zscore", "percentile", "ct_window", "none"] = "zscore"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] = (-160.0, 240.0)
+    orientation: str | None = None
+    spacing: list[float] | None = None
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        value = value.upper()
+        pairs = [set("LR"), set("PA"), set("IS")]
+        if len(value) != 3 or any(sum(c in pair for c in value) != 1 for pair in pairs):
+            raise ValueError(f"orientation must be three axis codes, one of L/R, P/A, I/S each (e.g. RAS), got {value!r}")
+        return value
+
+
 class ModelConfig(Section):
     """A model from the registry by name; ``options`` are family-specific keyword arguments."""
 
@@ -127,12 +156,60 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class AugmentConfig(Section):
+    """Training augmentation: the U-Net paper's elastic deformation plus affine and grey-value changes.
+
+    Field names follow medseg.augment.ElasticAugment; ``enabled: false`` turns it all off.
+    """
+
+    enabled: bool = True
+    grid_size: int = Field(3, ge=2)
+    sigma: float = Field(10.0, ge=0.0)
+    p_elastic: float = Field(0.9, ge=0.0, le=1.0)
+    rotate_degrees: float = Field(180.0, ge=0.0)
+    p_rotate: float = Field(0.5, ge=0.0, le=1.0)
+    shift: float = Field(0.1, ge=0.0)
+    p_shift: float = Field(0.5, ge=0.0, le=1.0)
+    scale: tuple[float, float] = (0.85, 1.15)
+    p_scale: float = Field(0.3, ge=0.0, le=1.0)
+    p_flip: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0)
+    contrast: float = Field(0.15, ge=0.0)
+    gamma: float = Field(0.2, ge=0.0)
+    p_intensity: float = Field(0.3, ge=0.0, le=1.0)
+    image_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    padding_mode: Literal["reflection", "zeros", "border"] = "reflection"
+
+
 class TrainConfig(Section):
-    """The training loop's settings."""
+    """The training loop's settings.
+
+    Training runs ``epochs`` epochs of ``steps_per_epoch`` batches of random patches, or
+    stops earlier at ``time_budget_minutes`` or after ``early_stop_patience`` validations
+    without improvement. ``loss``: dice_ce (MONAI DiceCELoss) or weighted_ce (the U-Net
+    paper's cross-entropy with its border weight map, instances from ``border_class``).
+    """
 
     epochs: int = Field(50, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    time_budget_minutes: float | None = Field(None, gt=0.0)
     batch_size: int = Field(4, ge=1)
+    patch_size: list[int] = Field(default_factory=lambda: [256, 256])
+    foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
+    slice_axis: int = Field(-1, ge=-3, le=2)
+    optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    schedule: Literal["poly", "constant"] = "poly"
+    grad_clip: float | None = Field(12.0, gt=0.0)
+    loss: Literal["dice_ce", "weighted_ce"] = "dice_ce"
+    border_class: str | None = None
+    border_w0: float = Field(10.0, ge=0.0)
+    border_sigma: float = Field(5.0, gt=0.0)
+    val_every: int = Field(1, ge=1)
+    early_stop_patience: int | None = Field(None, ge=1)
+    amp: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -152,11 +229,25 @@ class Config(Section):
 
     name: str = "experiment"
     data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     output_dir: ConfigPath = Path("runs")
     source: Path | None = Field(None, exclude=True, description="the file this config was read from")
+
+    def check(self) -> None:
+        """Cross-section rules that single fields cannot express."""
+        names = list(self.data.classes)
+        if self.model.out_channels != len(names):
+            raise ValueError(f"model.out_channels is {self.model.out_channels} but data.classes names {len(names)} classes")
+        if self.train.border_class is not None and self.train.border_class not in names:
+            raise ValueError(f"train.border_class {self.train.border_class!r} is not one of data.classes {names}")
+        if self.train.loss == "weighted_ce" and self.train.border_class is None:
+            raise ValueError("train.loss weighted_ce needs train.border_class (the class whose instances touch, e.g. cell)")
+        if len(self.train.patch_size) != self.model.spatial_dims:
+            raise ValueError(f"train.patch_size {self.train.patch_size} must have model.spatial_dims={self.model.spatial_dims} values")
 
     def dump(self) -> dict[str, Any]:
         """Plain-data form (paths as strings), e.g. to store in a checkpoint."""
@@ -212,9 +303,14 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (data, model, train, ...)")
     try:
-        return Config.model_validate(raw, context={"base_dir": base_dir})
+        config = Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise _describe(exc, source) from None
+    try:
+        config.check()
+    except ValueError as exc:
+        raise ConfigError(f"invalid config:\n  {source}: {exc}") from None
+    return config
 
 
 def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:

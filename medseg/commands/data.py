@@ -1,4 +1,4 @@
-"""`medseg data fetch | list`: bring datasets named in data_manifest.csv here and check them."""
+"""`medseg data fetch | list | phantom`: bring datasets here and check them, or generate one."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="show each dataset and whether it is present and verified")
     _add_common(listing)
 
+    phantom = actions.add_parser(
+        "phantom",
+        help="write a labelled CT phantom dataset (nnU-Net layout: imagesTr/, labelsTr/)",
+        description="Generated, deterministic data for trying the 3D path with no download.",
+    )
+    phantom.add_argument("output", type=Path, help="folder to write imagesTr/ and labelsTr/ into")
+    phantom.add_argument("--cases", type=int, default=6, help="number of volumes (default 6)")
+    phantom.add_argument("--seed", type=int, default=0)
+
     parser.set_defaults(func=handler)
 
 
@@ -51,7 +60,17 @@ def handler(args: argparse.Namespace) -> int:
     """Run the chosen action; errors surface as ManifestError for the CLI to print."""
     if args.action == "fetch":
         return _fetch(args)
+    if args.action == "phantom":
+        return _phantom(args)
     return _list(args)
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from medseg.phantoms import write_ct_dataset
+
+    images, labels = write_ct_dataset(args.output, cases=args.cases, seed=args.seed)
+    print(f"{args.cases} CT phantom volumes in {images}, labels in {labels} (liver=1, kidney=2, spine=3)")
+    return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:

@@ -1,0 +1,370 @@
+"""The training loop: prepare cases, train on random patches, validate on whole images.
+
+Read top to bottom: ``prepare_items`` → ``train_one_epoch`` → ``evaluate`` → ``train``.
+One dict (the checkpoint) holds model, optimizer, scheduler, scaler, epoch, step and
+every RNG state, so ``--resume`` continues exactly where a run stopped. Under torchrun the
+same code runs DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import nn
+from tqdm import tqdm
+
+from medseg.augment import ElasticAugment
+from medseg.checkpoint import load_checkpoint, save_checkpoint
+from medseg.config import Config
+from medseg.datasets import Case, find_cases, split_cases
+from medseg.device import choose_device
+from medseg.errors import ConfigError, MedsegError
+from medseg.io import LoadOptions, load, validate_label
+from medseg.metrics import confusion_counts, mean_scores, overlap_scores
+from medseg.models import build_model
+from medseg.sampling import Item, PatchSampler
+from medseg.transforms import Preprocessor, label_to_index
+from medseg.weights import border_weight_map
+
+__all__ = ["TrainResult", "prepare_items", "train", "train_one_epoch", "evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    model: nn.Module | None = None
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def prepare_items(cases: Sequence[Case], config: Config, with_weights: bool) -> list[Item]:
+    """Load, validate and preprocess cases into model-space items (2D models slice volumes)."""
+    classes = list(config.data.classes.values())
+    names = list(config.data.classes)
+    preprocessor = Preprocessor(config.preprocess)
+    options = LoadOptions(color=config.data.color)
+    items: list[Item] = []
+    for case in cases:
+        channels = [load(ref, options) for ref in case.images]
+        scan = channels[0]
+        if len(channels) > 1:
+            scan.array = np.concatenate([c.array.astype(np.float32) for c in channels])
+        if scan.channels != config.model.in_channels:
+            raise ConfigError(
+                f"model.in_channels is {config.model.in_channels} but case {case.id} ({scan.ref.path}) has "
+                f"{scan.channels} channel(s); set model.in_channels or data.color"
+            )
+        label = validate_label(load(case.label, LoadOptions(color="channels", palette="indices")), scan, classes)
+        index = label_to_index(label.array, classes, source=str(label.ref.path))
+        data = preprocessor(scan, index)
+        image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
+        target = torch.as_tensor(np.asarray(data["label"]), dtype=torch.float32).round()
+        for item_id, img, tgt in _to_model_dims(case.id, image, target, config):
+            if with_weights:
+                instance = names.index(config.train.border_class)
+                weight = border_weight_map(tgt[0].long().numpy(), instance, len(classes), config.train.border_w0, config.train.border_sigma)
+                tgt = torch.cat([tgt, torch.as_tensor(weight)[None]])
+            items.append(Item(item_id, img, tgt))
+    return items
+
+
+def _to_model_dims(case_id: str, image: torch.Tensor, target: torch.Tensor, config: Config):
+    """Yield (id, image, target) with as many spatial axes as the model has."""
+    spatial = image.ndim - 1
+    dims = config.model.spatial_dims
+    if spatial == dims:
+        yield case_id, image, target
+    elif spatial == 3 and dims == 2:
+        axis = config.train.slice_axis % 3 + 1
+        for k in range(image.shape[axis]):
+            yield f"{case_id}[{k}]", image.select(axis, k), target.select(axis, k)
+    else:
+        raise ConfigError(f"model.spatial_dims is {dims} but case {case_id} has {spatial} spatial axes; a 3D model needs volumes")
+
+
+# --- one epoch and validation --------------------------------------------------------
+
+
+class Loss(nn.Module):
+    """Dice + cross-entropy, or the U-Net paper's weighted cross-entropy."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target[:, :1]
+        if self.kind == "weighted_ce":
+            ce = F.cross_entropy(logits.float(), labels[:, 0].long(), reduction="none")
+            return (ce * target[:, 1]).mean()
+        return self.dice_ce(logits.float(), labels)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    sampler: PatchSampler,
+    augment: ElasticAugment | None,
+    loss_fn: Loss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    config: Config,
+    device: torch.device,
+    progress: tqdm | None,
+    deadline: float | None,
+) -> tuple[list[float], bool]:
+    """Run one epoch of steps; returns the step losses and whether the time budget ran out."""
+    model.train()
+    losses: list[float] = []
+    amp = config.train.amp and device.type == "cuda"
+    for _ in range(config.train.steps_per_epoch):
+        images, targets = sampler.sample(config.train.batch_size)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if augment is not None:
+            images, targets = augment(images, targets, generator=sampler.generator)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, enabled=amp):
+            logits = model(images)
+        loss = loss_fn(logits, targets)
+        scaler.scale(loss).backward()
+        if config.train.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if deadline is not None and time.monotonic() > deadline:
+            return losses, True
+    return losses, False
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, items: Sequence[Item], config: Config, device: torch.device) -> dict[str, float]:
+    """Whole-image sliding-window validation: Dice and IoU per class, pixel error (nan-mean over cases)."""
+    model.eval()
+    names = list(config.data.classes)
+    rows = []
+    amp = config.train.amp and device.type == "cuda"
+    for item in items:
+        with torch.autocast(device_type=device.type, enabled=amp):
+            logits = sliding_window_inference(
+                item.image[None].to(device),
+                roi_size=config.train.patch_size,
+                sw_batch_size=config.infer.sw_batch_size,
+                predictor=model,
+                overlap=config.infer.overlap,
+                mode="gaussian",
+            )
+        pred = logits.argmax(1)[0].cpu()
+        rows.append(overlap_scores(confusion_counts(pred, item.target[0], len(names)), names))
+    return mean_scores(rows)
+
+
+# --- the whole run --------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _run_dir(config: Config, resume: Path | None, overwrite: bool) -> Path:
+    if resume is not None:
+        if not (resume / "latest.pt").is_file():
+            raise MedsegError(f"{resume}: no latest.pt to resume from; pass the run folder a previous `medseg train` wrote")
+        return resume
+    run_dir = config.output_dir / config.name
+    if (run_dir / "latest.pt").exists() and not overwrite:
+        raise MedsegError(
+            f"{run_dir} already holds a training run; resume it with --resume {run_dir}, "
+            f"start over with --overwrite, or choose another name (--set name=...)"
+        )
+    return run_dir
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.train.epochs * config.train.steps_per_epoch
+    if config.train.schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(1.0 - step / total, 0.0) ** 0.9)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    t = config.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def train(
+    config: Config,
+    resume: Path | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    max_epochs: int | None = None,
+) -> TrainResult:
+    """Train the configured model; returns where the run is and its best validation scores.
+
+    max_epochs stops after that many epochs in this call (tests and resumable chunks);
+    the schedule still spans ``train.epochs``.
+    """
+    rank, world = _distributed()
+    device = choose_device(config.train.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    run_dir = _run_dir(config, resume, overwrite)
+    state = load_checkpoint(run_dir / "latest.pt") if resume is not None else None
+    if state is not None:
+        log.info("resuming %s from epoch %d", run_dir, state["epoch"])
+    torch.manual_seed(config.train.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
+    weighted = config.train.loss == "weighted_ce"
+    train_items = prepare_items(train_cases, config, with_weights=weighted)
+    val_items = prepare_items(val_cases, config, with_weights=False) if rank == 0 else []
+    log.info("%d training items, %d validation items", len(train_items), len(val_items))
+
+    model = build_model(config.model).to(device)
+    generator = torch.Generator().manual_seed(config.train.seed + 1000 * rank)
+    sampler = PatchSampler(train_items, config.train.patch_size, config.train.foreground_oversample, generator)
+    augment = ElasticAugment(config.model.spatial_dims, **config.augment.model_dump(exclude={"enabled"})) if config.augment.enabled else None
+    loss_fn = Loss(config.train.loss)
+    optimizer = _optimizer(model, config)
+    scheduler = _schedule(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
+
+    epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+        best_metrics, history = dict(state["best_metrics"]), list(state["history"])
+        generator.manual_seed(config.train.seed + 1000 * rank)  # then the saved state
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], generator, device)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    key = "mean_dice"  # the best checkpoint: mean Dice over every class not named background
+    deadline = time.monotonic() + config.train.time_budget_minutes * 60 if config.train.time_budget_minutes else None
+    stop_epoch = config.train.epochs if max_epochs is None else min(config.train.epochs, epoch + max_epochs)
+    show = (sys.stderr.isatty() if progress is None else progress) and rank == 0
+    bar = tqdm(total=(stop_epoch - epoch) * config.train.steps_per_epoch, desc="train", unit="step", disable=not show)
+    all_losses: list[float] = []
+    since_best = 0
+    start = time.monotonic()
+    while epoch < stop_epoch:
+        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, deadline)
+        epoch += 1
+        all_losses.extend(losses)
+        if world > 1:
+            for buffer in model.buffers():  # BatchNorm statistics: rank 0's, so all ranks agree
+                dist.broadcast(buffer, 0)
+        row: dict[str, float] = {"epoch": epoch, "step": epoch * config.train.steps_per_epoch, "train_loss": float(np.mean(losses)),
+                                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.monotonic() - start, 2)}
+        validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
+        if validate:
+            row.update(evaluate(model, val_items, config, device))
+            if row[key] > best_metric:
+                best_metric, best_epoch, since_best = row[key], epoch, 0
+                best_metrics = {k: v for k, v in row.items() if k not in ("epoch", "step", "lr", "seconds")}
+            else:
+                since_best += 1
+        history.append(row)
+        stop = out_of_time or (config.train.early_stop_patience is not None and since_best >= config.train.early_stop_patience)
+        if rank == 0:
+            rng = [_rng_state(generator, device)]
+            if world > 1:
+                gathered: list[Any] = [None] * world
+                dist.gather_object(rng[0], gathered, dst=0)
+                rng = gathered
+            ckpt = {
+                "config": config.dump(), "classes": dict(config.data.classes), "preprocess": config.preprocess.model_dump(mode="json"),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
+                "best_metrics": best_metrics, "history": history, "rng": rng,
+            }
+            save_checkpoint(ckpt, run_dir / "latest.pt")
+            if best_epoch == epoch or not val_items:
+                save_checkpoint(ckpt, run_dir / "best.pt")
+            _write_metrics(run_dir, history)
+            if bar.disable:
+                log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        elif world > 1:
+            dist.gather_object(_rng_state(generator, device), None, dst=0)
+        if world > 1:
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    bar.close()
+    if rank == 0:
+        from medseg.report import plot_learning_curves
+
+        plot_learning_curves(history, run_dir / "learning_curves.png")
+    if world > 1:
+        dist.barrier()
+    return TrainResult(run_dir, best_epoch, best_metrics, epoch, history, all_losses, model)
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / "metrics.csv")

@@ -1,0 +1,152 @@
+"""Training: learns on phantoms, resumes exactly, runs DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg import phantoms
+from medseg.checkpoint import load_checkpoint
+from medseg.cli import main
+from medseg.config import config_from_dict
+from medseg.errors import MedsegError
+from medseg.models import build_model
+from medseg.train import train
+
+
+@pytest.fixture(scope="module")
+def em_folders(tmp_path_factory) -> Path:
+    """Eight 64x64 EM-like slices as image/label PNG folders paired by name."""
+    root = tmp_path_factory.mktemp("em")
+    em = phantoms.em_phantom(shape=(64, 64, 8), cells=12, seed=0)
+    phantoms.write_png_sequence(em.image, root / "images", prefix="case")
+    phantoms.write_png_sequence(em.label, root / "labels", prefix="case")
+    return root
+
+
+def _config(root: Path, out: Path, **train):
+    settings = {"epochs": 3, "steps_per_epoch": 10, "batch_size": 4, "patch_size": [32, 32], "learning_rate": 0.01}
+    settings.update(train)
+    return config_from_dict({
+        "name": "t",
+        "data": {
+            "images": str(root / "images"), "labels": str(root / "labels"),
+            "classes": {"membrane": 0, "cell": 255},
+            "split": {"mode": "cases", "train": [f"case{i}" for i in range(6)], "val": ["case6", "case7"]},
+        },
+        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
+        "augment": {"sigma": 4.0, "rotate_degrees": 20},
+        "train": settings,
+        "infer": {"sw_batch_size": 8},
+        "output_dir": str(out),
+    })
+
+
+def test_short_training_learns_and_checkpoint_loads_safely(em_folders, tmp_path):
+    config = _config(em_folders, tmp_path, epochs=4, steps_per_epoch=15)
+    result = train(config, progress=False)
+    losses = result.step_losses
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    # chance: predicting the majority class everywhere gives membrane Dice 0
+    assert result.best_metrics["dice_membrane"] > 0.6 and result.best_metrics["dice_cell"] > 0.85
+    state = torch.load(result.run_dir / "best.pt", weights_only=True)
+    assert state["classes"] == {"membrane": 0, "cell": 255}
+    assert state["config"]["model"]["name"] == "unet" and state["preprocess"]["intensity"] == "zscore"
+    model = build_model(state["config"]["model"])
+    model.load_state_dict(state["model"])
+    for name in ("latest.pt", "best.pt", "metrics.csv", "learning_curves.png"):
+        assert (result.run_dir / name).is_file(), name
+    header = (result.run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "dice_membrane" in header and "pixel_error" in header
+
+
+def test_resume_continues_exactly(em_folders, tmp_path):
+    full = train(_config(em_folders, tmp_path / "a", epochs=2), progress=False)
+    first = train(_config(em_folders, tmp_path / "b", epochs=2), progress=False, max_epochs=1)
+    assert first.epochs_run == 1
+    resumed = train(_config(em_folders, tmp_path / "b", epochs=2), resume=first.run_dir, progress=False)
+    assert resumed.epochs_run == 2
+    assert abs(resumed.step_losses[0] - full.step_losses[10]) < 1e-6
+    assert resumed.step_losses == pytest.approx(full.step_losses[10:], abs=1e-6)
+    a = torch.load(full.run_dir / "latest.pt", weights_only=True)["model"]
+    b = torch.load(resumed.run_dir / "latest.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_existing_run_is_not_overwritten_silently(em_folders, tmp_path):
+    config = _config(em_folders, tmp_path, epochs=1, steps_per_epoch=2)
+    train(config, progress=False)
+    with pytest.raises(MedsegError, match="already holds a training run"):
+        train(config, progress=False)
+    assert train(config, progress=False, overwrite=True).epochs_run == 1
+
+
+def test_train_command(em_folders, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"name: cli\ndata:\n  images: {em_folders / 'images'}\n  labels: {em_folders / 'labels'}\n"
+        "  classes: {membrane: 0, cell: 255}\n  split: {mode: fraction, val_fraction: 0.25}\n"
+        "model: {name: unet, spatial_dims: 2, features: 4, depth: 2}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 2, patch_size: [32, 32]}\n"
+        "output_dir: runs\n"
+    )
+    assert main(["train", "--config", str(config), "--set", "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "Best epoch 1" in out and str(tmp_path / "runs" / "cli" / "best.pt") in out
+
+
+def test_training_config_errors_name_the_key(em_folders, tmp_path):
+    from medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.out_channels is 3 but data.classes names 2"):
+        config_from_dict({"data": {"classes": {"a": 0, "b": 1}}, "model": {"name": "unet", "out_channels": 3}})
+    with pytest.raises(ConfigError, match="train.patch_size"):
+        config_from_dict({"model": {"name": "unet", "spatial_dims": 3}})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train import _config
+from medseg.train import train
+result = train(_config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4), progress=False)
+torch.save(result.model.state_dict(), Path({out!r}) / f"rank{{dist.get_rank()}}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_two_cpu_processes_agree(em_folders, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(em_folders), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_checkpoint(tmp_path / "t" / "latest.pt")
+    assert len(state["rng"]) == 2  # both ranks' sampler states, for an exact resume
+    assert not (tmp_path / "t" / "rank1").exists()
+
+
+def test_weighted_cross_entropy_with_border_weights_trains(em_folders, tmp_path):
+    config = _config(em_folders, tmp_path, epochs=2, steps_per_epoch=8, loss="weighted_ce", border_class="cell")
+    result = train(config, progress=False)
+    assert result.step_losses[-1] < result.step_losses[0]
+    assert all(torch.isfinite(torch.tensor(result.step_losses)))
