@@ -134,7 +134,7 @@ def train_one_epoch(
     config: Config,
     device: torch.device,
     progress: tqdm | None,
-    deadline: float | None,
+    clock: RunClock,
 ) -> tuple[list[float], bool]:
     """Run one epoch of steps; returns the step losses and whether the time budget ran out."""
     model.train()
@@ -160,7 +160,7 @@ def train_one_epoch(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if deadline is not None and time.monotonic() > deadline:
+        if _any_rank(clock.out_of_time):
             return losses, True
     return losses, False
 
@@ -201,6 +201,21 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _any_rank(flag: bool) -> bool:
+    """True when the flag is set on any rank: every rank must stop on the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = _flag(flag)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _flag(value: bool) -> torch.Tensor:
+    """A one-element tensor where the process group can send it (NCCL needs CUDA)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.tensor([1.0 if value else 0.0], device=device)
+
+
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
     if device.type == "cuda":
@@ -229,10 +244,33 @@ def _run_dir(config: Config, resume: Path | None, overwrite: bool) -> Path:
     return run_dir
 
 
-def _schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    total = config.train.epochs * config.train.steps_per_epoch
+class RunClock:
+    """How far a run is: by steps, or by wall-clock time when a time budget is set
+    (whichever is further), so the poly schedule reaches zero when the budget ends."""
+
+    def __init__(self, total_steps: int, budget_minutes: float | None, elapsed_before: float = 0.0) -> None:
+        self.total_steps = total_steps
+        self.budget = budget_minutes * 60.0 if budget_minutes else None
+        self.start = time.monotonic() - elapsed_before
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.budget is not None and self.elapsed >= self.budget
+
+    def fraction(self, step: int) -> float:
+        done = step / self.total_steps
+        if self.budget is not None:
+            done = max(done, self.elapsed / self.budget)
+        return min(done, 1.0)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: Config, clock: RunClock) -> torch.optim.lr_scheduler.LambdaLR:
     if config.train.schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(1.0 - step / total, 0.0) ** 0.9)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1.0 - clock.fraction(step)) ** 0.9)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -280,7 +318,9 @@ def train(
     augment = ElasticAugment(config.model.spatial_dims, **config.augment.model_dump(exclude={"enabled"})) if config.augment.enabled else None
     loss_fn = Loss(config.train.loss)
     optimizer = _optimizer(model, config)
-    scheduler = _schedule(optimizer, config)
+    elapsed_before = float(state.get("elapsed_seconds", 0.0)) if state is not None else 0.0
+    clock = RunClock(config.train.epochs * config.train.steps_per_epoch, config.train.time_budget_minutes, elapsed_before)
+    scheduler = _schedule(optimizer, config, clock)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
 
     epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
@@ -296,22 +336,20 @@ def train(
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     key = "mean_dice"  # the best checkpoint: mean Dice over every class not named background
-    deadline = time.monotonic() + config.train.time_budget_minutes * 60 if config.train.time_budget_minutes else None
     stop_epoch = config.train.epochs if max_epochs is None else min(config.train.epochs, epoch + max_epochs)
     show = (sys.stderr.isatty() if progress is None else progress) and rank == 0
     bar = tqdm(total=(stop_epoch - epoch) * config.train.steps_per_epoch, desc="train", unit="step", disable=not show)
     all_losses: list[float] = []
     since_best = 0
-    start = time.monotonic()
     while epoch < stop_epoch:
-        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, deadline)
+        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock)
         epoch += 1
         all_losses.extend(losses)
         if world > 1:
             for buffer in model.buffers():  # BatchNorm statistics: rank 0's, so all ranks agree
                 dist.broadcast(buffer, 0)
-        row: dict[str, float] = {"epoch": epoch, "step": epoch * config.train.steps_per_epoch, "train_loss": float(np.mean(losses)),
-                                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.monotonic() - start, 2)}
+        row: dict[str, float] = {"epoch": epoch, "step": scheduler.last_epoch, "train_loss": float(np.mean(losses)),
+                                 "lr": scheduler.get_last_lr()[0], "seconds": round(clock.elapsed, 2)}
         validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
         if validate:
             row.update(evaluate(model, val_items, config, device))
@@ -332,7 +370,7 @@ def train(
                 "config": config.dump(), "classes": dict(config.data.classes), "preprocess": config.preprocess.model_dump(mode="json"),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
-                "best_metrics": best_metrics, "history": history, "rng": rng,
+                "best_metrics": best_metrics, "history": history, "rng": rng, "elapsed_seconds": clock.elapsed,
             }
             save_checkpoint(ckpt, run_dir / "latest.pt")
             if best_epoch == epoch or not val_items:
@@ -343,7 +381,7 @@ def train(
         elif world > 1:
             dist.gather_object(_rng_state(generator, device), None, dst=0)
         if world > 1:
-            flag = torch.tensor([1.0 if stop else 0.0])
+            flag = _flag(stop)
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         if stop:

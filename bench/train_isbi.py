@@ -1,0 +1,107 @@
+"""Train models on ISBI 2012 EM for the same wall-clock budget and score slices 25-29.
+
+Each model trains from its config in configs/ (unet_em, segnet_em, fcn8s_em) with
+`train.time_budget_minutes` set to the budget, and the reference is a plain MONAI
+BasicUNet with flips only, trained by the same loop for the same budget, so every ratio
+is measured in one run on one machine. Prints a table and writes JSON.
+
+    python bench/train_isbi.py --budget-minutes 30 --models unet
+    python bench/train_isbi.py --budget-minutes 10            # all four
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medseg.config import load_config  # noqa: E402
+from medseg.models import register_model  # noqa: E402
+from medseg.train import train  # noqa: E402
+
+CONFIGS = {"unet": "unet_em.yaml", "segnet": "segnet_em.yaml", "fcn8s": "fcn8s_em.yaml", "monai_basicunet": "unet_em.yaml"}
+# The reference: MONAI's BasicUNet at its default width, augmented with flips only.
+FLIPS_ONLY = [
+    "augment.sigma=0", "augment.rotate_degrees=0", "augment.shift=0", "augment.scale=[1.0,1.0]",
+    "augment.brightness=0", "augment.contrast=0", "augment.gamma=0", "augment.p_flip=0.5",
+]
+
+
+@register_model("monai_basicunet")
+def _monai_basicunet(spatial_dims: int, in_channels: int, out_channels: int, features: int = 32, depth: int | None = None):
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels)
+    net.size_divisor = 16
+    return net
+
+
+def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict:
+    overrides = [
+        f"name=bench_{name}", f"output_dir={out_dir}", f"train.time_budget_minutes={budget}",
+        "train.epochs=10000", "train.early_stop_patience=null", *extra,
+    ]
+    if name == "monai_basicunet":
+        overrides += ["model.name=monai_basicunet", "model.options={}", *FLIPS_ONLY]
+    config = load_config(REPO / "configs" / CONFIGS[name], overrides)
+    start = time.monotonic()
+    result = train(config, overwrite=True, progress=False)
+    final = {k: v for k, v in result.history[-1].items()}
+    steps = int(final["step"])
+    return {
+        "model": name,
+        "config": CONFIGS[name],
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+        "wall_seconds": round(time.monotonic() - start, 1),
+        "epochs": result.epochs_run,
+        "steps": steps,
+        "best_epoch": result.best_epoch,
+        "best": {k: round(v, 4) for k, v in result.best_metrics.items()},
+        "final": {k: round(v, 4) for k, v in final.items() if k.startswith(("dice", "iou", "pixel", "mean"))},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-minutes", type=float, default=30.0)
+    parser.add_argument("--models", default="unet,segnet,fcn8s,monai_basicunet")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_isbi.json")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides for every model")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = {
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    results = []
+    for name in args.models.split(","):
+        print(f"training {name} for {args.budget_minutes} min ...", flush=True)
+        results.append(run_model(name, args.budget_minutes, args.runs, args.overrides))
+        print(json.dumps(results[-1]), flush=True)
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+              "budget_minutes": args.budget_minutes, "validation": "ISBI 2012 train slices 25-29", "results": results}
+    reference = next((r for r in results if r["model"] == "monai_basicunet"), None)
+    print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'pixel error':>11}  {'membrane Dice':>13}  {'membrane IoU':>12}  (final epoch; best epoch in JSON)")
+    for r in results:
+        f = r["final"]
+        print(f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {f['pixel_error']:>11.4f}  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}")
+        if reference and r is not reference:
+            r["pixel_error_ratio_vs_reference"] = round(f["pixel_error"] / reference["final"]["pixel_error"], 3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
