@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "medseg.commands.data",
     "medseg.commands.config",
     "medseg.commands.train",
+    "medseg.commands.predict",
+    "medseg.commands.evaluate",
     "medseg.commands.demo",
 )
 

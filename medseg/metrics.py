@@ -1,18 +1,32 @@
-"""Overlap scores per class: Dice, IoU, pixel accuracy.
+"""Scores per class: Dice, IoU, pixel accuracy, HD95 and surface Dice; their summaries.
 
 Convention for a class absent from both prediction and reference: NaN (as nnU-Net and
 MONAI), and summaries use nan-aware means, so an empty class neither rewards nor
-punishes a case. A class present in only one of the two scores 0.
+punishes a case. A class present in only one of the two scores 0 (Dice, IoU, surface
+Dice) and HD95 = inf: a missed or invented structure is the worst boundary error there
+is, and a NaN would let it drop out of a nan-aware mean (MONAI returns NaN there;
+DeepMind's surface-distance package returns inf).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["confusion_counts", "overlap_scores", "mean_scores"]
+__all__ = [
+    "confusion_counts",
+    "overlap_scores",
+    "mean_scores",
+    "class_overlap",
+    "pixel_accuracy",
+    "hausdorff95",
+    "surface_dice",
+    "summarize",
+]
 
 
 def confusion_counts(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
@@ -49,3 +63,119 @@ def mean_scores(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """nan-aware mean of each score over cases."""
     keys = rows[0].keys() if rows else []
     return {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else float("nan") for k in keys}
+
+
+def class_overlap(
+    pred: np.ndarray, ref: np.ndarray, values: Sequence[int]
+) -> dict[int, tuple[float, float]]:
+    """(Dice, IoU) of each class value, for masks holding arbitrary values (0/255 too)."""
+    p, r = _same_shape(pred, ref)
+    scores: dict[int, tuple[float, float]] = {}
+    for value in values:
+        in_pred, in_ref = p == value, r == value
+        tp = int(np.count_nonzero(in_pred & in_ref))
+        union = int(np.count_nonzero(in_pred)) + int(np.count_nonzero(in_ref)) - tp
+        if union == 0:
+            scores[int(value)] = (float("nan"), float("nan"))
+        else:
+            scores[int(value)] = (2 * tp / (union + tp), tp / union)
+    return scores
+
+
+def pixel_accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of voxels whose predicted value equals the reference value."""
+    p, r = _same_shape(pred, ref)
+    return float(np.count_nonzero(p == r) / p.size) if p.size else float("nan")
+
+
+def hausdorff95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th-percentile symmetric Hausdorff distance between two binary masks, in spacing units.
+
+    NaN when both masks are empty, inf when only one is (see the module docstring).
+    """
+    empty = _empty_case(pred_mask, ref_mask)
+    if empty is not None:
+        return float("nan") if empty == "both" else float("inf")
+    from monai.metrics import compute_hausdorff_distance
+
+    p, r, steps = _surface_inputs(pred_mask, ref_mask, spacing)
+    with _quiet_monai():
+        value = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=steps)
+    return float(value.reshape(-1)[0])
+
+
+def surface_dice(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float], tolerance: float
+) -> float:
+    """Normalised surface Dice: share of both boundaries within ``tolerance`` of the other.
+
+    NaN when both masks are empty, 0 when only one is (as MONAI).
+    """
+    empty = _empty_case(pred_mask, ref_mask)
+    if empty is not None:
+        return float("nan") if empty == "both" else 0.0
+    from monai.metrics import compute_surface_dice
+
+    p, r, steps = _surface_inputs(pred_mask, ref_mask, spacing)
+    with _quiet_monai():
+        value = compute_surface_dice(p, r, [float(tolerance)], include_background=True, spacing=steps)
+    return float(value.reshape(-1)[0])
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """mean, std (population), median and n over the values that are not NaN.
+
+    An inf (HD95 of a missed structure) makes the mean inf and the std NaN; the median
+    stays informative.
+    """
+    data = np.asarray([v for v in values if not np.isnan(v)], dtype=np.float64)
+    if not data.size:
+        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
+    finite = bool(np.isfinite(data).all())
+    return {
+        "mean": float(np.mean(data)),
+        "std": float(np.std(data)) if finite else float("nan"),
+        "median": float(np.median(data)),
+        "n": int(data.size),
+    }
+
+
+def _same_shape(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p, r = np.asarray(pred), np.asarray(ref)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction has shape {p.shape}, reference {r.shape}")
+    return p, r
+
+
+def _empty_case(pred_mask: np.ndarray, ref_mask: np.ndarray) -> str | None:
+    in_pred, in_ref = bool(np.any(pred_mask)), bool(np.any(ref_mask))
+    if in_pred and in_ref:
+        return None
+    return "both" if not (in_pred or in_ref) else "one"
+
+
+def _surface_inputs(
+    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Batch-first one-channel tensors for MONAI, without single-voxel axes.
+
+    A 2D mask stored as (X, Y, 1) would otherwise count every pixel as boundary, since
+    MONAI finds edges by 3D erosion.
+    """
+    p, r = _same_shape(pred_mask, ref_mask)
+    if len(spacing) != p.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not fit a mask of shape {p.shape}")
+    keep = [axis for axis, size in enumerate(p.shape) if size > 1]
+    if len(keep) >= 2 and len(keep) < p.ndim:
+        p, r = p.squeeze(), r.squeeze()
+        spacing = [spacing[axis] for axis in keep]
+    batched = [torch.as_tensor(np.ascontiguousarray(m, dtype=bool))[None, None] for m in (p, r)]
+    return batched[0], batched[1], [float(s) for s in spacing]
+
+
+@contextmanager
+def _quiet_monai() -> Iterator[None]:
+    """Silence MONAI's deprecation notice about an argument it passes to itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        yield

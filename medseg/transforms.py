@@ -113,6 +113,8 @@ class Preprocessor:
     def invert(prediction: torch.Tensor, preprocessed: Mapping[str, Any]) -> np.ndarray:
         """A (C, *model_space) label map or probabilities → the scan's grid (nearest neighbour)."""
         image = preprocessed["image"]
+        if not image.applied_operations:  # nothing geometric was done: already on the scan's grid
+            return np.asarray(torch.as_tensor(prediction).detach().cpu())
         pred = MetaTensor(torch.as_tensor(prediction), meta=dict(image.meta))
         pred.applied_operations = list(image.applied_operations)
         data = {"image": image, "pred": pred}

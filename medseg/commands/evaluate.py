@@ -1,0 +1,72 @@
+"""`medseg evaluate --pred DIR --ref DIR`: score predicted masks against reference masks."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+from medseg.errors import ConfigError
+from medseg.evaluate import CONVENTIONS, evaluate_folders, format_report, parse_classes, write_reports
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score predicted masks against reference masks (Dice, IoU, pixel accuracy, HD95, surface Dice)",
+        description=textwrap.fill(
+            "Pair masks in --pred and --ref by case id (file path below the folder, without suffix), "
+            "score each pair per class and write metrics.csv and metrics.json. A prediction without a "
+            "reference (or the reverse) is listed; an unreadable mask or a pair on different grids is a "
+            "failure for that case. Distances are in mm of the reference grid (pixels where it has no "
+            "physical pixel size). Exit status 1 if any case failed, else 0.",
+            width=88,
+        ),
+        epilog=CONVENTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--pred", type=Path, required=True, metavar="DIR", help="folder of predicted masks")
+    parser.add_argument("--ref", type=Path, required=True, metavar="DIR", help="folder of reference masks")
+    parser.add_argument(
+        "--classes",
+        type=_classes,
+        metavar="NAME=VALUE,...",
+        help="class names and mask values, e.g. membrane=0,cell=255 (default: predictions.json in --pred, "
+        "else every value found, named label_<value>)",
+    )
+    parser.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance (mm)")
+    parser.add_argument(
+        "--surface-dice-mm",
+        type=float,
+        metavar="MM",
+        help="also the surface Dice with this boundary tolerance in mm, e.g. 1.0",
+    )
+    parser.add_argument(
+        "--per-image",
+        action="store_true",
+        help="score numbered 2D images (img_01.png, img_02.png) each as a case, not as slices of one stack",
+    )
+    parser.add_argument("--output", type=Path, metavar="DIR", help="where to write the reports (default: --pred)")
+    parser.set_defaults(func=run)
+
+
+def _classes(text: str) -> dict[str, int]:
+    try:
+        return parse_classes(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate_folders(
+        args.pred,
+        args.ref,
+        classes=args.classes,
+        hd95=args.hd95,
+        surface_mm=args.surface_dice_mm,
+        stack_sequences=not args.per_image,
+    )
+    csv_path, json_path = write_reports(report, args.output)
+    print(format_report(report))
+    print(f"Reports: {csv_path} and {json_path}")
+    return 1 if report.failures else 0

@@ -1,0 +1,40 @@
+"""`medseg predict`: segment every scan in a file or folder with a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="segment scans with a trained checkpoint and write masks")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="run folder (uses best.pt) or checkpoint file")
+    parser.add_argument("--input", type=Path, required=True, help="a scan file, a DICOM series folder, or a folder tree")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the masks (outside the input folder)")
+    parser.add_argument("--tta", action="store_true", help="average predictions over mirrored inputs")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="redo scans whose masks are already up to date")
+    parser.add_argument("--format", dest="formats", action="append", choices=("nifti", "dicom-seg", "tiff", "png"),
+                        help="mask format (repeatable); default per input: DICOM → NIfTI + DICOM SEG, "
+                        "NIfTI → NIfTI, TIFF → TIFF, PNG sequence → TIFF + PNGs, image → PNG")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's, 0.5)")
+    parser.add_argument("--keep-largest", nargs="*", default=[], metavar="CLASS", help="keep only the largest component of these classes")
+    parser.add_argument("--fill-holes", nargs="*", default=[], metavar="CLASS", help="fill holes in these classes")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medseg.batch import predict_folder
+    from medseg.infer import Predictor
+
+    predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta or None, overlap=args.overlap,
+                          keep_largest=args.keep_largest, fill_holes=args.fill_holes)
+    report = predict_folder(predictor, args.input, args.output, args.formats, args.overwrite)
+    counts = report.counts()
+    for record in report.records:
+        if record.status == "failed":
+            print(f"FAILED {record.case}: {record.reason}")
+        elif record.status == "skipped":
+            print(f"skipped {record.case}: up to date")
+    print(f"{counts['written']} written, {counts['skipped']} skipped (up to date), {counts['failed']} failed; masks in {args.output}")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,316 @@
+"""Mask writers: each mask lands in its scan's own geometry, atomically, and proves it.
+
+Every writer writes to a temporary file in the destination folder and renames it into
+place, so a crash leaves no half-written mask; then it reads the file back and checks
+shape, geometry and values against the scan, so a mask that would not overlay its scan
+in a viewer is an error here rather than a surprise in 3D Slicer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import tifffile
+from PIL import Image
+
+from medseg import __version__
+from medseg.errors import MedsegError
+from medseg.geometry import Geometry
+from medseg.io.scan import Scan, ScanRef
+
+__all__ = [
+    "ExportError",
+    "atomic_path",
+    "check_output_outside_inputs",
+    "default_formats",
+    "output_paths",
+    "write_nifti_mask",
+    "write_dicom_seg",
+    "write_tiff_mask",
+    "write_png_masks",
+    "export_mask",
+    "CLASS_COLOURS",
+]
+
+# Per-class display colours (RGB), class index 1, 2, ... (index 0 is usually background).
+CLASS_COLOURS = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+]
+
+
+class ExportError(MedsegError):
+    """A mask could not be written, or did not read back as the scan's geometry."""
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` that becomes ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_outside_inputs(output: Path, scan: Scan) -> None:
+    """Refuse to write into the folder a scan was read from: inputs are never touched."""
+    out = output.resolve()
+    for source in {p.resolve().parent for p in scan.ref.paths}:
+        if out == source or source in out.parents:
+            raise ExportError(
+                f"{output}: output folder is inside the input folder {source}; "
+                "choose an output folder outside the input tree (medseg never writes beside input files)"
+            )
+
+
+def default_formats(kind: str) -> tuple[str, ...]:
+    """What a person expects for each input kind."""
+    return {
+        "dicom": ("nifti", "dicom-seg"),
+        "nifti": ("nifti",),
+        "tiff": ("tiff",),
+        "image-sequence": ("tiff", "png"),
+    }.get(kind, ("png",))
+
+
+def output_paths(ref: ScanRef, output_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
+    """The files ``export_mask`` writes for a scan (before it is loaded: for skip-if-done)."""
+    base = output_dir / ref.id
+    paths = []
+    for fmt in formats or default_formats(ref.kind):
+        if fmt == "png":
+            if ref.kind == "image-sequence":
+                paths.extend(base / f"{Path(p).stem}.png" for p in ref.paths)
+            else:
+                paths.append(base.with_name(base.name + ".png"))
+        else:
+            paths.append(base.with_name(base.name + _SUFFIX[fmt]))
+    return paths
+
+
+_SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "tiff": ".tif"}
+
+
+def _spatial(mask: np.ndarray, scan: Scan) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape == (1,) + scan.geometry.shape:
+        mask = mask[0]
+    if mask.shape != scan.geometry.shape:
+        raise ExportError(f"{scan.ref.path}: mask shape {mask.shape} does not match the scan's grid {scan.geometry.shape}")
+    return mask
+
+
+def write_nifti_mask(mask: np.ndarray, scan: Scan, path: Path) -> Path:
+    """NIfTI with the scan's affine exactly (sform and qform), for NIfTI and DICOM inputs alike."""
+    mask = _spatial(mask, scan)
+    data = mask if mask.ndim == 3 else mask[..., None]
+    img = nib.Nifti1Image(data, scan.geometry.affine)
+    img.set_sform(scan.geometry.affine, code=2)  # aligned to the scan
+    img.set_qform(scan.geometry.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = f"medseg {__version__} mask"[:79].encode()
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+        _check_nifti(tmp, mask, scan.geometry, path)
+    return path
+
+
+def _check_nifti(path: Path, mask: np.ndarray, geometry: Geometry, shown: Path) -> None:
+    back = nib.load(str(path))
+    data = np.asanyarray(back.dataobj)
+    if data.ndim == 3 and mask.ndim == 2:
+        data = data[..., 0]
+    if data.shape != mask.shape or not np.array_equal(data, mask):
+        raise ExportError(f"{shown}: mask read back with shape {data.shape} or values differing from what was written")
+    written = Geometry(back.affine, geometry.shape, geometry.spacing_known)
+    problem = geometry.mismatch(written, tolerance_mm=1e-4 + 1e-5 * max(geometry.spacing))
+    if problem:
+        raise ExportError(f"{shown}: written mask does not overlay its scan: {problem}")
+
+
+def write_tiff_mask(mask: np.ndarray, scan: Scan, path: Path) -> Path:
+    """TIFF with the scan's shape (pages = z) and pixel size tags (ImageJ, µm)."""
+    mask = _spatial(mask, scan)
+    pages = np.ascontiguousarray(mask.T if mask.ndim == 2 else np.transpose(mask, (2, 1, 0)))
+    options: dict = {"imagej": True, "metadata": {"axes": "YX" if mask.ndim == 2 else "ZYX"}}
+    if scan.geometry.spacing_known:
+        um = [s * 1000.0 for s in scan.geometry.spacing]
+        options["resolution"] = (1.0 / um[0], 1.0 / um[1])
+        options["metadata"].update({"unit": "um"})
+        if mask.ndim == 3:
+            options["metadata"]["spacing"] = um[2]
+    if pages.dtype not in (np.uint8, np.uint16):
+        pages = pages.astype(np.uint16 if pages.max() > 255 else np.uint8)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, pages, **options)
+        back = tifffile.imread(tmp)
+        if back.shape != pages.shape or not np.array_equal(back, pages):
+            raise ExportError(f"{path}: TIFF mask read back with shape {back.shape}, expected {pages.shape}")
+        _check_tiff_spacing(tmp, scan, path)
+    return path
+
+
+def _check_tiff_spacing(tmp: Path, scan: Scan, shown: Path) -> None:
+    from medseg.io import ScanRef, load
+
+    back = load(ScanRef("check", "tiff", (tmp,)))
+    problem = scan.geometry.mismatch(back.geometry, tolerance_mm=1e-6 * max(scan.geometry.spacing) + 1e-12) if scan.geometry.spacing_known else (
+        None if back.geometry.shape == scan.geometry.shape else "shape differs"
+    )
+    if problem:
+        raise ExportError(f"{shown}: TIFF mask does not match its scan's grid: {problem}")
+
+
+def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[Path]:
+    """PNG per 2D slice (a single PNG for a 2D image), named like the input images."""
+    mask = _spatial(mask, scan)
+    dtype = np.uint8 if mask.max() <= 255 and mask.min() >= 0 else np.uint16
+    if mask.ndim == 2:
+        targets = [(folder_or_file, mask)]
+    else:
+        names = [Path(p).stem for p in scan.ref.paths] if len(scan.ref.paths) == mask.shape[2] else [str(k) for k in range(mask.shape[2])]
+        targets = [(folder_or_file / f"{name}.png", mask[:, :, k]) for k, name in enumerate(names)]
+    written = []
+    for path, plane in targets:
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.ascontiguousarray(plane.T.astype(dtype))).save(tmp, format="PNG")
+            back = np.asarray(Image.open(tmp))
+            if not np.array_equal(back, plane.T.astype(dtype)):
+                raise ExportError(f"{path}: PNG mask read back differently")
+        written.append(path)
+    return written
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    scan: Scan,
+    path: Path,
+    classes: Mapping[str, int],
+    algorithm: str = "medseg",
+) -> Path:
+    """DICOM SEG (highdicom) referencing the source series and its frame of reference.
+
+    ``mask`` holds the label values of ``classes``; every class except the one valued 0
+    becomes a segment, numbered in class order, with its name and a display colour.
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    mask = _spatial(mask, scan)
+    if scan.ref.kind != "dicom" or mask.ndim != 3:
+        raise ExportError(f"{scan.ref.path}: DICOM SEG needs a DICOM source series")
+    sources = _source_datasets(scan)
+    segments = [(name, value) for name, value in classes.items() if value != 0]
+    numbers = np.zeros(mask.shape, dtype=np.uint16)
+    descriptions = []
+    for number, (name, value) in enumerate(segments, start=1):
+        numbers[mask == value] = number
+        rgb = CLASS_COLOURS[(number - 1) % len(CLASS_COLOURS)]
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name,
+                segmented_property_category=codes.SCT.Tissue,
+                segmented_property_type=codes.SCT.Tissue,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=__version__
+                ),
+                display_color=hd.color.CIELabColor.from_rgb(*rgb) if hasattr(hd.color.CIELabColor, "from_rgb") else None,
+            )
+        )
+    frames = np.ascontiguousarray(np.transpose(numbers, (2, 1, 0)))  # (slice, row, column), spatial order
+    if scan.metadata.get("frame_order"):  # one multi-frame source: back to its own frame order
+        restored = np.zeros_like(frames)
+        restored[[f - 1 for f in scan.metadata["frame_order"]]] = frames
+        frames = restored
+    series = pydicom.uid.generate_uid()
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series,
+        series_number=int(scan.metadata.get("series_number") or 1) + 1000,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+        manufacturer="medseg",
+        manufacturer_model_name=algorithm,
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description=f"medseg {algorithm} segmentation"[:64],
+        omit_empty_frames=False,
+    )
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp)
+        _check_seg(tmp, numbers, scan, path)
+    return path
+
+
+def _source_datasets(scan: Scan) -> list[pydicom.Dataset]:
+    """The source instances in the scan's slice order, headers only."""
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in scan.ref.paths]
+    if scan.metadata.get("frame_order"):
+        return datasets
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    return [by_uid[uid] for uid in scan.metadata["sop_instance_uids"]]
+
+
+def _check_seg(path: Path, numbers: np.ndarray, scan: Scan, shown: Path) -> None:
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    if str(seg.FrameOfReferenceUID) != scan.metadata.get("frame_of_reference_uid", ""):
+        raise ExportError(f"{shown}: DICOM SEG frame of reference differs from the source series")
+    if scan.metadata.get("frame_order"):
+        source_uid = scan.metadata["sop_instance_uids"][0]
+        frame_numbers = list(scan.metadata["frame_order"])
+        pixels = seg.get_pixels_by_source_frame(source_uid, frame_numbers, combine_segments=True)
+    else:
+        pixels = seg.get_pixels_by_source_instance(scan.metadata["sop_instance_uids"], combine_segments=True)
+    expected = np.transpose(numbers, (2, 1, 0))
+    if pixels.shape != expected.shape or not np.array_equal(pixels, expected):
+        raise ExportError(f"{shown}: DICOM SEG read back with shape {pixels.shape} or segments differing from the mask")
+
+
+def export_mask(
+    mask: np.ndarray,
+    scan: Scan,
+    output_dir: Path,
+    classes: Mapping[str, int],
+    formats: Sequence[str] | None = None,
+) -> list[Path]:
+    """Write ``mask`` (label values, scan grid) for ``scan`` under ``output_dir`` in each format.
+
+    File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.tif``, ``<id>/`` (PNGs).
+    """
+    check_output_outside_inputs(output_dir, scan)
+    formats = tuple(formats or default_formats(scan.ref.kind))
+    base = output_dir / scan.ref.id
+    written: list[Path] = []
+    for fmt in formats:
+        if fmt == "nifti":
+            written.append(write_nifti_mask(mask, scan, base.with_name(base.name + ".nii.gz")))
+        elif fmt == "dicom-seg":
+            written.append(write_dicom_seg(mask, scan, base.with_name(base.name + ".seg.dcm"), classes))
+        elif fmt == "tiff":
+            written.append(write_tiff_mask(mask, scan, base.with_name(base.name + ".tif")))
+        elif fmt == "png":
+            target = base.with_name(base.name + ".png") if _spatial(mask, scan).ndim == 2 else base
+            written.extend(write_png_masks(mask, scan, target))
+        else:
+            raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, tiff or png")
+    return written
