@@ -1,0 +1,213 @@
+"""Inference benchmarks: sliding-window overhead, throughput, memory, and DICOM loading.
+
+Parts (each runs in its own process, so peak RSS is its own):
+  sw2d   a 2D U-Net on a 1024x1024 image: MONAI sliding window vs the bare forward passes
+         over the same windows (overhead), pixels/s, effective GFLOP/s vs this machine's matmul
+  sw3d   a small 3D U-Net on a 512x512x300 CT-sized volume: the same, plus the whole
+         Predictor (preprocess → windows → argmax → back to the scan grid) and its peak RSS
+  dicom  load a shuffled oblique CT series: medseg vs MONAI LoadImage(reader="PydicomReader"),
+         wall time and whether each gets the geometry right
+
+    python bench/infer.py                 # all parts, JSON to bench/results/infer.json
+    python bench/infer.py --part dicom
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from monai.data.utils import dense_patch_slices, get_valid_patch_size  # noqa: E402
+from monai.inferers import sliding_window_inference  # noqa: E402
+
+from medseg import phantoms  # noqa: E402
+from medseg.models import build_model, model_summary  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def window_overhead(model: torch.nn.Module, image: torch.Tensor, roi: list[int], overlap: float, sw_batch: int) -> dict:
+    """Sliding window (MONAI, Gaussian blending) vs bare forward passes over the same windows."""
+    spatial = image.shape[2:]
+    scan_interval = [max(int(r * (1 - overlap)), 1) for r in roi]
+    slices = dense_patch_slices(spatial, get_valid_patch_size(spatial, roi), scan_interval)
+    windows = len(slices)
+    with torch.no_grad():
+        model(image[(slice(None), slice(None)) + slices[0]])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, windows, sw_batch):
+            batch = torch.cat([image[(slice(None), slice(None)) + s] for s in slices[i : i + sw_batch]])
+            model(batch)
+        bare = time.perf_counter() - start
+        start = time.perf_counter()
+        out = sliding_window_inference(image, roi, sw_batch, model, overlap=overlap, mode="gaussian", sigma_scale=0.125)
+        sliding = time.perf_counter() - start
+    summary = model_summary(model, tuple(roi), measure_receptive_field=False)
+    flops = summary["flops"] * windows
+    return {
+        "windows": windows, "bare_forward_s": round(bare, 3), "sliding_window_s": round(sliding, 3),
+        "overhead": round(sliding / bare - 1.0, 4), "voxels_per_s": round(float(np.prod(spatial)) / sliding),
+        "effective_gflops": round(flops / sliding / 1e9, 2), "output_shape": list(out.shape),
+    }
+
+
+def part_sw2d() -> dict:
+    torch.manual_seed(0)
+    model = build_model({"name": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": 16, "depth": 4}).eval()
+    image = torch.randn(1, 1, 1024, 1024)
+    result = window_overhead(model, image, [256, 256], 0.5, 4)
+    return {"model": "unet 2D, 16 features, depth 4", "input": [1024, 1024], "roi": [256, 256], "overlap": 0.5, **result}
+
+
+def part_sw3d() -> dict:
+    from medseg.config import config_from_dict
+    from medseg.checkpoint import save_checkpoint
+    from medseg.infer import Predictor
+    from medseg.io import ScanRef, load
+
+    torch.manual_seed(0)
+    cfg = {"name": "unet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": 4, "depth": 3}
+    model = build_model(cfg).eval()
+    shape = (512, 512, 300)
+    image = torch.randn(1, 1, *shape)
+    result = window_overhead(model, image, [128, 128, 64], 0.25, 2)
+    del image
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = np.random.default_rng(0).normal(0, 200, size=shape).astype(np.int16)
+        affine = np.diag([0.7, 0.7, 1.25, 1.0])
+        phantoms.write_nifti(volume, affine, Path(tmp) / "ct.nii.gz")
+        del volume
+        config = config_from_dict({
+            "data": {"classes": {"background": 0, "organ": 1}},
+            "model": cfg, "train": {"patch_size": [128, 128, 64]},
+            "infer": {"overlap": 0.25, "sw_batch_size": 2},
+        })
+        save_checkpoint({"config": config.dump(), "classes": {"background": 0, "organ": 1},
+                         "preprocess": config.preprocess.model_dump(mode="json"), "model": model.state_dict()},
+                        Path(tmp) / "m.pt")
+        predictor = Predictor(Path(tmp) / "m.pt", device="cpu")
+        rss_before = peak_rss_mb()
+        start = time.perf_counter()
+        scan = load(ScanRef("ct", "nifti", (Path(tmp) / "ct.nii.gz",)))
+        prediction = predictor.predict(scan)
+        end_to_end = time.perf_counter() - start
+    return {
+        "model": "unet 3D, 4 features, depth 3", "input": list(shape), "roi": [128, 128, 64], "overlap": 0.25, **result,
+        "predictor_end_to_end_s": round(end_to_end, 2), "mask_shape": list(prediction.mask.shape),
+        "peak_rss_mb_before_predictor": round(rss_before), "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def part_dicom() -> dict:
+    from monai.transforms import LoadImage
+
+    from medseg.io import discover, load
+
+    truth = phantoms.ct_phantom(shape=(512, 512, 80), spacing=(0.7, 0.7, 2.0), oblique=(20.0, -10.0, 15.0), seed=1)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ct"
+        phantoms.write_dicom_series(truth, folder, order="shuffled", seed=3)
+        timings = {"medseg": [], "monai": []}
+        monai_loader = LoadImage(reader="PydicomReader", image_only=True)
+        for _ in range(3):
+            start = time.perf_counter()
+            scan = load(discover(folder).scans[0])
+            timings["medseg"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            monai_image = monai_loader(str(folder))
+            timings["monai"].append(time.perf_counter() - start)
+        ours_ok = bool(np.abs(scan.geometry.affine - truth.affine).max() < 1e-3 and np.array_equal(scan.array[0], truth.image))
+        monai_array = np.asarray(monai_image)
+        monai_affine = np.asarray(monai_image.affine)
+        monai_ok = bool(monai_array.shape == truth.image.shape and np.abs(monai_affine - truth.affine).max() < 1e-3
+                        and np.array_equal(monai_array, truth.image))
+        world_error = _world_error(monai_array, monai_affine, truth)
+        rows = {
+            "series": "512x512x80 oblique CT phantom, shuffled file names and InstanceNumbers",
+            "medseg_s": round(float(np.median(timings["medseg"])), 3),
+            "monai_pydicom_s": round(float(np.median(timings["monai"])), 3),
+            "ratio_monai_over_medseg": round(float(np.median(timings["monai"]) / np.median(timings["medseg"])), 2),
+            "medseg_geometry_correct": ours_ok,
+            "monai_geometry_correct": monai_ok,
+            "monai_max_world_error_mm": world_error,
+        }
+    return rows
+
+
+def _world_error(array: np.ndarray, affine: np.ndarray, truth) -> float | None:
+    """Largest distance between where MONAI places a slice's centre voxel and where it truly is."""
+    if array.ndim != 3:
+        return None
+    errors = []
+    cx, cy = truth.image.shape[0] // 2, truth.image.shape[1] // 2
+    for k in range(min(array.shape[2], truth.image.shape[2])):
+        matches = [j for j in range(truth.image.shape[2]) if np.array_equal(array[:, :, k], truth.image[:, :, j])]
+        if not matches:
+            continue
+        placed = affine @ [cx, cy, k, 1]
+        true = truth.affine @ [cx, cy, matches[0], 1]
+        errors.append(float(np.linalg.norm(placed[:3] - true[:3])))
+    return round(max(errors), 3) if errors else None
+
+
+PARTS = {"sw2d": part_sw2d, "sw3d": part_sw3d, "dicom": part_dicom}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=sorted(PARTS))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "infer.json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.part:
+        print(json.dumps(PARTS[args.part]()))
+        return
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "matmul_gflops_fp32": round(matmul_gflops(), 1)},
+    }
+    for part in PARTS:
+        done = subprocess.run([sys.executable, __file__, "--part", part], capture_output=True, text=True)
+        if done.returncode != 0:
+            report[part] = {"error": done.stderr[-2000:]}
+        else:
+            report[part] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(part, json.dumps(report[part]), flush=True)
+    for part in ("sw2d", "sw3d"):
+        if "effective_gflops" in report[part]:
+            report[part]["fraction_of_matmul_rate"] = round(report[part]["effective_gflops"] / report["machine"]["matmul_gflops_fp32"], 3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
