@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from medseg import __version__
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ScanError
 from medseg.export import export_mask, output_paths
 from medseg.infer import Predictor
 from medseg.io import LoadOptions, ScanRef, discover, load
@@ -104,6 +104,8 @@ def predict_folder(
 ) -> BatchReport:
     """Segment every scan under ``input_path``; problems found by discovery are failures too."""
     found = discover(input_path)
+    if not found.scans and not found.problems:
+        raise ScanError(input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files")
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
     for problem in found.problems:
         report.records.append(CaseRecord(Path(problem.paths[0]).name, "unknown", str(problem.paths[0]), "failed", reason=problem.reason))

@@ -210,3 +210,11 @@ def test_corrupt_scan_fails_alone(em_model, tmp_path):
     status = {r.case: r.status for r in report.records}
     assert status == {"good": "written", "bad": "failed"}
     assert (tmp_path / "out" / "good.png").is_file()
+
+
+def test_empty_input_folder_is_an_error(em_model, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no scans here")
+    args = ["predict", "--checkpoint", str(em_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert "holds no scan medseg can read" in capsys.readouterr().err

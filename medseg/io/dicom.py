@@ -87,6 +87,9 @@ def non_image_reason(ds: Dataset) -> str | None:
     if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
         return "structured report holds no image to segment"
     if "Rows" not in ds and "PixelData" not in ds:
+        sop = sop_class or str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "") or "")
+        if not sop or "Image Storage" in pydicom.uid.UID(sop).name:
+            return None  # an image whose header is cut short: reading reports it as an error
         return f"{modality or 'object'} without image attributes holds no image to segment"
     return None
 
