@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from medseg import __version__
 from medseg.errors import MedsegError, ScanError
-from medseg.export import export_mask, output_paths
+from medseg.export import export_mask, output_paths, remove_stale_parts
 from medseg.infer import Predictor
 from medseg.io import LoadOptions, ScanRef, discover, load
 
@@ -106,6 +106,7 @@ def predict_folder(
     found = discover(input_path)
     if not found.scans and not found.problems:
         raise ScanError(input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files")
+    remove_stale_parts(output_dir)  # debris of a run that was killed mid-write
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
     for problem in found.problems:
         report.records.append(CaseRecord(Path(problem.paths[0]).name, "unknown", str(problem.paths[0]), "failed", reason=problem.reason))

@@ -29,6 +29,7 @@ __all__ = [
     "ExportError",
     "atomic_path",
     "check_output_outside_inputs",
+    "remove_stale_parts",
     "default_formats",
     "output_paths",
     "write_nifti_mask",
@@ -63,6 +64,17 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_parts(output_dir: Path) -> list[Path]:
+    """Delete temporary files a killed run left behind (only medseg's own ``.NAME.*.part*``)."""
+    removed = []
+    if output_dir.is_dir():
+        for path in output_dir.rglob(".*.part*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def check_output_outside_inputs(output: Path, scan: Scan) -> None:

@@ -1,0 +1,119 @@
+"""Killed runs: no partial output, the next run finishes the rest; training resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medseg import phantoms
+from medseg.io import discover, load
+
+from conftest import snapshot
+
+CONFIG = """name: crash
+data:
+  images: {root}/images
+  labels: {root}/labels
+  classes: {{membrane: 0, cell: 255}}
+  split: {{mode: cases, train: [s0, s1, s2, s3], val: [s4]}}
+model: {{name: unet, spatial_dims: 2, features: 8, depth: 2}}
+augment: {{sigma: 4.0}}
+train: {{epochs: 3, steps_per_epoch: 12, batch_size: 4, patch_size: [32, 32], learning_rate: 0.01}}
+output_dir: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("crash")
+    em = phantoms.em_phantom(shape=(64, 64, 5), cells=12, seed=3)
+    phantoms.write_png_sequence(em.image, root / "images", prefix="s")
+    phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
+    return root
+
+
+def _medseg(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medseg", *args]
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_killed_training_resumes_to_the_same_state(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    (tmp_path / "a.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "full"))
+    (tmp_path / "b.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "killed"))
+    subprocess.run(_medseg("train", "--config", str(tmp_path / "a.yaml")), check=True, env=env, capture_output=True, timeout=600)
+
+    run = tmp_path / "killed" / "crash"
+    proc = subprocess.Popen(_medseg("train", "--config", str(tmp_path / "b.yaml")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (run / "metrics.csv").is_file(), 300, proc)  # epoch 1 is saved
+        time.sleep(0.5)  # well inside epoch 2
+    finally:
+        _kill(proc)
+    state = torch.load(run / "latest.pt", weights_only=True)
+    assert state["epoch"] < 3  # killed before the end
+    subprocess.run(_medseg("train", "--config", str(tmp_path / "b.yaml"), "--resume", str(run)),
+                   check=True, env=env, capture_output=True, timeout=600)
+    full = torch.load(tmp_path / "full" / "crash" / "latest.pt", weights_only=True)
+    resumed = torch.load(run / "latest.pt", weights_only=True)
+    assert resumed["epoch"] == full["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-6), key
+    assert [round(r["train_loss"], 6) for r in resumed["history"]] == [round(r["train_loss"], 6) for r in full["history"]]
+
+
+def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp_path):
+    (tmp_path / "c.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "runs").replace("epochs: 3", "epochs: 1"))
+    subprocess.run(_medseg("train", "--config", str(tmp_path / "c.yaml")), check=True, capture_output=True, timeout=600)
+    inputs = tmp_path / "in"
+    em = phantoms.em_phantom(shape=(256, 256, 10), cells=40, seed=8)
+    inputs.mkdir()
+    names = [f"scan_{chr(ord('a') + k)}" for k in range(10)]  # not numbered: ten scans, not one stack
+    for k, name in enumerate(names):
+        Image.fromarray(np.ascontiguousarray(em.image[:, :, k].T)).save(inputs / f"{name}.png")
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    args = _medseg("predict", "--checkpoint", str(tmp_path / "runs" / "crash"), "--input", str(inputs), "--output", str(out))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
+    finally:
+        _kill(proc)
+    finished = sorted(p for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
+    assert 1 <= len(finished) < 10
+    for path in finished:  # every mask under its final name is whole
+        assert np.asarray(Image.open(path)).shape == (256, 256)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{10 - len(finished)} written, {len(finished)} skipped" in done.stdout
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [f"{name}.png" for name in names] + ["predictions.json"]
+    )
+    assert not [p for p in out.rglob(".*.part*")]
+    assert snapshot(inputs) == before
