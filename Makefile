@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow clean
+.PHONY: install browser demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The review-page tests drive Debian's headless Chromium; installed here when missing
+# (needs root and apt; elsewhere those two tests skip and say why).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  else echo "chromium/chromedriver missing and no root apt: the browser tests will be skipped"; fi; \
+	fi
+
 demo: install
 	$(BIN)/medseg demo --output demo-output
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: install

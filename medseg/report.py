@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["plot_learning_curves"]
+__all__ = ["plot_dice_distribution", "plot_learning_curves"]
 
 
 def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> Path | None:
@@ -39,3 +39,48 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> 
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_dice_distribution(
+    dice: Mapping[str, Sequence[float]],
+    colours: Mapping[str, tuple[int, int, int]] | None = None,
+    path: Path | None = None,
+) -> bytes | None:
+    """PNG (bytes, also written to ``path`` if given) of Dice per class: a box and every case as a dot.
+
+    dice: class name → the Dice of each case (NaN, a class absent from both masks, left out).
+    colours: class name → RGB 0-255 (classes without one are grey). None when nothing is scored.
+    """
+    import io
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in threads
+
+    names = [name for name, values in dice.items() if any(np.isfinite(v) for v in values)]
+    if not names:
+        return None
+    fig = Figure(figsize=(1.6 + 1.1 * len(names), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names, start=1):
+        values = np.array([v for v in dice[name] if np.isfinite(v)], dtype=float)
+        rgb = np.array((colours or {}).get(name, (128, 128, 128))) / 255.0
+        ax.boxplot(values, positions=[i], widths=0.55, showfliers=False, medianprops={"color": "black"})
+        ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=14, color=rgb, edgecolors="black",
+                   linewidths=0.4, zorder=3)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={sum(np.isfinite(dice[n]))})" for n in names])
+    ax.set_ylabel("Dice")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("Dice per class over the batch")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return data

@@ -1,0 +1,729 @@
+"""The review page of a batch output folder, and the local server `medseg view` runs.
+
+``write_review(output_dir)`` reads ``predictions.json`` (and ``metrics.json`` where
+`medseg evaluate` wrote one) and writes, beside them:
+
+- ``review.html``: one self-contained page (inline CSS, JS and plots; nothing is fetched
+  from the network): batch summary, Dice distribution and learning curves, the failed
+  scans with their reasons, a table of cases (thumbnail, status, Dice / IoU per class)
+  and a slice viewer (slice slider, axis switch, window/level, overlay opacity, per-class
+  colours and toggles, reference outline).
+- ``review/case-NNNN.js``: one file per case, loaded only when the case is opened. It
+  calls ``medsegReview.receive({...})`` with the scan, predicted mask and reference mask
+  (zlib-compressed, base64) downsampled to at most ``MAX_EDGE`` pixels per in-plane axis
+  and ``MAX_VOXELS`` voxels. A script file (not ``fetch``) so the page also works opened
+  straight from disk (``file://``, where Chromium blocks fetch) as well as over http.
+
+Thumbnails are inline ``data:`` images, so the folder gains no image file that
+`medseg evaluate --pred` would mistake for a mask. Class colours are those of
+``medseg.export.CLASS_COLOURS`` in the order DICOM SEG numbers its segments: every
+class except the one valued 0 (background, not drawn), in ``classes`` order.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import functools
+import html
+import io
+import json
+import logging
+import math
+import os
+import socket
+import string
+import sys
+import threading
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from medseg import __version__
+from medseg.errors import MedsegError
+from medseg.export import CLASS_COLOURS
+from medseg.io import LoadOptions, Scan, ScanRef, discover, load, ref_for_path
+
+__all__ = [
+    "DEFAULT_HOST",
+    "LOOPBACK",
+    "MAX_EDGE",
+    "MAX_VOXELS",
+    "PAGE_NAME",
+    "ReviewError",
+    "ReviewServer",
+    "class_legend",
+    "find_learning_curves",
+    "read_batch",
+    "review_is_stale",
+    "write_review",
+]
+
+log = logging.getLogger(__name__)
+
+PAGE_NAME = "review.html"
+DATA_FOLDER = "review"
+MAX_EDGE = 256  # pixels kept per in-plane axis (x, y); z keeps up to this many slices too
+MAX_VOXELS = 2**22  # per case (4.2 M): 256 x 256 x 64; thinner z sampling beyond that
+THUMB_EDGE = 96
+DEFAULT_HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MASK_OPTIONS = LoadOptions(color="channels", palette="indices")
+_MASK_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png")
+
+
+class ReviewError(MedsegError):
+    """The review page cannot be written or served (the message says what to do)."""
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+def read_batch(output_dir: Path | str) -> dict[str, Any]:
+    """``predictions.json`` of a batch output folder; ReviewError naming the fix if absent or bad."""
+    folder = Path(output_dir)
+    path = folder / "predictions.json"
+    run_first = (f"run `medseg predict --checkpoint RUN --input SCANS --output {folder}` first "
+                 "(or point at the folder it wrote)")
+    if not folder.is_dir():
+        raise ReviewError(f"{folder}: no such folder; {run_first}")
+    if not path.is_file():
+        raise ReviewError(f"{folder}: no predictions.json, so this is not a batch output folder; {run_first}")
+    try:
+        batch = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReviewError(f"{path}: cannot read it ({exc}); run `medseg predict` again to rewrite it") from exc
+    if not isinstance(batch, dict) or not isinstance(batch.get("records"), list) or not all(
+        isinstance(r, dict) and "case" in r for r in batch["records"]
+    ):
+        raise ReviewError(f'{path}: holds no "records" list of cases; run `medseg predict` again to rewrite it')
+    classes = batch.get("classes")
+    if isinstance(classes, list):  # names in value order
+        classes = {str(name): i for i, name in enumerate(classes)}
+    batch["classes"] = {str(k): int(v) for k, v in (classes or {}).items()}
+    return batch
+
+
+def class_legend(classes: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Drawn classes: index 1.. (the value in the page's masks), name, value and RGB colour.
+
+    Every class except the one valued 0 (background), in order, as DICOM SEG numbers its segments.
+    """
+    drawn = [(name, int(value)) for name, value in classes.items() if int(value) != 0]
+    return [
+        {"index": i, "name": name, "value": value, "colour": list(CLASS_COLOURS[(i - 1) % len(CLASS_COLOURS)])}
+        for i, (name, value) in enumerate(drawn, start=1)
+    ]
+
+
+def find_learning_curves(batch: Mapping[str, Any], given: Path | None = None) -> Path | None:
+    """``given``, else ``learning_curves.png`` in the run folder of the batch's checkpoint, if any."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise ReviewError(f"{given}: no such file; pass the learning_curves.png of a training run folder")
+        return Path(given)
+    checkpoint = str(batch.get("checkpoint") or "")
+    if not checkpoint:
+        return None
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    candidate = run_dir / "learning_curves.png"
+    return candidate if candidate.is_file() else None
+
+
+def review_is_stale(output_dir: Path | str) -> bool:
+    """True where review.html is missing or older than predictions.json or metrics.json."""
+    folder = Path(output_dir)
+    page = folder / PAGE_NAME
+    if not page.is_file():
+        return True
+    sources = [folder / "predictions.json", folder / "metrics.json"]
+    newest = max((p.stat().st_mtime for p in sources if p.is_file()), default=0.0)
+    return page.stat().st_mtime < newest
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+@dataclass
+class _Case:
+    """One row of the table (and, where a mask could be read, one viewer data file)."""
+
+    index: int
+    id: str
+    kind: str
+    status: str
+    input: str
+    reason: str = ""
+    seconds: float = 0.0
+    shape: tuple[int, ...] = ()
+    file: str = ""
+    thumbnail: str = ""
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _mask_source(record: Mapping[str, Any], output_dir: Path) -> Path | None:
+    """The mask file (or PNG folder) of a record: its outputs first, then by case id."""
+    outputs = [Path(p) for p in record.get("outputs") or []]
+    by_id = [output_dir / f"{record['case']}{suffix}" for suffix in _MASK_SUFFIXES]
+    for path in outputs + by_id:
+        name = path.name.lower()
+        if path.is_file() and name.endswith(_MASK_SUFFIXES) and not name.endswith(".seg.dcm"):
+            if name.endswith(".png") and sum(p.suffix.lower() == ".png" for p in outputs) > 1:
+                return path.parent  # a PNG sequence: the folder is the mask
+            return path
+    folder = output_dir / record["case"]
+    return folder if folder.is_dir() else None
+
+
+def _sample_indices(shape: Sequence[int]) -> list[np.ndarray]:
+    """Evenly spread indices per axis: at most MAX_EDGE per axis and MAX_VOXELS in all."""
+    keep = [min(int(n), MAX_EDGE) for n in shape]
+    if len(keep) == 3:
+        keep[2] = max(1, min(keep[2], MAX_VOXELS // (keep[0] * keep[1])))
+    return [np.round(np.linspace(0, n - 1, m)).astype(np.int64) for n, m in zip(shape, keep)]
+
+
+def _pack(array: np.ndarray) -> str:
+    """zlib (level 1: 4x faster than 6 and as small here) + base64; 16-bit values as two byte
+    planes (all low bytes, then all high bytes), which compress about a fifth better."""
+    data = np.ascontiguousarray(array).reshape(-1)
+    if data.dtype.itemsize == 2:
+        data = np.ascontiguousarray(data.astype("<u2").view(np.uint8).reshape(-1, 2).T)
+    return base64.b64encode(zlib.compress(data.tobytes(), 1)).decode("ascii")
+
+
+def _encode_image(image: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Exact integers where they span at most 256 (8-bit) or 65536 (16-bit) levels, as CT
+    Hounsfield units do; anything else on 65536 levels over [min, max]."""
+    image = np.nan_to_num(image.astype(np.float64, copy=False))
+    lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    integral = np.array_equal(image, np.round(image))
+    if integral and hi - lo <= 255:
+        quantised, dtype, scale = (image - lo).astype(np.uint8), "uint8", 1.0
+    elif integral and hi - lo <= 65535:
+        quantised, dtype, scale = (image - lo).astype(np.uint16), "uint16", 1.0
+    else:
+        scale = (hi - lo) / 65535.0
+        quantised, dtype = np.round((image - lo) / scale).astype(np.uint16), "uint16"
+    encoded = {"dtype": dtype, "offset": lo, "scale": scale, "data": _pack(quantised)}
+    return encoded, lo + quantised * scale  # what the page will see, for the thumbnail
+
+
+def _labels(mask: np.ndarray, legend: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Class values → legend index (0: background or a value of no class)."""
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    for entry in legend:
+        out[mask == entry["value"]] = entry["index"]
+    return out
+
+
+def _axis_codes(scan: Scan) -> str | None:
+    """Where each array axis points (e.g. 'RAS') for CT/MR, so the viewer shows radiological
+    orientation; None for microscopy, shown as stored (x right, y down)."""
+    if scan.ref.kind not in ("dicom", "nifti") or not scan.geometry.spacing_known:
+        return None
+    return scan.geometry.orientation[:3]
+
+
+def _plane(shape: Sequence[int], axis: int) -> tuple[int, int]:
+    """(horizontal, vertical) array axes of a slice across ``axis``."""
+    return {2: (0, 1), 1: (0, 2), 0: (1, 2)}[axis]
+
+
+def _flips(codes: str | None, h: int, v: int) -> tuple[bool, bool]:
+    """Patient's right on screen left, anterior left (sagittal), anterior / superior up."""
+    if not codes:
+        return False, False
+    return codes[h] in "RA", codes[v] in "AS"
+
+
+def _start_slices(labels: np.ndarray) -> list[int]:
+    """Per axis, the slice holding the most foreground (the middle one where there is none)."""
+    starts = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        counts = np.count_nonzero(labels, axis=others)
+        starts.append(int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2)
+    return starts
+
+
+def _window(image: np.ndarray | None, modality: str) -> tuple[float, float]:
+    """Default (level, width): CT soft tissue for CT (or Hounsfield-looking values), else the
+    1st-99th percentile range."""
+    if image is None or not image.size:
+        return 0.5, 1.0
+    if (modality.upper() == "CT" and image.min() < -500) or (image.min() <= -900 and image.max() >= 100):
+        return 40.0, 400.0
+    lo, hi = np.percentile(image.ravel()[:: max(1, image.size // 200_000)], [1, 99])
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max()) + 1e-6
+    return float(lo + hi) / 2, float(hi - lo)
+
+
+def _thumbnail(view: np.ndarray | None, labels: np.ndarray, legend: Sequence[Mapping[str, Any]],
+               window: tuple[float, float], codes: str | None, spacing: Sequence[float], z: int) -> str:
+    """A small PNG (data URI) of slice ``z``: the scan in its window with the mask at half opacity."""
+    h, v = _plane(labels.shape, 2)
+    lab = labels[:, :, z]
+    if view is not None:
+        level, width = window
+        grey = np.clip((view[:, :, z] - (level - width / 2)) / width * 255.0, 0, 255)
+    else:
+        grey = np.zeros(lab.shape)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for entry in legend:
+        hit = lab == entry["index"]
+        rgb[hit] = rgb[hit] * 0.5 + np.array(entry["colour"]) * 0.5
+    flip_h, flip_v = _flips(codes, h, v)
+    picture = np.transpose(rgb, (1, 0, 2))  # (x, y) → rows = y, columns = x
+    if flip_h:
+        picture = picture[:, ::-1]
+    if flip_v:
+        picture = picture[::-1]
+    width_mm, height_mm = lab.shape[0] * spacing[h], lab.shape[1] * spacing[v]
+    ratio = min(8.0, max(1 / 8.0, height_mm / width_mm)) if width_mm > 0 else 1.0
+    size = (THUMB_EDGE, max(1, round(THUMB_EDGE * ratio))) if ratio <= 1 else (max(1, round(THUMB_EDGE / ratio)), THUMB_EDGE)
+    pil = Image.fromarray(np.ascontiguousarray(picture.astype(np.uint8))).resize(size, Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _load_one(path: Path, options: LoadOptions = LoadOptions()) -> Scan:
+    return load(ref_for_path(path), options)
+
+
+def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend: Sequence[Mapping[str, Any]],
+                reference: ScanRef | None, data_dir: Path) -> None:
+    """Load mask, scan and reference of one case; write its data file; fill in the table row."""
+    source = _mask_source(record, output_dir)
+    if source is None:
+        case.notes.append(f"no mask found in {output_dir} for this case; run `medseg predict` again to write it")
+        return
+    try:
+        mask = _load_one(source, MASK_OPTIONS)
+    except MedsegError as exc:
+        case.notes.append(f"mask unreadable: {exc}")
+        return
+    grid = mask.geometry
+    case.shape = grid.shape
+    spatial = mask.array[0]
+    image, modality, codes = None, "", _axis_codes(mask)
+    try:
+        scan = _load_one(Path(record["input"]))
+        if scan.geometry.shape != grid.shape:
+            case.notes.append(f"scan {record['input']} has shape {scan.geometry.shape}, mask {grid.shape}: scan not shown")
+        else:
+            image, modality, codes = scan.array.mean(axis=0) if scan.channels > 1 else scan.array[0], scan.modality, _axis_codes(scan)
+    except (MedsegError, OSError, ValueError) as exc:
+        case.notes.append(f"scan not shown (cannot read {record['input']}: {exc}); showing the mask alone")
+    ref_labels = None
+    if reference is not None:
+        try:
+            ref = load(reference, MASK_OPTIONS)
+            if ref.geometry.shape != grid.shape or ref.channels != 1:
+                case.notes.append(f"reference {reference.path} has shape {ref.geometry.shape}, mask {grid.shape}: no outline")
+            else:
+                ref_labels = ref.array[0]
+        except (MedsegError, OSError, ValueError) as exc:
+            case.notes.append(f"reference outline not shown (cannot read {reference.path}: {exc})")
+
+    pad = (slice(None),) * grid.ndim + ((None,) if grid.ndim == 2 else ())  # 2D → one slice
+    picks = _sample_indices(grid.shape)
+    take = np.ix_(*picks)
+    labels = _labels(spatial[take], legend)[pad]
+    shown = labels.shape
+    spacing = [s * (n - 1) / max(m - 1, 1) for s, n, m in zip(grid.spacing, grid.shape, map(len, picks))] + [1.0]
+    payload: dict[str, Any] = {
+        "index": case.index,
+        "id": case.id,
+        "shape": list(shown),
+        "source_shape": list(grid.shape),
+        "spacing": spacing[:3] if grid.spacing_known else [1.0, 1.0, 1.0],
+        "spacing_known": grid.spacing_known,
+        "axes": codes,
+        "modality": modality,
+        "mask": _pack(labels),
+        "reference": _pack(_labels(ref_labels[take], legend)[pad]) if ref_labels is not None else None,
+        "image": None,
+        "start": _start_slices(labels),
+    }
+    view = None
+    if image is not None:
+        payload["image"], view = _encode_image(image[take])
+        view = view[pad]
+    payload["window"] = list(_window(view, modality))
+    if tuple(shown[: grid.ndim]) != tuple(grid.shape):
+        kept = " x ".join(str(n) for n in shown[: grid.ndim])
+        full = " x ".join(str(n) for n in grid.shape)
+        case.notes.append(f"shown downsampled at {kept} of {full} voxels (evenly spaced, nearest voxel) to keep "
+                          "the page fast; open the mask file in 3D Slicer or ITK-SNAP for full resolution")
+    payload["notes"] = case.notes
+    name = f"case-{case.index:04d}.js"
+    text = "medsegReview.receive(" + _script_json(payload) + ");\n"
+    _write_atomic(data_dir / name, text)
+    case.file = f"{DATA_FOLDER}/{name}"
+    case.thumbnail = _thumbnail(view, labels, legend, tuple(payload["window"]), codes, payload["spacing"],
+                                payload["start"][2])
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def write_review(
+    output_dir: Path | str,
+    reference_dir: Path | str | None = None,
+    learning_curves: Path | str | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Write ``review.html`` and ``review/`` into a batch output folder; returns the page's path.
+
+    reference_dir: reference masks (paired by case id) drawn as outlines; default: the
+    reference folder named in metrics.json, where it still exists.
+    learning_curves: a training run's learning_curves.png; default: the one in the run
+    folder of the checkpoint named in predictions.json, if there is one.
+    progress: show a progress bar (default: when stderr is a terminal).
+    """
+    output_dir = Path(output_dir)
+    batch = read_batch(output_dir)
+    classes: dict[str, int] = batch["classes"]
+    legend = class_legend(classes)
+    notes: list[str] = []
+    metrics = _read_metrics(output_dir, notes)
+    if reference_dir is None and metrics and metrics.get("reference_folder"):
+        candidate = Path(metrics["reference_folder"])
+        reference_dir = candidate if candidate.is_dir() else None
+    elif reference_dir is not None and not Path(reference_dir).is_dir():
+        raise ReviewError(f"{reference_dir}: no such folder; pass the folder of reference masks (named by case id)")
+    references = _reference_index(Path(reference_dir), notes) if reference_dir is not None else {}
+    if metrics is None and reference_dir is not None:
+        metrics = _evaluate_in_memory(output_dir, Path(reference_dir), classes, notes)
+    curves = find_learning_curves(batch, Path(learning_curves) if learning_curves is not None else None)
+    unpaired = (metrics or {}).get("unpaired_predictions") or []
+    if unpaired:
+        notes.append(f"{len(unpaired)} case(s) have no reference mask, so no scores: " + ", ".join(unpaired[:10])
+                     + (" and more" if len(unpaired) > 10 else ""))
+
+    data_dir = output_dir / DATA_FOLDER
+    data_dir.mkdir(parents=True, exist_ok=True)
+    scores = {c["case"]: c for c in (metrics or {}).get("cases", [])}
+    cases: list[_Case] = []
+    records = batch["records"]
+    for index, record in enumerate(records, start=1):
+        case = _Case(index, str(record.get("case", f"case {index}")), str(record.get("kind", "")),
+                     str(record.get("status", "")), str(record.get("input", "")), str(record.get("reason", "")),
+                     float(record.get("seconds") or 0.0))
+        case.scores = scores.get(case.id, {}).get("classes", {})
+        cases.append(case)
+
+    def build(case: _Case) -> None:
+        if case.status not in ("written", "skipped"):
+            return
+        try:
+            _build_case(case, records[case.index - 1], output_dir, legend, references.get(case.id), data_dir)
+        except (MedsegError, OSError, ValueError, MemoryError) as exc:
+            case.notes.append(f"cannot show this case: {type(exc).__name__}: {exc}")
+
+    show = progress if progress is not None else sys.stderr.isatty()
+    # Threads: reading (gzip) and compressing (zlib) release the GIL; a few scans in memory at once.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for _ in tqdm(pool.map(build, cases), total=len(cases), desc="review", unit="case", disable=not show):
+            pass
+    _remove_stale(data_dir, {Path(c.file).name for c in cases if c.file})
+    page = _page(output_dir, batch, legend, cases, metrics, curves, notes)
+    return _write_atomic(output_dir / PAGE_NAME, page)
+
+
+def _read_metrics(output_dir: Path, notes: list[str]) -> dict[str, Any] | None:
+    path = output_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        notes.append(f"metrics.json unreadable ({exc}); run `medseg evaluate` again to rewrite it")
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def _reference_index(reference_dir: Path, notes: list[str]) -> dict[str, ScanRef]:
+    try:
+        found = discover(reference_dir)
+    except MedsegError as exc:
+        notes.append(f"reference outlines not shown: {exc}")
+        return {}
+    return {ref.id: ref for ref in found.scans}
+
+
+def _evaluate_in_memory(output_dir: Path, reference_dir: Path, classes: Mapping[str, int],
+                        notes: list[str]) -> dict[str, Any] | None:
+    from medseg.evaluate import evaluate_folders
+
+    try:
+        report = evaluate_folders(output_dir, reference_dir, classes=classes or None, progress=False)
+    except MedsegError as exc:
+        notes.append(f"no scores: {exc}")
+        return None
+    notes.append(f"scores computed for this page against {reference_dir}; run `medseg evaluate --pred {output_dir} "
+                 f"--ref {reference_dir}` to keep them as metrics.csv / metrics.json")
+    return report.to_dict()
+
+
+def _remove_stale(data_dir: Path, keep: set[str]) -> None:
+    for path in data_dir.glob("case-*.js"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _asset(name: str) -> str:
+    return resources.files("medseg").joinpath("review_assets", name).read_text(encoding="utf-8")
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe inside <script>: no '</script>' or '<!--' can end or confuse the element."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, str):
+        return value
+    return f"{value:.3f}"
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _page(output_dir: Path, batch: Mapping[str, Any], legend: Sequence[Mapping[str, Any]], cases: Sequence[_Case],
+          metrics: Mapping[str, Any] | None, curves: Path | None, notes: list[str]) -> str:
+    from medseg.report import plot_dice_distribution
+
+    e = html.escape
+    classes = [x["name"] for x in legend] + [n for n in batch["classes"] if n not in {x["name"] for x in legend}]
+    colours = {entry["name"]: tuple(entry["colour"]) for entry in legend}
+    counts = {s: sum(c.status == s for c in cases) for s in ("written", "skipped", "failed")}
+
+    plots = []
+    dice = {name: [_number(c.scores.get(name, {}).get("dice")) for c in cases if c.scores] for name in classes}
+    chart = plot_dice_distribution(dice, colours) if metrics else None
+    if chart:
+        plots.append(f'<figure class="card"><img alt="Dice per class" src="{_png_uri(chart)}"><figcaption>Dice per class: '
+                     "a box (quartiles, median) and one dot per case.</figcaption></figure>")
+    elif not metrics:
+        notes.append(f"no metrics.json: run `medseg evaluate --pred {output_dir} --ref REFERENCE_MASKS`, or "
+                     "`medseg view --reference REFERENCE_MASKS --rebuild`, for Dice / IoU and reference outlines")
+    if curves is not None:
+        plots.append(f'<figure class="card"><img alt="learning curves" src="{_png_uri(curves.read_bytes())}"><figcaption>'
+                     f"Learning curves of the training run ({e(str(curves))}).</figcaption></figure>")
+
+    failures = [(c.id, c.input, c.reason) for c in cases if c.status == "failed"]
+    failures += [(f["case"], ", ".join(f.get("paths", [])), "evaluation: " + f["reason"])
+                 for f in (metrics or {}).get("failures", [])]
+    failure_items = "".join(
+        f"<li><b>{e(case)}</b> <code>{e(path)}</code><br>{e(reason)}</li>" for case, path, reason in failures
+    )
+
+    summary = (metrics or {}).get("summary", {}).get("classes", {})
+    head = "".join(
+        f'<th data-type="num"><span class="swatch" style="background:{_css(colours.get(n))}"></span>{e(n)}<br>{m}</th>'
+        for n in classes for m in ("Dice", "IoU")
+    ) if metrics else ""
+    rows = []
+    for c in cases:
+        cells = "".join(_score_cell(c.scores.get(n, {}).get(m.lower()) if c.scores else None)
+                        for n in classes for m in ("Dice", "IoU")) if metrics else ""
+        thumb = f'<img class="thumb" alt="" loading="lazy" src="{c.thumbnail}">' if c.thumbnail else ""
+        title = f' title="{e(c.reason)}"' if c.reason else ""
+        shape = " x ".join(map(str, c.shape))
+        rows.append(
+            f'<tr class="case status-{e(c.status)}" data-index="{c.index}" tabindex="0"><td>{thumb}</td>'
+            f'<td class="id">{e(c.id)}</td><td class="status"{title}>{e(c.status)}</td>{cells}<td>{e(c.kind)}</td>'
+            f'<td>{shape}</td><td data-value="{c.seconds}">{c.seconds:.1f}</td></tr>'
+        )
+    foot = ""
+    if metrics and summary:
+        means = "".join(
+            f"<td>{_fmt(summary.get(n, {}).get(m.lower(), {}).get('mean'))}</td>" for n in classes for m in ("Dice", "IoU")
+        )
+        foot = (f'<tfoot><tr><td></td><td>mean over {len(metrics.get("cases", []))} scored</td><td></td>{means}'
+                '<td colspan="3"></td></tr></tfoot>')
+
+    legend_items = "".join(
+        f'<label class="class"><input type="checkbox" data-class="{x["index"]}" checked>'
+        f'<span class="swatch" style="background:{_css(x["colour"])}"></span>{e(x["name"])} '
+        f'<small>({x["value"]})</small></label>'
+        for x in legend
+    )
+    background = [n for n, v in batch["classes"].items() if v == 0]
+    data = {
+        "classes": legend,
+        "cases": [{"index": c.index, "id": c.id, "file": c.file, "status": c.status, "reason": c.reason,
+                   "notes": c.notes} for c in cases],
+    }
+    fields = {
+        "title": e(str(output_dir.resolve().name)),
+        "css": _asset("review.css"),
+        "js": _asset("review.js"),
+        "generated": e(_dt.datetime.now().isoformat(timespec="seconds")),
+        "version": e(str(batch.get("medseg_version", "?"))),
+        "builder": e(__version__),
+        "input": e(str(batch.get("input", ""))),
+        "checkpoint": e(str(batch.get("checkpoint") or "(none recorded)")),
+        "counts": f'{len(cases)} cases: {counts["written"]} written, {counts["skipped"]} skipped (up to date), '
+                  f'{counts["failed"]} failed',
+        "notes": "".join(f"<li>{e(n)}</li>" for n in notes),
+        "plots": "".join(plots),
+        "failure_count": str(len(failures)),
+        "failures": f"<ul>{failure_items}</ul>" if failures else "<p class=muted>None.</p>",
+        "head": head,
+        "rows": "".join(rows),
+        "foot": foot,
+        "legend": legend_items or "<span class=muted>no classes to draw</span>",
+        "background": e(", ".join(background) or "value 0"),
+        "max_edge": str(MAX_EDGE),
+        "max_voxels": f"{MAX_VOXELS:,}",
+        "data": _script_json(data),
+    }
+    return string.Template(_asset("review.html")).substitute(fields)
+
+
+def _css(rgb: Sequence[int] | None) -> str:
+    r, g, b = rgb or (128, 128, 128)
+    return f"rgb({r},{g},{b})"
+
+
+def _score_cell(value: Any) -> str:
+    number = _number(value)
+    if not math.isfinite(number):
+        shown = "inf" if number == math.inf else "–"
+        return f'<td class="score" data-value="">{shown}</td>'
+    hue = round(120 * min(max(number, 0.0), 1.0))
+    return f'<td class="score" data-value="{number}" style="background:hsl({hue},65%,85%)">{number:.3f}</td>'
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Read-only files below one folder: no listings, no way out (``..``, links) of it."""
+
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript", ".html": "text/html"}
+
+    def send_head(self):  # type: ignore[override]
+        allowed = getattr(self.server, "allowed_hosts", None)
+        if allowed is not None and self.headers.get("Host", "").lower() not in allowed:
+            self.send_error(403, "Unexpected Host header")  # a page elsewhere reaching in (DNS rebinding)
+            return None
+        root = Path(self.directory).resolve()
+        target = Path(self.translate_path(self.path))
+        try:
+            resolved = target.resolve(strict=True)
+        except (OSError, RuntimeError):
+            self.send_error(404, "Not found")
+            return None
+        if resolved != root and root not in resolved.parents:
+            self.send_error(404, "Not found")  # a link out of the folder: as if it were not there
+            return None
+        if resolved.is_dir():
+            if resolved == root:
+                self.send_response(302)
+                self.send_header("Location", "/" + PAGE_NAME)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            self.send_error(403, "No folder listings")
+            return None
+        return super().send_head()
+
+    def end_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        super().end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class ReviewServer:
+    """Serves one folder over HTTP from a background thread; 127.0.0.1 and a free port by default.
+
+    Example::
+
+        with ReviewServer("predictions") as server:
+            print(server.url + "review.html")
+    """
+
+    def __init__(self, root: Path | str, host: str = DEFAULT_HOST, port: int = 0) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ReviewError(f"{root}: no such folder; pass the output folder of `medseg predict`")
+        handler = functools.partial(_Handler, directory=str(self.root))
+        server_class = type("Server", (ThreadingHTTPServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True,
+        })
+        try:
+            self.httpd = server_class((host, port), handler)
+        except OSError as exc:
+            raise ReviewError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --port, "
+                              "or leave it out for a free one") from exc
+        self._thread: threading.Thread | None = None
+        bound = self.httpd.server_address[1]
+        if host in LOOPBACK:  # only this machine's names, so another site cannot borrow the port
+            self.httpd.allowed_hosts = {f"{name}:{bound}" for name in ("127.0.0.1", "localhost", "[::1]")}
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def start(self) -> "ReviewServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="medseg-view", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the server stops (or ``timeout`` seconds pass)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self.httpd.server_close()
+
+    def __enter__(self) -> "ReviewServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
