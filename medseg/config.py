@@ -210,6 +210,7 @@ class TrainConfig(Section):
     val_every: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
     amp: bool = True
+    channels_last: bool = True
     seed: int = 0
     device: str = "auto"
 
