@@ -114,6 +114,9 @@ def predict_folder(
     for ref in tqdm(found.scans, desc="predict", unit="scan", disable=show is False or (show is None and not _tty())):
         report.records.append(predict_scan(predictor, ref, output_dir, formats, overwrite))
     write_batch_manifest(report, output_dir)
+    from medseg.review import write_review  # the page people open before they trust the masks
+
+    write_review(output_dir, progress=False)
     return report
 
 

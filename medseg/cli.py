@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "medseg.commands.predict",
     "medseg.commands.evaluate",
     "medseg.commands.demo",
+    "medseg.commands.serve",
     "medseg.commands.view",
 )
 

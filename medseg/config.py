@@ -259,7 +259,7 @@ def _dotted(loc: Sequence[Any]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _describe(exc: ValidationError, source: str) -> ConfigError:
+def describe_validation_error(exc: ValidationError, source: str) -> ConfigError:
     lines = []
     for err in exc.errors():
         key = _dotted(err["loc"])
@@ -306,7 +306,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: 
     try:
         config = Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise _describe(exc, source) from None
+        raise describe_validation_error(exc, source) from None
     try:
         config.check()
     except ValueError as exc:

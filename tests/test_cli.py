@@ -62,13 +62,3 @@ def test_info_text_lists_problems_and_exits_nonzero(tmp_path, capsys, ct):
 def test_info_on_missing_path(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing")]) == 1
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_demo_writes_study_and_summary(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    for case in ("ct_series", "ct_volume", "em_sequence", "em_stack"):
-        assert case in out
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert len(summary["cases"]) == 4
-    assert all(c["reference"] and not c["problems"] for c in summary["cases"])

@@ -27,7 +27,7 @@ data:
   split: {{mode: cases, train: [s0, s1, s2, s3], val: [s4]}}
 model: {{name: unet, spatial_dims: 2, features: 8, depth: 2}}
 augment: {{sigma: 4.0}}
-train: {{epochs: 3, steps_per_epoch: 12, batch_size: 4, patch_size: [32, 32], learning_rate: 0.01}}
+train: {{epochs: 3, steps_per_epoch: 30, batch_size: 4, patch_size: [32, 32], learning_rate: 0.01}}
 output_dir: {out}
 """
 
@@ -73,7 +73,7 @@ def test_killed_training_resumes_to_the_same_state(data, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (run / "metrics.csv").is_file(), 300, proc)  # epoch 1 is saved
-        time.sleep(0.5)  # well inside epoch 2
+        time.sleep(0.2)  # inside epoch 2 (30 steps of about 0.1 s)
     finally:
         _kill(proc)
     state = torch.load(run / "latest.pt", weights_only=True)
@@ -113,7 +113,7 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
     assert done.returncode == 0, done.stderr
     assert f"{10 - len(finished)} written, {len(finished)} skipped" in done.stdout
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        [f"{name}.png" for name in names] + ["predictions.json"]
+        [f"{name}.png" for name in names] + ["predictions.json", "review", "review.html"]
     )
     assert not [p for p in out.rglob(".*.part*")]
     assert snapshot(inputs) == before

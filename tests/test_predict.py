@@ -152,8 +152,8 @@ def test_export_failure_leaves_no_partial_file(ct_model, tmp_path, monkeypatch):
     monkeypatch.setattr(nib, "save", crash)
     report = predict_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
     assert report.records[0].status == "failed" and "disk full" in report.records[0].reason
-    leftovers = [p.name for p in (tmp_path / "out").iterdir()]
-    assert leftovers == ["predictions.json"]
+    leftovers = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert leftovers == ["predictions.json", "review", "review.html"]  # reports, no mask debris
     assert snapshot(tmp_path / "in") == before
 
 

@@ -69,4 +69,8 @@ def run(args: argparse.Namespace) -> int:
     csv_path, json_path = write_reports(report, args.output)
     print(format_report(report))
     print(f"Reports: {csv_path} and {json_path}")
+    if (args.pred / "predictions.json").is_file() and (args.output is None or Path(args.output) == Path(args.pred)):
+        from medseg.review import write_review  # the page now shows the scores and reference outlines
+
+        print(f"Review page: {write_review(args.pred, reference_dir=args.ref, progress=False)}")
     return 1 if report.failures else 0

@@ -37,4 +37,5 @@ def run(args: argparse.Namespace) -> int:
         elif record.status == "skipped":
             print(f"skipped {record.case}: up to date")
     print(f"{counts['written']} written, {counts['skipped']} skipped (up to date), {counts['failed']} failed; masks in {args.output}")
+    print(f"Review page: {args.output / 'review.html'}  (or: medseg view {args.output})")
     return 1 if counts["failed"] else 0

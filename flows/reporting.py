@@ -1,0 +1,194 @@
+"""The batch summary: the same files `medseg predict` and `medseg evaluate` write, plus Prefect artifacts.
+
+Files in the output folder: predictions.json (classes and one record per scan, which
+`medseg evaluate` reads), with a reference folder metrics.csv and metrics.json, and the
+review page review.html (+ review/) that `medseg view` serves.
+Artifacts, under stable keys so a person (or a script) finds the latest of each:
+``segment-study-metrics`` (table: case, class, Dice, IoU) and ``segment-study-summary``
+(markdown: counts, skips, failures with reasons, mean scores, where the files are).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from medseg.batch import BatchReport, CaseRecord, write_batch_manifest
+from medseg.errors import MedsegError
+from medseg.evaluate import EvaluationReport, Failure, write_reports
+from medseg.review import write_review
+
+from flows.tasks import SKIP_REASON, Job
+
+__all__ = ["METRICS_KEY", "SUMMARY_KEY", "Outcome", "Summary", "publish_reports"]
+
+METRICS_KEY = "segment-study-metrics"
+SUMMARY_KEY = "segment-study-summary"
+
+
+@dataclass
+class Outcome:
+    """One scan's end result: its record and, with a reference, its scores or why it was not scored."""
+
+    record: CaseRecord
+    scores: dict[str, Any] | None = None
+    evaluation_failure: str | None = None
+
+
+@dataclass
+class Batch:
+    """What segment-scans hands back: one Outcome per input, reference ids, unreadable references."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    reference_failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    """What the flow returns and the summary artifact shows (small and JSON-ready)."""
+
+    output_dir: str
+    counts: dict[str, int]
+    failures: dict[str, str] = field(default_factory=dict)
+    evaluation_failures: dict[str, str] = field(default_factory=dict)
+    reports: list[str] = field(default_factory=list)
+    mean_dice: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.evaluation_failures
+
+    def headline(self) -> str:
+        c = self.counts
+        text = f"{c['written']} written, {c['skipped']} skipped (up to date), {c['failed']} failed"
+        if c["written"] == 0 and c["skipped"] and not c["failed"]:
+            text += "; nothing changed, so no model work was done"
+        if self.evaluation_failures:
+            text += f"; {len(self.evaluation_failures)} could not be scored"
+        return text
+
+
+@task(name="publish-reports", cache_policy=NO_CACHE)
+def publish_reports(
+    input_dir: Path,
+    reference_dir: Path | None,
+    job: Job,
+    batch: Batch,
+) -> Summary:
+    """Write predictions.json (and metrics.*), publish the artifacts, log the headline."""
+    report = BatchReport(str(input_dir), str(job.output_dir), str(job.checkpoint), dict(job.classes),
+                         [o.record for o in batch.outcomes])
+    paths = [write_batch_manifest(report, job.output_dir)]
+    made = {o.record.case for o in batch.outcomes if o.record.status != "failed"}
+    summary = Summary(
+        output_dir=str(job.output_dir),
+        counts=report.counts(),
+        failures={r.case: r.reason for r in report.failed},
+        evaluation_failures={
+            **{case: reason for case, reason in batch.reference_failures.items() if case in made},
+            **{o.record.case: o.evaluation_failure for o in batch.outcomes if o.evaluation_failure},
+        },
+    )
+    evaluation = None
+    if reference_dir is not None:
+        evaluation = _evaluation_report(job, reference_dir, batch)
+        paths += write_reports(evaluation, job.output_dir)
+        summary.mean_dice = {name: _finite(stats["dice"]["mean"]) for name, stats in evaluation.summary["classes"].items()}
+        create_table_artifact(key=METRICS_KEY, table=_metric_rows(evaluation),
+                              description=f"Dice and IoU per case and class; {job.output_dir}/metrics.csv")
+    review = _review(job.output_dir, reference_dir)
+    if review is not None:
+        paths.append(review)
+    summary.reports = [str(p) for p in paths]
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=_markdown(summary, input_dir, job, evaluation),
+                             description=summary.headline())
+    get_run_logger().info("segment-study: %s; reports: %s", summary.headline(), ", ".join(p.name for p in paths))
+    return summary
+
+
+def _review(output_dir: Path, reference_dir: Path | None) -> Path | None:
+    """review.html for a person to page through (medseg.review, as `medseg view` writes it).
+
+    The page is a convenience on top of the masks and reports: if it cannot be written the
+    run says so in its log but keeps its state, which reports on the masks.
+    """
+    try:
+        return write_review(output_dir, reference_dir=reference_dir, progress=False)
+    except (MedsegError, OSError, ValueError) as exc:
+        get_run_logger().warning("review page not written: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _evaluation_report(job: Job, reference_dir: Path, batch: Batch) -> EvaluationReport:
+    """The same report `medseg evaluate` builds, from the scores the evaluate-scan tasks returned."""
+    report = EvaluationReport(job.output_dir, reference_dir, dict(job.classes), "checkpoint", ("dice", "iou"))
+    made = {o.record.case for o in batch.outcomes if o.record.status != "failed"}
+    for outcome in batch.outcomes:
+        case = outcome.record.case
+        if outcome.scores is not None:
+            report.cases.append(outcome.scores)
+        elif outcome.evaluation_failure:
+            report.failures.append(Failure(case, tuple(outcome.record.outputs), outcome.evaluation_failure))
+        elif case in batch.reference_failures and case in made:
+            report.failures.append(Failure(case, tuple(outcome.record.outputs), batch.reference_failures[case]))
+        elif case in made:
+            report.unpaired_predictions.append(case)
+    report.unpaired_references = [case for case in batch.references if case not in made]
+    return report
+
+
+def _metric_rows(report: EvaluationReport) -> list[dict[str, Any]]:
+    return [
+        {"case": case["case"], "class": name, "dice": _finite(row["dice"]), "iou": _finite(row["iou"])}
+        for case in report.cases
+        for name, row in case["classes"].items()
+    ]
+
+
+def _finite(value: float) -> float | None:
+    """JSON (and so an artifact) has no NaN: a class absent from both masks shows as empty."""
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def _markdown(summary: Summary, input_dir: Path, job: Job, evaluation: EvaluationReport | None) -> str:
+    lines = [
+        "# segment-study",
+        "",
+        f"**{summary.headline()}**",
+        "",
+        f"- input: `{input_dir}`",
+        f"- output: `{job.output_dir}`",
+        f"- checkpoint: `{job.checkpoint}` (sha256 {job.checkpoint_sha256[:12]})",
+        f"- reports: {', '.join(f'`{Path(p).name}`' for p in summary.reports)}",
+    ]
+    if summary.counts["skipped"]:
+        lines += ["", f"Skipped scans: {SKIP_REASON}."]
+    if summary.failures:
+        lines += ["", "## Failed scans", "", "| case | reason |", "| --- | --- |"]
+        lines += [f"| {case} | {_cell(reason)} |" for case, reason in summary.failures.items()]
+    if summary.evaluation_failures:
+        lines += ["", "## Not scored", "", "| case | reason |", "| --- | --- |"]
+        lines += [f"| {case} | {_cell(reason)} |" for case, reason in summary.evaluation_failures.items()]
+    if evaluation is not None:
+        lines += ["", f"## Mean scores over {len(evaluation.cases)} case(s)", "", "| class | Dice | IoU | n |",
+                  "| --- | --- | --- | --- |"]
+        for name, stats in evaluation.summary["classes"].items():
+            lines.append(f"| {name} | {_num(stats['dice']['mean'])} | {_num(stats['iou']['mean'])} | {stats['dice']['n']} |")
+        if evaluation.unpaired_references:
+            lines += ["", f"References without a mask: {', '.join(evaluation.unpaired_references)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -1,0 +1,176 @@
+"""The ``segment-study`` flow: segment (and score) every scan in a folder, incrementally.
+
+Shape of a run::
+
+    segment-study                       checks parameters, picks the task runner
+      prepare-job                       checkpoint → hash, classes (once per run)
+      segment-scans (subflow, on the chosen task runner)
+        discover-scans                  folder → ScanRefs (+ reference masks)
+        segment-scan × N  (mapped)      load → predict → export, or skip if up to date
+        evaluate-scan × N               Dice/IoU of each written mask vs its reference
+      publish-reports                   predictions.json, metrics.csv/json, review.html, artifacts
+
+The per-scan work runs in a subflow because Prefect fixes a flow's task runner when the
+flow is defined, while the runner here is a run parameter (threads or Dask).
+
+Final state: Completed when every scan has its mask (and, with a reference folder,
+its scores). Failed when any scan failed or could not be scored, but only after every
+other scan ran and every report and artifact was written; the state message gives the
+counts, and the summary artifact and predictions.json list each failure with its reason.
+A bad input therefore never hides behind a green run, and never stops the others.
+"""
+
+# No `from __future__ import annotations` here: Prefect builds the parameter model from the
+# signature, and a served run unpickles the flow in a child process where string annotations
+# such as "MaskFormat" cannot be resolved.
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.futures import as_completed
+from prefect.states import Failed, State
+from pydantic import ValidationError
+
+from medseg.batch import CaseRecord
+from medseg.config import describe_validation_error
+from medseg.errors import ConfigError, MedsegError
+from medseg.io import ScanRef
+from medseg.io.sniff import suffix_of
+
+from flows.reporting import Batch, Outcome, Summary, publish_reports
+from flows.runners import build_task_runner
+from flows.settings import FlowParameters, resolve_checkpoint
+from flows.tasks import Job, discover_scans, evaluate_scan, failure_reason, prepare_job, segment_scan
+
+__all__ = ["ScansFailed", "segment_study", "segment_scans"]
+
+MaskFormat = Literal["nifti", "dicom-seg", "tiff", "png"]
+
+
+class ScansFailed(MedsegError):
+    """Raised by a direct call of the flow when some scans failed (after all of them ran)."""
+
+
+@flow(name="segment-study", validate_parameters=True)
+def segment_study(
+    input_dir: Path,
+    output_dir: Path,
+    checkpoint: Path | None = None,
+    config: Path | None = None,
+    reference_dir: Path | None = None,
+    tta: bool | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    formats: list[MaskFormat] | None = None,
+    task_runner: Literal["threads", "dask"] = "threads",
+    workers: int | None = None,
+    dask_address: str | None = None,
+) -> Summary | State:
+    """Segment every scan under input_dir into output_dir; score against reference_dir if given.
+
+    Args:
+        input_dir: folder tree of scans (DICOM series, NIfTI, TIFF/PNG stacks).
+        output_dir: where masks and reports go (outside input_dir).
+        checkpoint: run folder (best.pt) or checkpoint file; or
+        config: an experiment config whose run folder holds the checkpoint.
+        reference_dir: reference masks named by case id → metrics.csv/json and Dice/IoU artifact.
+        tta: test-time augmentation; None keeps the checkpoint's setting.
+        overwrite: redo every scan even if its masks are up to date.
+        device: auto (CUDA if present), cpu, cuda, cuda:N.
+        formats: mask formats; None: the default per input kind (as `medseg predict`).
+        task_runner: threads (one process, one model) or dask (pip install 'medseg[dask]').
+        workers: threads, or local Dask worker processes (default 2; one per GPU with Dask on GPUs).
+        dask_address: an existing Dask scheduler instead of a local cluster.
+
+    Returns the run Summary when every scan succeeded; otherwise a Failed state (a direct
+    call raises ScansFailed) once all scans ran and all reports were written.
+    """
+    params = _validated(dict(locals()))
+    runner = build_task_runner(params.task_runner, params.workers, params.dask_address)  # fails here without prefect-dask
+    checkpoint_file = resolve_checkpoint(params)
+    _check_folders(params)
+    job = prepare_job(checkpoint_file, params.output_dir, params.device, params.tta, params.formats, params.overwrite)
+    batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
+    summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
+    if summary.ok:
+        return summary
+    message = f"{summary.headline()}; reasons in the summary artifact and {Path(summary.output_dir) / 'predictions.json'}"
+    return Failed(message=message, data=ScansFailed(message))
+
+
+@flow(name="segment-scans", validate_parameters=False)
+def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batch:
+    """Discover, then one segment-scan task per scan, each scored as soon as its mask is written."""
+    inventory = discover_scans(input_dir, reference_dir)
+    logger = get_run_logger()
+    batch = Batch(references=list(inventory.references))
+    for problem in inventory.problems:
+        case = _case_id(problem.paths[0], input_dir)
+        logger.error("%s: unusable input: %s", case, problem.reason)
+        batch.outcomes.append(Outcome(CaseRecord(case, "unknown", str(problem.paths[0]), "failed", reason=problem.reason)))
+    for problem in inventory.reference_problems:
+        assert reference_dir is not None
+        batch.reference_failures[_case_id(problem.paths[0], reference_dir)] = f"reference {problem.paths[0]}: {problem.reason}"
+
+    segmenting = segment_scan.map(inventory.scans, unmapped(job))
+    ref_of = {future.task_run_id: ref for future, ref in zip(segmenting, inventory.scans)}
+    outcomes: dict[str, Outcome] = {}
+    scoring = {}
+    for future in as_completed(segmenting):
+        ref: ScanRef = ref_of[future.task_run_id]
+        future.wait()
+        state = future.state
+        if not state.is_completed():
+            outcomes[ref.id] = Outcome(CaseRecord(ref.id, ref.kind, str(ref.path), "failed", reason=_reason(state)))
+            continue
+        record: CaseRecord = state.result()
+        outcomes[ref.id] = Outcome(record)
+        if ref.id in inventory.references:
+            scoring[ref.id] = evaluate_scan.submit(record, inventory.references[ref.id], job.classes)
+    for case, future in scoring.items():
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            outcomes[case].scores = state.result()
+        else:
+            outcomes[case].evaluation_failure = _reason(state)
+    batch.outcomes += [outcomes[ref.id] for ref in inventory.scans]
+    return batch
+
+
+def _validated(arguments: dict[str, Any]) -> FlowParameters:
+    try:
+        return FlowParameters(**arguments)
+    except ValidationError as exc:
+        raise describe_validation_error(exc, "segment-study parameters") from None
+
+
+def _check_folders(params: FlowParameters) -> None:
+    """Fail before any work when the folders cannot work, not once per scan."""
+    if not params.input_dir.is_dir():
+        raise ConfigError(f"input_dir {params.input_dir}: not a folder; point it at the folder of scans")
+    if params.reference_dir is not None and not params.reference_dir.is_dir():
+        raise ConfigError(f"reference_dir {params.reference_dir}: not a folder of reference masks")
+    inputs, outputs = params.input_dir.resolve(), params.output_dir.resolve()
+    if outputs == inputs or inputs in outputs.parents:
+        raise ConfigError(f"output_dir {params.output_dir} is inside input_dir {params.input_dir}; "
+                          "choose a folder outside the input tree (inputs are never written to)")
+
+
+def _reason(state: State) -> str:
+    """Why a task did not complete: its exception (retries exhausted, crash) or its Failed message."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, BaseException):
+        return failure_reason(exc)
+    return state.message or state.name or "failed"
+
+
+def _case_id(path: Path, root: Path) -> str:
+    """The id discovery would have given the file: its path below root without suffix."""
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.name
+    suffix = suffix_of(path)
+    return rel[: -len(suffix)] if suffix and rel.lower().endswith(suffix) else rel

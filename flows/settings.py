@@ -1,0 +1,137 @@
+"""What a segment-study run is asked to do, and the nightly config that names its defaults.
+
+``FlowParameters`` is the one place the run parameters are validated: the flow checks
+its arguments with it (so a deployment run with ``--param`` gets the same rules) and
+``configs/nightly.yaml`` is read into it. Like every medseg config, the YAML is data
+validated by pydantic: unknown keys and bad values are errors that name the file and
+the dotted key, and relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from medseg.checkpoint import CheckpointError
+from medseg.config import ConfigPath, Section, describe_validation_error, load_config
+from medseg.errors import ConfigError
+
+__all__ = [
+    "DEPLOYMENT_NAME",
+    "FlowParameters",
+    "NightlyConfig",
+    "ScheduleConfig",
+    "checkpoint_file",
+    "load_nightly_config",
+    "resolve_checkpoint",
+]
+
+DEPLOYMENT_NAME = "nightly"
+MaskFormat = Literal["nifti", "dicom-seg", "tiff", "png"]
+
+
+class FlowParameters(Section):
+    """The parameters of one ``segment-study`` run (the flow's own signature, validated).
+
+    checkpoint: a run folder (best.pt, else latest.pt) or a checkpoint file; or
+    config: an experiment config whose run folder (output_dir/name) holds it. One of the two.
+    tta: None keeps the checkpoint's own setting. formats: None writes each input kind's
+    default mask formats, as ``medseg predict`` does. workers: threads (threads) or worker
+    processes (local Dask cluster); None picks a default. dask_address: an existing
+    Dask scheduler, e.g. tcp://10.0.0.5:8786 (task_runner dask only).
+    """
+
+    input_dir: ConfigPath
+    output_dir: ConfigPath
+    checkpoint: ConfigPath | None = None
+    config: ConfigPath | None = None
+    reference_dir: ConfigPath | None = None
+    tta: bool | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    formats: list[MaskFormat] | None = None
+    task_runner: Literal["threads", "dask"] = "threads"
+    workers: int | None = Field(None, ge=1)
+    dask_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "FlowParameters":
+        if (self.checkpoint is None) == (self.config is None):
+            raise ValueError("give either 'checkpoint' (a run folder or .pt file) or 'config' (an experiment config), not both or neither")
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("'dask_address' needs task_runner: dask")
+        if self.dask_address and self.workers is not None:
+            raise ValueError("'workers' sizes a local Dask cluster; an existing cluster at 'dask_address' has its own workers")
+        return self
+
+    def as_deployment_parameters(self) -> dict[str, Any]:
+        """JSON-ready defaults for the deployment (unset values fall back to the flow's defaults)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class ScheduleConfig(Section):
+    """When the nightly run starts: a cron line in a time zone (IANA name)."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ScheduleConfig":
+        """Checked by Prefect's own schedule model, so what validates here is what the server accepts."""
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+        return self
+
+
+class NightlyConfig(Section):
+    """configs/nightly.yaml: the schedule and the default parameters of segment-study/nightly."""
+
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    parameters: FlowParameters
+
+
+def load_nightly_config(path: Path | str) -> NightlyConfig:
+    """Read and validate a nightly config; errors name the file and the dotted key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: nightly config not found; pass --config PATH (see configs/nightly.yaml)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'schedule' and 'parameters'")
+    try:
+        return NightlyConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise describe_validation_error(exc, str(path)) from None
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The file a checkpoint path means: a run folder's best.pt, else latest.pt (as load_checkpoint reads it)."""
+    if path.is_dir():
+        for name in ("best.pt", "latest.pt"):
+            if (path / name).is_file():
+                return path / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; pass a run folder (with best.pt) or a .pt file, "
+                              "or train one with `medseg train --config ...`")
+    return path
+
+
+def resolve_checkpoint(params: FlowParameters) -> Path:
+    """The checkpoint file of a run: given directly, or the run folder an experiment config names."""
+    if params.checkpoint is not None:
+        return checkpoint_file(params.checkpoint)
+    assert params.config is not None  # FlowParameters guarantees one of the two
+    experiment = load_config(params.config)
+    return checkpoint_file(experiment.output_dir / experiment.name)
