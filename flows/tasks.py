@@ -26,7 +26,7 @@ from medseg.checkpoint import load_checkpoint
 from medseg.config import config_from_dict
 from medseg.errors import MedsegError
 from medseg.evaluate import MASK_OPTIONS, evaluate_case
-from medseg.export import export_mask
+from medseg.export import export_mask, remove_stale_parts
 from medseg.io import LoadOptions, Problem, ScanRef, discover, load, ref_for_path
 
 from flows import ledger
@@ -77,7 +77,11 @@ def failure_reason(exc: BaseException) -> str:
 def prepare_job(
     checkpoint: Path, output_dir: Path, device: str, tta: bool | None, formats: list[str] | None, overwrite: bool
 ) -> Job:
-    """Read what the run needs from the checkpoint once: its hash, classes, colour handling, TTA default."""
+    """Read what the run needs from the checkpoint once: its hash, classes, colour handling, TTA default.
+
+    Also clears the temporary files a killed run left in output_dir (finished masks stay).
+    """
+    remove_stale_parts(output_dir)
     state = load_checkpoint(checkpoint)
     config = config_from_dict(state["config"], source=f"{checkpoint} (config)")
     return Job(

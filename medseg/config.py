@@ -209,6 +209,7 @@ class TrainConfig(Section):
     border_sigma: float = Field(5.0, gt=0.0)
     val_every: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
+    early_stop_min_delta: float = Field(1e-4, ge=0.0)
     amp: bool = True
     channels_last: bool = True
     seed: int = 0

@@ -361,9 +361,11 @@ def train(
         validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
         if validate:
             row.update(evaluate(model, val_items, config, device))
-            if row[key] > best_metric:
-                best_metric, best_epoch, since_best = row[key], epoch, 0
+            if row[key] > best_metric:  # the best checkpoint follows every gain, however small
+                improved = row[key] > best_metric + config.train.early_stop_min_delta
+                best_metric, best_epoch = row[key], epoch
                 best_metrics = {k: v for k, v in row.items() if k not in ("epoch", "step", "lr", "seconds")}
+                since_best = 0 if improved else since_best + 1
             else:
                 since_best += 1
         history.append(row)

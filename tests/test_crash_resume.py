@@ -117,3 +117,49 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
     )
     assert not [p for p in out.rglob(".*.part*")]
     assert snapshot(inputs) == before
+
+
+FLOW = """
+import sys
+from pathlib import Path
+import flows  # privacy defaults before Prefect
+from flows.segment_study import segment_study
+state = segment_study(input_dir=Path(sys.argv[1]), output_dir=Path(sys.argv[2]), checkpoint=Path(sys.argv[3]),
+                      workers=1, return_state=True)
+print("STATE", state.name)
+"""
+
+
+def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_complete(data, tmp_path):
+    import json
+
+    (tmp_path / "c.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "runs").replace("epochs: 3", "epochs: 1"))
+    subprocess.run(_medseg("train", "--config", str(tmp_path / "c.yaml")), check=True, capture_output=True, timeout=600)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    em = phantoms.em_phantom(shape=(256, 256, 8), cells=40, seed=8)
+    names = [f"scan_{chr(ord('a') + k)}" for k in range(8)]
+    for k, name in enumerate(names):
+        Image.fromarray(np.ascontiguousarray(em.image[:, :, k].T)).save(inputs / f"{name}.png")
+    script = tmp_path / "flow.py"
+    script.write_text(FLOW)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    args = [sys.executable, str(script), str(inputs), str(out), str(tmp_path / "runs" / "crash")]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
+    finally:
+        _kill(proc)
+    finished = sorted(p.stem for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
+    recorded = sorted(p.stem for p in (out / ".medseg-cache").glob("*.json")) if (out / ".medseg-cache").is_dir() else []
+    assert 1 <= len(finished) < 8
+    for name in finished:  # every mask under its final name is whole
+        assert np.asarray(Image.open(out / f"{name}.png")).shape == (256, 256)
+    (out / ".scan_h.png.x1y2.part.png").write_bytes(b"half a mask")  # what a kill mid-write leaves
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert "STATE Completed" in done.stdout, done.stderr[-3000:]
+    records = {r["case"]: r["status"] for r in json.loads((out / "predictions.json").read_text())["records"]}
+    assert sorted(records) == names
+    assert {c for c, s in records.items() if s == "skipped"} == set(recorded)  # complete work is not redone
+    assert not [p for p in out.rglob(".*.part*")]

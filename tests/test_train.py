@@ -150,3 +150,14 @@ def test_weighted_cross_entropy_with_border_weights_trains(em_folders, tmp_path)
     result = train(config, progress=False)
     assert result.step_losses[-1] < result.step_losses[0]
     assert all(torch.isfinite(torch.tensor(result.step_losses)))
+
+
+def test_early_stopping_and_time_budget(em_folders, tmp_path):
+    stalled = _config(em_folders, tmp_path / "a", epochs=6, steps_per_epoch=2, learning_rate=1e-12,
+                      early_stop_patience=1, early_stop_min_delta=0.05, schedule="constant")
+    result = train(stalled, progress=False)
+    assert result.epochs_run == 2  # no improvement after epoch 1: stop after one more
+    budget = _config(em_folders, tmp_path / "b", epochs=50, steps_per_epoch=50, time_budget_minutes=0.0001)
+    result = train(budget, progress=False)
+    assert result.epochs_run == 1 and len(result.step_losses) == 1
+    assert (result.run_dir / "best.pt").is_file()  # validated and saved on the way out
