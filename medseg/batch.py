@@ -110,8 +110,8 @@ def predict_folder(
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
     for problem in found.problems:
         report.records.append(CaseRecord(Path(problem.paths[0]).name, "unknown", str(problem.paths[0]), "failed", reason=problem.reason))
-    show = progress if progress is not None else None
-    for ref in tqdm(found.scans, desc="predict", unit="scan", disable=show is False or (show is None and not _tty())):
+    show = _tty() if progress is None else progress
+    for ref in tqdm(found.scans, desc="predict", unit="scan", disable=not show):
         report.records.append(predict_scan(predictor, ref, output_dir, formats, overwrite))
     write_batch_manifest(report, output_dir)
     from medseg.review import write_review  # the page people open before they trust the masks

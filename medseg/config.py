@@ -215,6 +215,11 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = "auto"
 
+    @property
+    def slice_dim(self) -> int:
+        """Axis of a (C, x, y, z) tensor that a 2D model slices a volume along."""
+        return self.slice_axis % 3 + 1
+
 
 class InferConfig(Section):
     """Sliding-window inference settings."""

@@ -130,7 +130,7 @@ class Predictor:
         if spatial == self.spatial_dims:
             probs = self._window_logits(image[None])[0]
         elif spatial == 3 and self.spatial_dims == 2:
-            axis = self.config.train.slice_axis % 3 + 1
+            axis = self.config.train.slice_dim
             planes = [self._window_logits(image.select(axis, k)[None])[0] for k in range(image.shape[axis])]
             probs = torch.stack(planes, dim=axis)
         else:

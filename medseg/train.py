@@ -97,7 +97,7 @@ def _to_model_dims(case_id: str, image: torch.Tensor, target: torch.Tensor, conf
     if spatial == dims:
         yield case_id, image, target
     elif spatial == 3 and dims == 2:
-        axis = config.train.slice_axis % 3 + 1
+        axis = config.train.slice_dim
         for k in range(image.shape[axis]):
             yield f"{case_id}[{k}]", image.select(axis, k), target.select(axis, k)
     else:

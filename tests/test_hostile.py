@@ -503,7 +503,7 @@ def unreadable_file_in_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", guarded)
     found = discover(folder)
     assert [s.id for s in found.scans] == ["ok"]
-    assert "Permission denied" in found.problems[0].reason
+    assert "cannot read file (Permission denied)" in found.problems[0].reason
 
 
 @pytest.mark.parametrize(
