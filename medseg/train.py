@@ -31,7 +31,7 @@ from medseg.augment import ElasticAugment
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
-from medseg.device import choose_device
+from medseg.device import choose_device, choose_precision
 from medseg.errors import ConfigError, MedsegError
 from medseg.io import LoadOptions, load, validate_label
 from medseg.metrics import confusion_counts, mean_scores, overlap_scores
@@ -135,11 +135,14 @@ def train_one_epoch(
     device: torch.device,
     progress: tqdm | None,
     clock: RunClock,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[float], bool]:
-    """Run one epoch of steps; returns the step losses and whether the time budget ran out."""
+    """Run one epoch of steps; returns the step losses and whether the time budget ran out.
+
+    dtype: the autocast dtype of the forward pass (None: fp32), from ``choose_precision``.
+    """
     model.train()
     losses: list[float] = []
-    amp = config.train.amp and device.type == "cuda"
     for _ in range(config.train.steps_per_epoch):
         images, targets = sampler.sample(config.train.batch_size)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -148,7 +151,7 @@ def train_one_epoch(
         if _channels_last(config):
             images = images.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images)
         loss = loss_fn(logits, targets)
         scaler.scale(loss).backward()
@@ -168,22 +171,30 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, items: Sequence[Item], config: Config, device: torch.device) -> dict[str, float]:
-    """Whole-image sliding-window validation: Dice and IoU per class, pixel error (nan-mean over cases)."""
+def evaluate(
+    model: nn.Module, items: Sequence[Item], config: Config, device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Whole-image sliding-window validation: Dice and IoU per class, pixel error (nan-mean over cases).
+
+    Windows run under the training dtype; their logits are blended in fp32.
+    """
     model.eval()
     names = list(config.data.classes)
     rows = []
-    amp = config.train.amp and device.type == "cuda"
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+            return model(window).float()
+
     for item in items:
-        with torch.autocast(device_type=device.type, enabled=amp):
-            logits = sliding_window_inference(
-                item.image[None].to(device),
-                roi_size=config.train.patch_size,
-                sw_batch_size=config.infer.sw_batch_size,
-                predictor=model,
-                overlap=config.infer.overlap,
-                mode="gaussian",
-            )
+        logits = sliding_window_inference(
+            item.image[None].to(device),
+            roi_size=config.train.patch_size,
+            sw_batch_size=config.infer.sw_batch_size,
+            predictor=predictor,
+            overlap=config.infer.overlap,
+            mode="gaussian",
+        )
         pred = logits.argmax(1)[0].cpu()
         rows.append(overlap_scores(confusion_counts(pred, item.target[0], len(names)), names))
     return mean_scores(rows)
@@ -329,7 +340,9 @@ def train(
     elapsed_before = float(state.get("elapsed_seconds", 0.0)) if state is not None else 0.0
     clock = RunClock(config.train.epochs * config.train.steps_per_epoch, config.train.time_budget_minutes, elapsed_before)
     scheduler = _schedule(optimizer, config, clock)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp and device.type == "cuda")
+    dtype = choose_precision(config.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    log.info("training on %s in %s", device, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
 
     epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
     if state is not None:
@@ -350,7 +363,7 @@ def train(
     all_losses: list[float] = []
     since_best = 0
     while epoch < stop_epoch:
-        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock)
+        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock, dtype)
         epoch += 1
         all_losses.extend(losses)
         if world > 1:
@@ -360,7 +373,7 @@ def train(
                                  "lr": scheduler.get_last_lr()[0], "seconds": round(clock.elapsed, 2)}
         validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
         if validate:
-            row.update(evaluate(model, val_items, config, device))
+            row.update(evaluate(model, val_items, config, device, dtype))
             if row[key] > best_metric:  # the best checkpoint follows every gain, however small
                 improved = row[key] > best_metric + config.train.early_stop_min_delta
                 best_metric, best_epoch = row[key], epoch

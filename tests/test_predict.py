@@ -176,8 +176,10 @@ def test_skip_if_done_and_overwrite(em_model, tmp_path, capsys):
     os.utime(tmp_path / "in" / "stack.tif", (future, future))  # the input changed after its mask
     assert main(args) == 0
     assert "1 written" in capsys.readouterr().out
-    assert main(args + ["--overwrite"]) == 0
+    assert main(args + ["--overwrite", "--precision", "fp32"]) == 0
     assert "1 written" in capsys.readouterr().out
+    assert main(args + ["--overwrite", "--precision", "fp16"]) != 0  # no CUDA here
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert manifest["classes"] == {"membrane": 0, "cell": 255}
     mask = tifffile.TiffFile(tmp_path / "out" / "stack.tif")

@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for the masks (outside the input folder)")
     parser.add_argument("--tta", action="store_true", help="average predictions over mirrored inputs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="arithmetic of the forward passes (default: the checkpoint's infer.precision, auto)")
     parser.add_argument("--overwrite", action="store_true", help="redo scans whose masks are already up to date")
     parser.add_argument("--format", dest="formats", action="append", choices=("nifti", "dicom-seg", "tiff", "png"),
                         help="mask format (repeatable); default per input: DICOM → NIfTI + DICOM SEG, "
@@ -27,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from medseg.batch import predict_folder
     from medseg.infer import Predictor
 
-    predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta or None, overlap=args.overlap,
+    predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta or None, precision=args.precision,
+                          overlap=args.overlap,
                           keep_largest=args.keep_largest, fill_holes=args.fill_holes)
     report = predict_folder(predictor, args.input, args.output, args.formats, args.overwrite)
     counts = report.counts()
