@@ -57,8 +57,12 @@ def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
+    """SIGKILL the process and everything it started, as a killed job loses its whole
+    process group (a flow's ephemeral Prefect server would otherwise outlive the test)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait(timeout=30)
 
 
@@ -70,7 +74,7 @@ def test_killed_training_resumes_to_the_same_state(data, tmp_path):
 
     run = tmp_path / "killed" / "crash"
     proc = subprocess.Popen(_medseg("train", "--config", str(tmp_path / "b.yaml")), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: (run / "metrics.csv").is_file(), 300, proc)  # epoch 1 is saved
         time.sleep(0.2)  # inside epoch 2 (30 steps of about 0.1 s)
@@ -100,7 +104,7 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
     before = snapshot(inputs)
     out = tmp_path / "out"
     args = _medseg("predict", "--checkpoint", str(tmp_path / "runs" / "crash"), "--input", str(inputs), "--output", str(out))
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
     finally:
@@ -146,7 +150,7 @@ def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_comple
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_TO_API_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     args = [sys.executable, str(script), str(inputs), str(out), str(tmp_path / "runs" / "crash")]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
     finally:
