@@ -6,11 +6,13 @@ BasicUNet with flips only, trained by the same loop for the same budget, so ever
 is measured in one run on one machine. The figures are the training loop's last
 validation and, for the best checkpoint, what `medseg predict` writes (the reader,
 preprocessing, sliding window and inverse a user gets), without and with mirroring
-test-time augmentation (`--tta`; outside the budget, it costs 4x the inference).
+test-time augmentation (`--tta`; outside the budget, it costs 4x the inference), plus the
+same on training slices 0-4 (how well the model fits what it trained on).
 Prints a table and writes JSON.
 
     python bench/train_isbi.py --budget-minutes 30 --models unet
     python bench/train_isbi.py --budget-minutes 10            # all four
+    python bench/train_isbi.py --score runs/bench/bench_unet  # score a finished run again
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medseg.config import Config, load_config  # noqa: E402
+from medseg.checkpoint import load_checkpoint  # noqa: E402
+from medseg.config import Config, config_from_dict, load_config  # noqa: E402
 from medseg.datasets import find_cases, split_cases  # noqa: E402
 from medseg.infer import Predictor  # noqa: E402
 from medseg.io import load  # noqa: E402
@@ -56,19 +59,35 @@ def _monai_basicunet(spatial_dims: int, in_channels: int, out_channels: int, fea
     return net
 
 
-def score_predictions(run_dir: Path, config: Config, tta: bool) -> dict[str, float]:
-    """Scores of the best checkpoint's masks, as `medseg predict` makes them, on the validation cases."""
+def score_predictions(run_dir: Path, config: Config, tta: bool, cases: str = "val") -> dict[str, float]:
+    """Scores of the best checkpoint's masks, as `medseg predict` makes them.
+
+    cases: "val" (slices 25-29), or "fit": as many training slices (0-4), which tells
+    whether a model is limited by fitting its training data or by generalising.
+    """
     predictor = Predictor(run_dir, device="auto", tta=tta)
     values = list(config.data.classes.values())
-    _, val_cases = split_cases(find_cases(config.data), config.data.split)
+    train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
     rows = []
-    for case in val_cases:
+    for case in val_cases if cases == "val" else train_cases[: len(val_cases)]:
         scan = load(case.images[0])
         mask = predictor.predict(scan).mask
         reference = load_label(case.label, scan, values).array[0]
         counts = confusion_counts(label_to_index(mask, values), label_to_index(reference, values), len(values))
-        rows.append(overlap_scores(counts, list(config.data.classes)))
-    return {k: round(v, 4) for k, v in mean_scores(rows).items()}
+        row = overlap_scores(counts, list(config.data.classes))
+        for i, name in enumerate(config.data.classes):  # a model that draws classes too thick shows here
+            row[f"fraction_{name}"] = counts[:, i].sum() / counts.sum()
+            row[f"reference_fraction_{name}"] = counts[i].sum() / counts.sum()
+        rows.append(row)
+    return {k: round(float(v), 4) for k, v in mean_scores(rows).items()}
+
+
+def scores(run_dir: Path, config: Config) -> dict[str, dict[str, float]]:
+    return {
+        "predict": score_predictions(run_dir, config, tta=False),
+        "predict_tta": score_predictions(run_dir, config, tta=True),
+        "predict_fit": score_predictions(run_dir, config, tta=False, cases="fit"),
+    }
 
 
 def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict:
@@ -93,8 +112,7 @@ def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict
         "best_epoch": result.best_epoch,
         "best": {k: round(v, 4) for k, v in result.best_metrics.items()},
         "final": {k: round(v, 4) for k, v in final.items() if k.startswith(("dice", "iou", "pixel", "mean"))},
-        "predict": score_predictions(result.run_dir, config, tta=False),
-        "predict_tta": score_predictions(result.run_dir, config, tta=True),
+        **scores(result.run_dir, config),
     }
 
 
@@ -105,8 +123,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_isbi.json")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides for every model")
+    parser.add_argument("--score", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="only score existing run folders (their best.pt), no training")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.score:
+        for run_dir in args.score:
+            config = config_from_dict(load_checkpoint(run_dir / "best.pt")["config"], source=str(run_dir))
+            print(json.dumps({"run": str(run_dir), **scores(run_dir, config)}), flush=True)
+        return
     machine = {
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -121,7 +146,8 @@ def main() -> None:
     reference = next((r for r in results if r["model"] == "monai_basicunet"), None)
     print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'scored':<22}{'pixel error':>11}  {'membrane Dice':>13}  {'membrane IoU':>12}")
     for r in results:
-        for label, f in (("last validation", r["final"]), ("predict (best.pt)", r["predict"]), ("predict --tta", r["predict_tta"])):
+        for label, f in (("last validation", r["final"]), ("predict (best.pt)", r["predict"]),
+                         ("predict --tta", r["predict_tta"]), ("fit: train slices 0-4", r["predict_fit"])):
             print(f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {label:<22}{f['pixel_error']:>11.4f}"
                   f"  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}")
         if reference and r is not reference:
