@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from medseg.checkpoint import load_checkpoint  # noqa: E402
 from medseg.config import Config, config_from_dict, load_config  # noqa: E402
-from medseg.datasets import find_cases, split_cases  # noqa: E402
+from medseg.datasets import Case, find_cases, split_cases  # noqa: E402
 from medseg.infer import Predictor  # noqa: E402
 from medseg.io import load  # noqa: E402
 from medseg.io.labels import load_label  # noqa: E402
@@ -59,23 +59,18 @@ def _monai_basicunet(spatial_dims: int, in_channels: int, out_channels: int, fea
     return net
 
 
-def score_predictions(run_dir: Path, config: Config, tta: bool, cases: str = "val") -> dict[str, float]:
-    """Scores of the best checkpoint's masks, as `medseg predict` makes them.
-
-    cases: "val" (slices 25-29), or "fit": as many training slices (0-4), which tells
-    whether a model is limited by fitting its training data or by generalising.
-    """
-    predictor = Predictor(run_dir, device="auto", tta=tta)
-    values = list(config.data.classes.values())
-    train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
+def score_predictions(predictor: Predictor, cases: list[Case]) -> dict[str, float]:
+    """Scores of the predictor's masks, as `medseg predict` makes them, on these cases."""
+    classes = predictor.classes
+    values = list(classes.values())
     rows = []
-    for case in val_cases if cases == "val" else train_cases[: len(val_cases)]:
+    for case in cases:
         scan = load(case.images[0])
         mask = predictor.predict(scan).mask
         reference = load_label(case.label, scan, values).array[0]
         counts = confusion_counts(label_to_index(mask, values), label_to_index(reference, values), len(values))
-        row = overlap_scores(counts, list(config.data.classes))
-        for i, name in enumerate(config.data.classes):  # a model that draws classes too thick shows here
+        row = overlap_scores(counts, list(classes))
+        for i, name in enumerate(classes):  # a model that draws classes too thick shows here
             row[f"fraction_{name}"] = counts[:, i].sum() / counts.sum()
             row[f"reference_fraction_{name}"] = counts[i].sum() / counts.sum()
         rows.append(row)
@@ -83,11 +78,16 @@ def score_predictions(run_dir: Path, config: Config, tta: bool, cases: str = "va
 
 
 def scores(run_dir: Path, config: Config) -> dict[str, dict[str, float]]:
-    return {
-        "predict": score_predictions(run_dir, config, tta=False),
-        "predict_tta": score_predictions(run_dir, config, tta=True),
-        "predict_fit": score_predictions(run_dir, config, tta=False, cases="fit"),
-    }
+    """The best checkpoint on slices 25-29 without and with TTA, and on as many training
+    slices (0-4, "fit"), which tells whether a model is limited by fitting or by generalising."""
+    predictor = Predictor(run_dir, device="auto", tta=False)
+    train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
+    result = {"predict": score_predictions(predictor, val_cases)}
+    predictor.tta = True
+    result["predict_tta"] = score_predictions(predictor, val_cases)
+    predictor.tta = False
+    result["predict_fit"] = score_predictions(predictor, train_cases[: len(val_cases)])
+    return result
 
 
 def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict:

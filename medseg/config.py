@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence, get_args
 
 import yaml
 from pydantic import (
@@ -156,6 +156,11 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+# Arithmetic of the forward passes; medseg.device.choose_precision says what each means on a device.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 class AugmentConfig(Section):
     """Training augmentation: the U-Net paper's elastic deformation plus affine and grey-value changes.
 
@@ -212,7 +217,7 @@ class TrainConfig(Section):
     val_every: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
     early_stop_min_delta: float = Field(1e-4, ge=0.0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     channels_last: bool = True
     seed: int = 0
     device: str = "auto"
@@ -234,7 +239,7 @@ class InferConfig(Section):
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, ge=1)
     tta: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     device: str = "auto"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from medseg.config import PRECISIONS
 from medseg.errors import ConfigError
 
 __all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16"]
@@ -21,9 +22,6 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def cpu_has_native_bf16() -> bool:

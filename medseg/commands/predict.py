@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.config import PRECISIONS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="segment scans with a trained checkpoint and write masks")
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, required=True, help="folder for the masks (outside the input folder)")
     parser.add_argument("--tta", action="store_true", help="average predictions over mirrored inputs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="arithmetic of the forward passes (default: the checkpoint's infer.precision, auto)")
     parser.add_argument("--overwrite", action="store_true", help="redo scans whose masks are already up to date")
     parser.add_argument("--format", dest="formats", action="append", choices=("nifti", "dicom-seg", "tiff", "png"),
