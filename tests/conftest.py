@@ -1,4 +1,4 @@
-"""Shared fixtures: phantoms on disk and a guard that inputs are never modified."""
+"""Shared fixtures: phantoms on disk, tiny EM training setups, and a guard that inputs are never modified."""
 
 from __future__ import annotations
 
@@ -12,6 +12,34 @@ from medseg import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_em_pairs(root: Path, slices: int, seed: int = 3) -> phantoms.Phantom:
+    """64x64 EM phantom slices as images/sK.png and labels/sK.png (membrane 0, cell 255)."""
+    em = phantoms.em_phantom(shape=(64, 64, slices), cells=12, seed=seed)
+    phantoms.write_png_sequence(em.image, root / "images", prefix="s")
+    phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
+    return em
+
+
+def tiny_em_config(root: Path, out: Path, name: str, epochs: int, steps_per_epoch: int, **sections: dict):
+    """A 2D U-Net of width 8 that trains on s0-s3 of ``write_em_pairs`` in seconds and
+    validates on s4; ``sections`` add settings, e.g. train={"precision": "bf16"}."""
+    from medseg.config import config_from_dict
+
+    raw = {
+        "name": name,
+        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
+                 "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]}},
+        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
+        "augment": {"enabled": False},
+        "train": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": 4, "patch_size": [32, 32],
+                  "learning_rate": 0.01},
+        "output_dir": str(out),
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return config_from_dict(raw)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, float, int]]:

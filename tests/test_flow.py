@@ -46,7 +46,6 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from medseg import phantoms  # noqa: E402
 from medseg.cli import main  # noqa: E402
-from medseg.config import config_from_dict  # noqa: E402
 from medseg.errors import ConfigError  # noqa: E402
 from medseg.evaluate import evaluate_folders, write_reports  # noqa: E402
 from medseg.infer import Predictor  # noqa: E402
@@ -59,7 +58,7 @@ from flows.reporting import METRICS_KEY, SUMMARY_KEY  # noqa: E402
 from flows.segment_study import ScansFailed, segment_study  # noqa: E402
 from flows.settings import FlowParameters, load_nightly_config  # noqa: E402
 
-from conftest import snapshot  # noqa: E402
+from conftest import snapshot, tiny_em_config, write_em_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,19 +76,8 @@ def prefect_server():
 def model(tmp_path_factory) -> Path:
     """A tiny 2D U-Net (membrane=0, cell=255), trained for seconds; it segments volumes slice by slice."""
     root = tmp_path_factory.mktemp("model")
-    em = phantoms.em_phantom(shape=(64, 64, 5), cells=12, seed=3)
-    phantoms.write_png_sequence(em.image, root / "images", prefix="s")
-    phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
-    config = config_from_dict({
-        "name": "em2d",
-        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
-        "augment": {"enabled": False},
-        "train": {"epochs": 2, "steps_per_epoch": 10, "batch_size": 4, "patch_size": [32, 32], "learning_rate": 0.01},
-        "output_dir": str(root / "runs"),
-    })
-    return train(config, progress=False).run_dir
+    write_em_pairs(root, slices=5)
+    return train(tiny_em_config(root, root / "runs", "em2d", epochs=2, steps_per_epoch=10), progress=False).run_dir
 
 
 def write_study(root: Path, seed: int = 0) -> tuple[Path, Path]:

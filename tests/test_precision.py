@@ -17,6 +17,8 @@ from medseg.infer import Predictor
 from medseg.io import discover, load
 from medseg.train import train
 
+from conftest import tiny_em_config, write_em_pairs
+
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
@@ -58,25 +60,14 @@ def _spy_dtypes(monkeypatch, module) -> set[torch.dtype]:
 
 
 def _em_config(root, out, precision: str):
-    return config_from_dict({
-        "name": f"em_{precision}",
-        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
-        "augment": {"enabled": False},
-        "train": {"epochs": 3, "steps_per_epoch": 15, "batch_size": 4, "patch_size": [32, 32], "learning_rate": 0.01,
-                  "precision": precision},
-        "infer": {"precision": precision},
-        "output_dir": str(out),
-    })
+    return tiny_em_config(root, out, f"em_{precision}", epochs=3, steps_per_epoch=15,
+                          train={"precision": precision}, infer={"precision": precision})
 
 
 @pytest.fixture(scope="module")
 def em_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("em")
-    em = phantoms.em_phantom(shape=(64, 64, 6), cells=12, seed=3)
-    phantoms.write_png_sequence(em.image, root / "images", prefix="s")
-    phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
+    em = write_em_pairs(root, slices=6)
     phantoms.write_png_sequence(em.image[:, :, :2], root / "test" / "stack")
     return root
 

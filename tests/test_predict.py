@@ -23,7 +23,7 @@ from medseg.infer import Predictor
 from medseg.io import discover, load
 from medseg.train import train
 
-from conftest import snapshot
+from conftest import snapshot, tiny_em_config, write_em_pairs
 
 CT_CLASSES = {"background": 0, "liver": 1, "kidney": 2, "spine": 3}
 
@@ -52,19 +52,8 @@ def ct_model(tmp_path_factory) -> Path:
 def em_model(tmp_path_factory) -> Path:
     """A tiny 2D U-Net trained briefly on EM phantom slices."""
     root = tmp_path_factory.mktemp("em")
-    em = phantoms.em_phantom(shape=(64, 64, 6), cells=12, seed=3)
-    phantoms.write_png_sequence(em.image, root / "images", prefix="s")
-    phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
-    config = config_from_dict({
-        "name": "em2d",
-        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
-        "augment": {"enabled": False},
-        "train": {"epochs": 3, "steps_per_epoch": 15, "batch_size": 4, "patch_size": [32, 32], "learning_rate": 0.01},
-        "output_dir": str(root / "runs"),
-    })
-    return train(config, progress=False).run_dir
+    write_em_pairs(root, slices=6)
+    return train(tiny_em_config(root, root / "runs", "em2d", epochs=3, steps_per_epoch=15), progress=False).run_dir
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
