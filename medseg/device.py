@@ -3,6 +3,8 @@ unchanged on either."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from medseg.config import PRECISIONS
@@ -50,3 +52,17 @@ def choose_precision(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def in_precision(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a sliding-window predictor: windows run in ``dtype``, logits come back fp32.
+
+    Autocast covers the model call only, so the window blending (MONAI allocates its
+    output in the dtype of the first window) accumulates in fp32, not bf16/fp16.
+    """
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+            return model(window).float()
+
+    return predict

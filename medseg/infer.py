@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from medseg.checkpoint import load_checkpoint
 from medseg.config import Config, config_from_dict
-from medseg.device import choose_device, choose_precision
+from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, ScanError
 from medseg.io.scan import Scan
 from medseg.models import build_model
@@ -104,16 +104,17 @@ class Predictor:
         if self.tta:
             axes = tuple(range(2, 2 + self.spatial_dims))
             flips = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+        predictor = in_precision(self.model, self.device, self.dtype)
         total = None
         for dims in flips:
             x = torch.flip(image, dims) if dims else image
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            with torch.no_grad():
                 logits = sliding_window_inference(
-                    x, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, predictor=self.model,
+                    x, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, predictor=predictor,
                     overlap=self.overlap, mode="gaussian", sigma_scale=0.125,
                     sw_device=self.device, device=torch.device("cpu"),
                 )
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = torch.softmax(logits, dim=1)
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
         return total / len(flips)

@@ -31,7 +31,7 @@ from medseg.augment import ElasticAugment
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
-from medseg.device import choose_device, choose_precision
+from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, MedsegError
 from medseg.io import LoadOptions, load, validate_label
 from medseg.metrics import confusion_counts, mean_scores, overlap_scores
@@ -182,10 +182,7 @@ def evaluate(
     names = list(config.data.classes)
     rows = []
 
-    def predictor(window: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-            return model(window).float()
-
+    predictor = in_precision(model, device, dtype)
     for item in items:
         logits = sliding_window_inference(
             item.image[None].to(device),

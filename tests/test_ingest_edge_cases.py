@@ -132,7 +132,7 @@ def test_series_mixing_grey_and_rgb_is_reported(tmp_path):
     ds.PixelData = np.zeros((8, 8, 3), np.uint8).tobytes()
     ds.save_as(paths[1])
     found = discover(tmp_path / "s")
-    assert "samples per pixel" in found.problems[0].reason
+    assert "colour channels" in found.problems[0].reason
 
 
 def test_rgb24_and_big_endian_nifti(tmp_path):
@@ -163,3 +163,53 @@ def test_decompression_bomb_is_a_scan_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ScanError, match="safety limit"):
         load(ref_for_path(tmp_path / "big.png"))
+
+
+def test_monochrome1_is_inverted_to_read_like_monochrome2(tmp_path):
+    truth = phantoms.ct_phantom(shape=(12, 10, 3), seed=2)
+    grey = load(ref_for_path(phantoms.write_dicom_series(truth, tmp_path / "m2")[0].parent))
+    paths = phantoms.write_dicom_series(truth, tmp_path / "m1")
+    for path in paths:  # the same anatomy stored as a CR/DX would: white is the lowest value
+        ds = pydicom.dcmread(path)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = (4095 - ds.pixel_array).astype(np.uint16).tobytes()
+        ds.save_as(path)
+    scan = load(ref_for_path(tmp_path / "m1"))
+    assert np.array_equal(scan.array, grey.array)
+    assert any("MONOCHROME1 inverted" in n for n in scan.notes)
+    assert np.array_equal(scan.geometry.affine, grey.geometry.affine)
+    as_mask = load(ref_for_path(tmp_path / "m1"), LoadOptions(color="channels", palette="indices"))
+    intercept = float(pydicom.dcmread(paths[0]).get("RescaleIntercept", 0))
+    assert np.array_equal(as_mask.array, 4095 - (grey.array - intercept) + intercept)  # a mask keeps its stored values
+
+
+def test_palette_colour_dicom_is_mapped_through_its_lookup_table():
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    path = get_testdata_file("examples_palette.dcm")  # ultrasound, 8-bit indices, 16-bit RGB LUT
+    ds = pydicom.dcmread(path)
+    rgb = apply_color_lut(ds.pixel_array, ds)
+    scan = load(ref_for_path(path), LoadOptions(color="channels"))
+    assert scan.array.shape == (3, ds.Columns, ds.Rows, 1)
+    assert np.array_equal(scan.array[:, :, :, 0], np.transpose(rgb, (2, 1, 0)))
+    assert any("palette" in n for n in scan.notes)
+    grey = load(ref_for_path(path))
+    assert grey.array.shape == (1, ds.Columns, ds.Rows, 1)
+    assert len(np.unique(grey.array)) > 2  # a grey rendering, not the raw indices
+    assert not np.array_equal(grey.array[0, :, :, 0], ds.pixel_array.T)
+    as_mask = load(ref_for_path(path), LoadOptions(color="channels", palette="indices"))
+    assert np.array_equal(as_mask.array[0, :, :, 0], ds.pixel_array.T)  # a mask keeps its class values
+
+
+def test_palette_colour_without_its_table_names_the_file(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    for name in ("RedPaletteColorLookupTableData", "RedPaletteColorLookupTableDescriptor"):
+        del ds[name]
+    ds.save_as(tmp_path / "nolut.dcm")
+    with pytest.raises(ScanError, match="nolut.dcm") as info:
+        load(ref_for_path(tmp_path / "nolut.dcm"))
+    assert "lookup table" in str(info.value)

@@ -94,3 +94,21 @@ def test_bf16_inference_matches_fp32(em_root, tmp_path, monkeypatch):
         masks[precision] = Predictor(run, device="cpu", precision=precision).predict(scan).mask
         assert seen == {torch.float32 if precision == "fp32" else torch.bfloat16}
     assert np.mean(masks["fp32"] == masks["bf16"]) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_windows_run_in_the_precision_and_blend_in_fp32(dtype):
+    from monai.inferers import sliding_window_inference
+
+    from medseg.device import in_precision
+
+    net = torch.nn.Conv2d(1, 2, 1)  # pointwise: every window agrees with the whole image
+    seen: set[torch.dtype] = set()
+    net.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    image = torch.randn(1, 1, 40, 36)
+    blended = sliding_window_inference(image, (16, 16), 2, in_precision(net, CPU, dtype), overlap=0.5, mode="gaussian")
+    assert seen == {dtype or torch.float32}
+    assert blended.dtype == torch.float32  # MONAI blends in the dtype the predictor returns
+    with torch.no_grad():
+        exact = net(image)
+    assert torch.allclose(blended, exact, atol=0.05 if dtype else 1e-5)

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut
 
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, lps_to_ras
@@ -234,8 +235,8 @@ def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeri
     series = _series_name(datasets[0])
     _check_same(
         paths,
-        [(_int(ds, "Rows", p), _int(ds, "Columns", p), _int(ds, "SamplesPerPixel", p, default=1)) for p, ds in zip(paths, datasets)],
-        "image sizes (rows, columns, samples per pixel)",
+        [(_int(ds, "Rows", p), _int(ds, "Columns", p), _channels_of(ds, p)) for p, ds in zip(paths, datasets)],
+        "image sizes (rows, columns, colour channels)",
         series,
         "split the files into one folder per image size; they are not one volume",
     )
@@ -458,6 +459,45 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
         ) from exc
 
 
+def _photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+
+
+def _channels_of(ds: Dataset, path: Path, options: LoadOptions = LoadOptions()) -> int:
+    """Channels once decoded: palette indices become RGB, every other image keeps its samples."""
+    if options.palette == "rgb" and _photometric(ds) == "PALETTE COLOR":
+        return 3
+    return _int(ds, "SamplesPerPixel", path, default=1)
+
+
+def _as_displayed(path: Path, ds: Dataset, pixels: np.ndarray, options: LoadOptions) -> tuple[np.ndarray, str | None]:
+    """Stored values in the sense a viewer shows them, so that every series means brighter by higher.
+
+    A model trained on MONOCHROME2 images would see a MONOCHROME1 radiograph (CR, DX, MG)
+    as a negative, and a PALETTE COLOR image as arbitrary indices. YBR is already RGB here:
+    pydicom converts it when decoding. A mask (``palette="indices"``) keeps its stored
+    values: they are class values, not brightness.
+    """
+    kind = _photometric(ds) if options.palette == "rgb" else "MONOCHROME2"
+    if kind == "MONOCHROME1":
+        bits = _int(ds, "BitsStored", path, default=8 * pixels.dtype.itemsize)
+        signed = _int(ds, "PixelRepresentation", path, default=0) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        inverted = (lo + hi) - pixels.astype(np.int64)
+        return inverted.astype(pixels.dtype), "MONOCHROME1 inverted so that higher values are brighter (as a viewer shows it)"
+    if kind == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(pixels, ds)
+        except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ScanError(
+                path,
+                f"PALETTE COLOR image without a usable colour lookup table ({exc})",
+                "the header is incomplete; re-export the image as RGB or greyscale",
+            ) from exc
+        return rgb, "palette indices mapped to RGB through the file's colour lookup table"
+    return pixels, None
+
+
 def _to_channels_first(pixels: np.ndarray, samples: int) -> np.ndarray:
     """(rows, cols[, samples]) → (channels, cols, rows)."""
     if samples > 1:
@@ -474,12 +514,14 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
             raise ScanError(path, reason, "point medseg at the image series, not at this object")
     plan = plan_series(list(ref.paths), headers)
     first = headers[plan.paths[0]]
-    samples = _int(first, "SamplesPerPixel", plan.paths[0], default=1)
+    samples = _channels_of(first, plan.paths[0], options)
     slopes: list[tuple[float, float]] = []
     slices: list[np.ndarray] = []
+    shown: set[str] = set()
     if plan.frame_order:
         ds = read_dataset(plan.paths[0])
-        pixels = _decode(plan.paths[0], ds)
+        pixels, note = _as_displayed(plan.paths[0], ds, _decode(plan.paths[0], ds), options)
+        shown.add(note or "")
         if pixels.ndim == (3 if samples > 1 else 2):
             pixels = pixels[None]
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -492,7 +534,9 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         sop_uids = []
         for path in plan.paths:
             ds = read_dataset(path)
-            slices.append(_to_channels_first(_decode(path, ds), samples))
+            pixels, note = _as_displayed(path, ds, _decode(path, ds), options)
+            shown.add(note or "")
+            slices.append(_to_channels_first(pixels, samples))
             slopes.append(_rescale(ds, None, None, path))
             sop_uids.append(str(ds.get("SOPInstanceUID", "")))
     array = _apply_rescale(np.stack(slices, axis=-1), slopes)
@@ -503,7 +547,7 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         geometry=plan.geometry,
         modality=str(first.get("Modality", "") or "OT"),
         metadata=_metadata(first, sop_uids, plan.frame_order),
-        notes=list(plan.notes) + color_notes,
+        notes=list(plan.notes) + sorted(n for n in shown if n) + color_notes,
     )
 
 

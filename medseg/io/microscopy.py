@@ -1,8 +1,8 @@
 """Microscopy images: multi-page TIFF stacks, single PNG/TIFF/JPEG images, numbered sequences.
 
 Arrays come out channel first with spatial axes (x, y[, z]) like every other scan, so a
-2D model slices along the last axis whatever the source. Pixel size comes from ImageJ
-metadata or the TIFF resolution tags (PNG: the pHYs chunk) and is stored in mm; when a
+2D model slices along the last axis whatever the source. Pixel size comes from OME-XML,
+ImageJ metadata or the TIFF resolution tags (PNG: the pHYs chunk) and is stored in mm; when a
 file carries none, the pixel size is 1 and the geometry says it is unknown.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Sequence
+from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
@@ -38,6 +39,9 @@ _UNITS = {
     "micrometer": 1e-3,
     "nm": 1e-6,
     "nanometer": 1e-6,
+    "pm": 1e-9,
+    "\u00c5": 1e-7,  # OME writes the angstrom as Å
+    "angstrom": 1e-7,
     "inch": 25.4,
     "in": 25.4,
 }
@@ -80,9 +84,45 @@ def _color(array: np.ndarray, options: LoadOptions, has_alpha: bool, rgb: bool) 
     return array, notes
 
 
-def _tiff_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, float | None, float | None, list[str]]:
-    """(x, y, z) pixel size in mm, None where the file does not say."""
+def _ome_pixel_size(xml: str) -> tuple[list[float | None], list[str]]:
+    """(x, y, z) in mm from OME-XML's first Pixels element; OME's default unit is the micrometre.
+
+    Bio-Formats and most microscope exporters put the pixel size there and nowhere else
+    (their resolution tags stay at 72 dpi).
+    """
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as exc:
+        return [None, None, None], [f"OME-XML unreadable ({exc}): pixel size not taken from it"]
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return [None, None, None], []
+    sizes: list[float | None] = []
     notes: list[str] = []
+    for axis in "XYZ":
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m")
+        scale = _UNITS.get(unit.strip().lower()) or _UNITS.get(unit.strip())
+        size = None
+        if value is not None:
+            try:
+                size = float(value)
+            except ValueError:
+                notes.append(f"OME PhysicalSize{axis} {value!r} is not a number: ignored")
+        if size is not None and scale is None:
+            notes.append(f"unknown OME unit {unit!r} for PhysicalSize{axis}: ignored")
+            size = None
+        sizes.append(size * scale if size is not None and size > 0 and scale is not None else None)
+    return sizes, notes
+
+
+def _tiff_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, float | None, float | None, list[str]]:
+    """(x, y, z) pixel size in mm, None where the file does not say: OME-XML, then ImageJ, then tags."""
+    notes: list[str] = []
+    if tif.is_ome and tif.ome_metadata:
+        ome, notes = _ome_pixel_size(tif.ome_metadata)
+        if ome[0] is not None:
+            return ome[0], ome[1] if ome[1] is not None else ome[0], ome[2], notes
     page = tif.pages[0]
     ij = tif.imagej_metadata or {}
     unit_name = str(ij.get("unit", "")).strip().lower().replace("\\u00b5", "µ")
