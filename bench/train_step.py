@@ -33,25 +33,30 @@ from medseg.train import Loss  # noqa: E402
 CONFIGS = ("unet_em", "segnet_em", "fcn8s_em")
 
 
-def step_seconds(config_name: str, dtype: torch.dtype | None, rounds: int, overrides: list[str]) -> list[float]:
-    config = load_config(REPO / "configs" / f"{config_name}.yaml", overrides)
-    torch.manual_seed(0)
-    model = build_model(config.model).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = Loss("dice_ce")
-    size = config.train.patch_size
-    images = torch.randn(config.train.batch_size, 1, *size).contiguous(memory_format=torch.channels_last)
-    labels = (torch.rand(config.train.batch_size, 1, *size) > 0.5).float()
-    times = []
-    for _ in range(rounds + 1):  # the first step warms oneDNN's kernel cache
+class Stepper:
+    """One model, optimizer and batch for a config, built once; ``step()`` times one training step."""
+
+    def __init__(self, config_name: str, dtype: torch.dtype | None, overrides: list[str]) -> None:
+        config = load_config(REPO / "configs" / f"{config_name}.yaml", overrides)
+        torch.manual_seed(0)
+        self.dtype = dtype
+        self.model = build_model(config.model).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.loss_fn = Loss("dice_ce")
+        size = config.train.patch_size
+        self.images = torch.randn(config.train.batch_size, 1, *size).contiguous(memory_format=torch.channels_last)
+        self.labels = (torch.rand(config.train.batch_size, 1, *size) > 0.5).float()
+        for _ in range(2):  # oneDNN's kernel cache and Adam's state fill on the first steps
+            self.step()
+
+    def step(self) -> float:
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-        loss_fn(logits, labels).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(self.images)
+        self.loss_fn(logits, self.labels).backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -64,10 +69,11 @@ def main() -> None:
     rows = []
     print(f"{'config':<24}{'fp32 s/step':>12}{'bf16 s/step':>12}{'speed-up':>10}")
     for name, overrides in cases:
+        steppers = {"fp32": Stepper(name, None, overrides), "bf16": Stepper(name, torch.bfloat16, overrides)}
         fp32, bf16 = [], []
         for _ in range(args.rounds):  # interleaved
-            fp32 += step_seconds(name, None, 1, overrides)
-            bf16 += step_seconds(name, torch.bfloat16, 1, overrides)
+            fp32.append(steppers["fp32"].step())
+            bf16.append(steppers["bf16"].step())
         row = {"config": name, "overrides": overrides, "fp32_seconds": round(statistics.median(fp32), 4),
                "bf16_seconds": round(statistics.median(bf16), 4)}
         row["speedup"] = round(row["fp32_seconds"] / row["bf16_seconds"], 2)

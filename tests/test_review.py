@@ -277,8 +277,15 @@ def test_medseg_view_serves_loopback_only_and_refuses_traversal(ct_batch, tmp_pa
     (tmp_path / "secret.txt").write_text("not for the browser")
     (out / "link.txt").symlink_to(tmp_path / "secret.txt")
     (out / "review.html").unlink()  # `medseg view` writes it first
-    proc = subprocess.Popen([sys.executable, "-m", "medseg", "view", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # Ctrl+C must reach the child as it would in a terminal, even when pytest itself runs as a
+    # background job (a non-interactive shell starts those with SIGINT ignored, and a child
+    # inherits an ignored signal); a handled signal is reset to its default on exec.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "medseg", "view", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
