@@ -57,8 +57,9 @@ def choose_precision(name: str, device: torch.device) -> torch.dtype | None:
 def in_precision(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as a sliding-window predictor: windows run in ``dtype``, logits come back fp32.
 
-    Autocast covers the model call only, so the window blending (MONAI allocates its
-    output in the dtype of the first window) accumulates in fp32, not bf16/fp16.
+    Autocast covers the model call only; MONAI blends the windows in buffers of the
+    input's dtype (fp32), so nothing but the network runs in reduced precision. Training
+    validation and ``Predictor`` both use this, so they score the same arithmetic.
     """
 
     def predict(window: torch.Tensor) -> torch.Tensor:

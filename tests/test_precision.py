@@ -108,7 +108,7 @@ def test_windows_run_in_the_precision_and_blend_in_fp32(dtype):
     image = torch.randn(1, 1, 40, 36)
     blended = sliding_window_inference(image, (16, 16), 2, in_precision(net, CPU, dtype), overlap=0.5, mode="gaussian")
     assert seen == {dtype or torch.float32}
-    assert blended.dtype == torch.float32  # MONAI blends in the dtype the predictor returns
+    assert blended.dtype == torch.float32
     with torch.no_grad():
         exact = net(image)
     assert torch.allclose(blended, exact, atol=0.05 if dtype else 1e-5)
