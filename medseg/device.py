@@ -10,7 +10,7 @@ import torch
 from medseg.config import PRECISIONS
 from medseg.errors import ConfigError
 
-__all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16"]
+__all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16", "in_precision"]
 
 
 def choose_device(name: str = "auto") -> torch.device:

@@ -517,11 +517,11 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     samples = _channels_of(first, plan.paths[0], options)
     slopes: list[tuple[float, float]] = []
     slices: list[np.ndarray] = []
-    shown: set[str] = set()
+    shown: set[str | None] = set()  # each slice's conversion note (None: kept as stored)
     if plan.frame_order:
         ds = read_dataset(plan.paths[0])
         pixels, note = _as_displayed(plan.paths[0], ds, _decode(plan.paths[0], ds), options)
-        shown.add(note or "")
+        shown.add(note)
         if pixels.ndim == (3 if samples > 1 else 2):
             pixels = pixels[None]
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -535,7 +535,7 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         for path in plan.paths:
             ds = read_dataset(path)
             pixels, note = _as_displayed(path, ds, _decode(path, ds), options)
-            shown.add(note or "")
+            shown.add(note)
             slices.append(_to_channels_first(pixels, samples))
             slopes.append(_rescale(ds, None, None, path))
             sop_uids.append(str(ds.get("SOPInstanceUID", "")))
@@ -547,7 +547,7 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         geometry=plan.geometry,
         modality=str(first.get("Modality", "") or "OT"),
         metadata=_metadata(first, sop_uids, plan.frame_order),
-        notes=list(plan.notes) + sorted(n for n in shown if n) + color_notes,
+        notes=list(plan.notes) + sorted(n for n in shown if n is not None) + color_notes,
     )
 
 
