@@ -1,0 +1,47 @@
+"""The ISBI 2012 challenge's pixel error in bench/train_isbi.py, against hand-counted cases."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_isbi.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train_isbi", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_isbi_pixel_error_is_one_minus_the_best_f_score_over_thresholds(bench):
+    # Eight cell pixels (255) and two membrane pixels (0); the proposal is P(cell).
+    reference = np.array([255] * 8 + [0] * 2)
+    probability = np.array([0.9] * 7 + [0.35] + [0.65, 0.05])
+    counts = bench.isbi_counts(probability, reference)
+    # Threshold 0.0: all ten positive (F 16/18); 0.1-0.3: one false positive (F 16/17, the best);
+    # 0.4-0.6: one of each (F 14/16); 0.7-0.8: one false negative (F 14/15); 0.9 and 1.0: none positive.
+    assert counts[0].tolist() == [8, 2, 0]
+    assert counts[1].tolist() == [8, 1, 0]
+    assert counts[5].tolist() == [7, 1, 1]
+    assert counts[10].tolist() == [0, 0, 8]
+    error, threshold = bench.isbi_pixel_error(counts)
+    assert error == pytest.approx(1 / 17)
+    assert threshold == pytest.approx(0.1)
+    # Not the misclassified fraction, which is 2/10 at the usual 0.5 threshold.
+    assert abs(error - 0.2) > 0.1
+
+
+def test_isbi_pixel_error_pools_counts_over_slices(bench):
+    rng = np.random.default_rng(0)
+    slices = [(rng.random((16, 16)), np.where(rng.random((16, 16)) > 0.2, 255, 0)) for _ in range(3)]
+    pooled = sum(bench.isbi_counts(p, r) for p, r in slices)
+    stacked = bench.isbi_counts(np.stack([p for p, _ in slices]), np.stack([r for _, r in slices]))
+    assert np.array_equal(pooled, stacked)
+    perfect = bench.isbi_counts(np.where(slices[0][1] > 0, 1.0, 0.0), slices[0][1])
+    assert bench.isbi_pixel_error(perfect)[0] == 0.0
