@@ -191,8 +191,12 @@ class TrainConfig(Section):
 
     Training runs ``epochs`` epochs of ``steps_per_epoch`` batches of random patches, or
     stops earlier at ``time_budget_minutes`` or after ``early_stop_patience`` validations
-    without improvement. ``loss``: dice_ce (MONAI DiceCELoss) or weighted_ce (the U-Net
-    paper's cross-entropy with its border weight map, instances from ``border_class``).
+    without improvement. ``loss``: dice_ce (MONAI DiceCELoss), ce (plain cross-entropy) or
+    weighted_ce (the U-Net paper's cross-entropy with its border weight map, instances from
+    ``border_class``).
+    ``ema_decay``: validate, checkpoint and predict with an exponential moving average of
+    the weights (decay per step, e.g. 0.999), which smooths the step-to-step noise of small
+    batches; training itself continues on the raw weights.
     ``precision``: auto is mixed fp16 on CUDA, bf16 on CPUs with native bf16 arithmetic
     (AVX512-BF16/AMX, about 2x faster there) and fp32 otherwise; fp32 forces full precision.
     """
@@ -210,10 +214,11 @@ class TrainConfig(Section):
     momentum: float = Field(0.99, ge=0.0, lt=1.0)
     schedule: Literal["poly", "constant"] = "poly"
     grad_clip: float | None = Field(12.0, gt=0.0)
-    loss: Literal["dice_ce", "weighted_ce"] = "dice_ce"
+    loss: Literal["dice_ce", "ce", "weighted_ce"] = "dice_ce"
     border_class: str | None = None
     border_w0: float = Field(10.0, ge=0.0)
     border_sigma: float = Field(5.0, gt=0.0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     val_every: int = Field(1, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
     early_stop_min_delta: float = Field(1e-4, ge=0.0)

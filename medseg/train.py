@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from medseg.augment import ElasticAugment
@@ -108,7 +109,11 @@ def _to_model_dims(case_id: str, image: torch.Tensor, target: torch.Tensor, conf
 
 
 class Loss(nn.Module):
-    """Dice + cross-entropy, or the U-Net paper's weighted cross-entropy."""
+    """Dice + cross-entropy, plain cross-entropy, or the U-Net paper's weighted cross-entropy.
+
+    Plain cross-entropy is the loss whose optimum is the calibrated probability, so its
+    argmax minimises pixel error; the Dice term trades pixel error for overlap of small classes.
+    """
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -120,7 +125,28 @@ class Loss(nn.Module):
         if self.kind == "weighted_ce":
             ce = F.cross_entropy(logits.float(), labels[:, 0].long(), reduction="none")
             return (ce * target[:, 1]).mean()
+        if self.kind == "ce":
+            return F.cross_entropy(logits.float(), labels[:, 0].long())
         return self.dice_ce(logits.float(), labels)
+
+
+def ema_update(decay: float):
+    """The moving-average step for ``AveragedModel``, with the decay warmed up as
+    min(decay, (1 + n) / (10 + n)) after n updates: a fixed 0.999 would keep half of the
+    random initial weights for 700 steps, and an average over weights that far apart
+    segments worse than either (measured: 0.17 pixel error after 700 steps on ISBI)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, weight)
+            else:  # BatchNorm's step counter
+                a.copy_(c)
+
+    return update
 
 
 def train_one_epoch(
@@ -136,10 +162,12 @@ def train_one_epoch(
     progress: tqdm | None,
     clock: RunClock,
     dtype: torch.dtype | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[list[float], bool]:
     """Run one epoch of steps; returns the step losses and whether the time budget ran out.
 
     dtype: the autocast dtype of the forward pass (None: fp32), from ``choose_precision``.
+    ema: the moving average to update after every step (``train.ema_decay``).
     """
     model.train()
     losses: list[float] = []
@@ -161,6 +189,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress.update(1)
@@ -339,11 +369,18 @@ def train(
     scheduler = _schedule(optimizer, config, clock)
     dtype = choose_precision(config.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay), use_buffers=True) if config.train.ema_decay else None
+    judged = ema.module if ema is not None else model  # the weights validated, checkpointed as "model" and predicted with
     log.info("training on %s in %s", device, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
 
     epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("training_model", state["model"]))
+        if ema is not None:
+            if "training_model" not in state:
+                raise ConfigError(f"{run_dir / 'latest.pt'} was trained without train.ema_decay; resume it without, or start a new run")
+            ema.module.load_state_dict(state["model"])
+            ema.n_averaged.fill_(state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -360,7 +397,7 @@ def train(
     all_losses: list[float] = []
     since_best = 0
     while epoch < stop_epoch:
-        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock, dtype)
+        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock, dtype, ema)
         epoch += 1
         all_losses.extend(losses)
         if world > 1:
@@ -370,7 +407,7 @@ def train(
                                  "lr": scheduler.get_last_lr()[0], "seconds": round(clock.elapsed, 2)}
         validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
         if validate:
-            row.update(evaluate(model, val_items, config, device, dtype))
+            row.update(evaluate(judged, val_items, config, device, dtype))
             if row[key] > best_metric:  # the best checkpoint follows every gain, however small
                 improved = row[key] > best_metric + config.train.early_stop_min_delta
                 best_metric, best_epoch = row[key], epoch
@@ -388,10 +425,12 @@ def train(
                 rng = gathered
             ckpt = {
                 "config": config.dump(), "classes": dict(config.data.classes), "preprocess": config.preprocess.model_dump(mode="json"),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "model": judged.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
                 "best_metrics": best_metrics, "history": history, "rng": rng, "elapsed_seconds": clock.elapsed,
             }
+            if ema is not None:
+                ckpt.update(training_model=model.state_dict(), ema_updates=int(ema.n_averaged))
             save_checkpoint(ckpt, run_dir / "latest.pt")
             if best_epoch == epoch or not val_items:
                 save_checkpoint(ckpt, run_dir / "best.pt")
@@ -413,7 +452,7 @@ def train(
         plot_learning_curves(history, run_dir / "learning_curves.png")
     if world > 1:
         dist.barrier()
-    return TrainResult(run_dir, best_epoch, best_metrics, epoch, history, all_losses, model)
+    return TrainResult(run_dir, best_epoch, best_metrics, epoch, history, all_losses, judged)
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medseg import phantoms
 from medseg.checkpoint import load_checkpoint
@@ -17,7 +18,7 @@ from medseg.cli import main
 from medseg.config import config_from_dict
 from medseg.errors import MedsegError
 from medseg.models import build_model
-from medseg.train import train
+from medseg.train import Loss, ema_update, train
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,48 @@ def test_resume_continues_exactly(em_folders, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folders, tmp_path):
+    def config(out: Path):
+        return _config(em_folders, out, epochs=2, steps_per_epoch=1, ema_decay=0.9)
+
+    full = train(config(tmp_path / "a"), progress=False)
+    first = train(config(tmp_path / "b"), progress=False, max_epochs=1)
+    one = torch.load(first.run_dir / "latest.pt", weights_only=True)
+    resumed = train(config(tmp_path / "b"), resume=first.run_dir, progress=False)
+    two = torch.load(resumed.run_dir / "latest.pt", weights_only=True)
+    assert resumed.step_losses == pytest.approx(full.step_losses[1:], abs=1e-6)
+    floats = [k for k, v in two["model"].items() if v.is_floating_point()]
+    # The first update copies the weights; the second keeps (1 + 1) / (10 + 1) of the average,
+    # the warm-up decay, which is below the configured 0.9.
+    assert all(torch.equal(one["model"][k], one["training_model"][k]) for k in floats)
+    for k in floats:
+        expected = (2 / 11) * one["training_model"][k] + (9 / 11) * two["training_model"][k]
+        assert torch.allclose(two["model"][k], expected, atol=1e-6), k
+    assert not all(torch.equal(two["model"][k], two["training_model"][k]) for k in floats)
+    assert two["ema_updates"] == 2
+    reference = torch.load(full.run_dir / "latest.pt", weights_only=True)
+    for key in ("model", "training_model"):
+        assert all(torch.allclose(reference[key][k].float(), two[key][k].float(), atol=1e-6) for k in floats)
+    # What was validated, and what predict loads, is the average.
+    assert all(torch.equal(resumed.model.state_dict()[k], two["model"][k]) for k in floats)
+
+
+def test_moving_average_decay_warms_up_to_the_configured_value():
+    update = ema_update(0.9)
+    averaged, current = [torch.zeros(3), torch.tensor([5])], [torch.ones(3), torch.tensor([7])]
+    update(averaged, current, torch.tensor(0))  # decay 1/10: nine tenths of the way
+    assert torch.allclose(averaged[0], torch.full((3,), 0.9)) and averaged[1].item() == 7
+    averaged = [torch.zeros(3)]
+    update(averaged, [torch.ones(3)], torch.tensor(1000))  # warmed up: decay 0.9
+    assert torch.allclose(averaged[0], torch.full((3,), 0.1))
+
+
+def test_resuming_without_moving_average_state_names_the_checkpoint(em_folders, tmp_path):
+    first = train(_config(em_folders, tmp_path, epochs=2, steps_per_epoch=1), progress=False, max_epochs=1)
+    with pytest.raises(MedsegError, match="latest.pt was trained without train.ema_decay"):
+        train(_config(em_folders, tmp_path, epochs=2, steps_per_epoch=1, ema_decay=0.9), resume=first.run_dir, progress=False)
+
+
 def test_existing_run_is_not_overwritten_silently(em_folders, tmp_path):
     config = _config(em_folders, tmp_path, epochs=1, steps_per_epoch=2)
     train(config, progress=False)
@@ -121,7 +164,7 @@ import sys, torch, torch.distributed as dist
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import _config
-from medseg.train import train
+from medseg.train import Loss, ema_update, train
 result = train(_config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4), progress=False)
 torch.save(result.model.state_dict(), Path({out!r}) / f"rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
@@ -150,6 +193,14 @@ def test_weighted_cross_entropy_with_border_weights_trains(em_folders, tmp_path)
     result = train(config, progress=False)
     assert result.step_losses[-1] < result.step_losses[0]
     assert all(torch.isfinite(torch.tensor(result.step_losses)))
+
+
+def test_plain_cross_entropy_loss_trains(em_folders, tmp_path):
+    logits, labels = torch.randn(2, 2, 8, 8), torch.randint(0, 2, (2, 1, 8, 8)).float()
+    assert Loss("ce")(logits, labels) == pytest.approx(float(F.cross_entropy(logits, labels[:, 0].long())))
+    config = _config(em_folders, tmp_path, epochs=2, steps_per_epoch=8, loss="ce")
+    result = train(config, progress=False)
+    assert result.step_losses[-1] < result.step_losses[0]
 
 
 def test_early_stopping_and_time_budget(em_folders, tmp_path):
