@@ -10,6 +10,7 @@ label map is resampled back to the scan's own grid.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,8 @@ from medseg.errors import ConfigError, ScanError
 from medseg.io.scan import Scan
 from medseg.models import build_model
 from medseg.transforms import Preprocessor, index_to_label
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Prediction", "Predictor"]
 
@@ -80,6 +83,11 @@ class Predictor:
         self.preprocessor = Preprocessor(state["preprocess"])
         infer = self.config.infer
         self.tta = infer.tta if tta is None else tta
+        if self.tta and not (self.config.augment.enabled and self.config.augment.p_flip > 0):
+            log.warning("%s: test-time augmentation mirrors every scan, but this model never saw a mirrored sample "
+                        "in training (augment.p_flip 0 or augment off), so mirroring can cost accuracy "
+                        "(the EM configs lose 0.0015 pixel error, BENCHMARKS.md); predict without --tta, "
+                        "or train with augment.p_flip above 0", checkpoint)
         self.dtype = choose_precision(precision or infer.precision, self.device)
         self.overlap = infer.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 
 from medseg import phantoms
 from medseg.batch import predict_folder
+from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.cli import main
 from medseg.config import config_from_dict
 from medseg.infer import Predictor
@@ -189,6 +191,21 @@ def test_2d_model_on_png_sequence_writes_stack_and_slices(em_model, tmp_path):
     assert np.array_equal(np.asarray(Image.open(slices[2])), stack[2])
     assert set(np.unique(stack)) <= {0, 255}
     assert _dice(stack.transpose(2, 1, 0) == 0, em.label == 0) > 0.6
+
+
+def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="medseg.infer"):
+        Predictor(em_model, tta=False)
+        assert not caplog.records
+        Predictor(em_model, tta=True)  # trained with augmentation off
+    assert "never saw a mirrored sample" in caplog.text and str(em_model) in caplog.text
+    state = load_checkpoint(em_model / "best.pt")
+    state["config"]["augment"].update(enabled=True, p_flip=0.5)
+    save_checkpoint(state, tmp_path / "mirrored.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.infer"):
+        Predictor(tmp_path / "mirrored.pt", tta=True)
+    assert not caplog.records
 
 
 def test_corrupt_scan_fails_alone(em_model, tmp_path):
