@@ -135,7 +135,7 @@ def score_predictions(predictor: Predictor, cases: list[Case]) -> dict[str, floa
         rows.append(row)
     result = {k: round(float(v), 4) for k, v in mean_scores(rows).items()}
     error, threshold = isbi_pixel_error(isbi)
-    return {**result, "isbi_pixel_error": round(error, 4), "isbi_threshold": threshold}
+    return {**result, "isbi_pixel_error": round(error, 4), "isbi_threshold": round(threshold, 2)}
 
 
 def scores(run_dir: Path, config: Config) -> dict[str, dict[str, float]]:

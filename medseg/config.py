@@ -195,8 +195,10 @@ class TrainConfig(Section):
     weighted_ce (the U-Net paper's cross-entropy with its border weight map, instances from
     ``border_class``).
     ``ema_decay``: validate, checkpoint and predict with an exponential moving average of
-    the weights (decay per step, e.g. 0.999), which smooths the step-to-step noise of small
-    batches; training itself continues on the raw weights.
+    the weights, which smooths the step-to-step noise of small batches; training itself
+    continues on the raw weights. The decay per step warms up as min(ema_decay, (1 + n) /
+    (10 + n)), so for the first (10 ema_decay - 1) / (1 - ema_decay) steps (4490 for 0.998)
+    the average covers mostly the last fifth of the steps so far, and ema_decay caps it after.
     ``precision``: auto is mixed fp16 on CUDA, bf16 on CPUs with native bf16 arithmetic
     (AVX512-BF16/AMX, about 2x faster there) and fp32 otherwise; fp32 forces full precision.
     """

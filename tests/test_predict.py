@@ -200,12 +200,13 @@ def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_
         Predictor(em_model, tta=True)  # trained with augmentation off
     assert "never saw a mirrored sample" in caplog.text and str(em_model) in caplog.text
     state = load_checkpoint(em_model / "best.pt")
-    state["config"]["augment"].update(enabled=True, p_flip=0.5)
-    save_checkpoint(state, tmp_path / "mirrored.pt")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="medseg.infer"):
-        Predictor(tmp_path / "mirrored.pt", tta=True)
-    assert not caplog.records
+    for p_flip, warns in ((0.0, True), (0.5, False)):  # augmented as the EM configs (no mirroring), or mirrored
+        state["config"]["augment"].update(enabled=True, p_flip=p_flip)
+        save_checkpoint(state, tmp_path / "model.pt")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medseg.infer"):
+            Predictor(tmp_path / "model.pt", tta=True)
+        assert bool(caplog.records) == warns
 
 
 def test_corrupt_scan_fails_alone(em_model, tmp_path):

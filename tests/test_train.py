@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import medseg.train
 from medseg import phantoms
 from medseg.checkpoint import load_checkpoint
 from medseg.cli import main
@@ -80,13 +81,16 @@ def test_resume_continues_exactly(em_folders, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
-def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folders, tmp_path):
+def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folders, tmp_path, monkeypatch):
     def config(out: Path):
         return _config(em_folders, out, epochs=2, steps_per_epoch=1, ema_decay=0.9)
 
     full = train(config(tmp_path / "a"), progress=False)
     first = train(config(tmp_path / "b"), progress=False, max_epochs=1)
     one = torch.load(first.run_dir / "latest.pt", weights_only=True)
+    validated = []
+    real_evaluate = medseg.train.evaluate
+    monkeypatch.setattr(medseg.train, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k))
     resumed = train(config(tmp_path / "b"), resume=first.run_dir, progress=False)
     two = torch.load(resumed.run_dir / "latest.pt", weights_only=True)
     assert resumed.step_losses == pytest.approx(full.step_losses[1:], abs=1e-6)
@@ -103,6 +107,7 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
     for key in ("model", "training_model"):
         assert all(torch.allclose(reference[key][k].float(), two[key][k].float(), atol=1e-6) for k in floats)
     # What was validated, and what predict loads, is the average.
+    assert validated and all(model is resumed.model for model in validated)
     assert all(torch.equal(resumed.model.state_dict()[k], two["model"][k]) for k in floats)
 
 
@@ -116,10 +121,13 @@ def test_moving_average_decay_warms_up_to_the_configured_value():
     assert torch.allclose(averaged[0], torch.full((3,), 0.1))
 
 
-def test_resuming_without_moving_average_state_names_the_checkpoint(em_folders, tmp_path):
-    first = train(_config(em_folders, tmp_path, epochs=2, steps_per_epoch=1), progress=False, max_epochs=1)
-    with pytest.raises(MedsegError, match="latest.pt was trained without train.ema_decay"):
-        train(_config(em_folders, tmp_path, epochs=2, steps_per_epoch=1, ema_decay=0.9), resume=first.run_dir, progress=False)
+def test_resume_keeps_weight_averaging_as_the_run_started(em_folders, tmp_path):
+    plain = train(_config(em_folders, tmp_path / "a", epochs=2, steps_per_epoch=1), progress=False, max_epochs=1)
+    with pytest.raises(MedsegError, match=r"a/t/latest.pt was trained without weight averaging.*--set train.ema_decay=null"):
+        train(_config(em_folders, tmp_path / "a", epochs=2, steps_per_epoch=1, ema_decay=0.9), resume=plain.run_dir, progress=False)
+    averaged = train(_config(em_folders, tmp_path / "b", epochs=2, steps_per_epoch=1, ema_decay=0.9), progress=False, max_epochs=1)
+    with pytest.raises(MedsegError, match=r"b/t/latest.pt was trained with weight averaging.*--set train.ema_decay=0.9"):
+        train(_config(em_folders, tmp_path / "b", epochs=2, steps_per_epoch=1), resume=averaged.run_dir, progress=False)
 
 
 def test_existing_run_is_not_overwritten_silently(em_folders, tmp_path):
@@ -164,16 +172,19 @@ import sys, torch, torch.distributed as dist
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import _config
-from medseg.train import Loss, ema_update, train
-result = train(_config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4), progress=False)
+from medseg.train import train
+result = train(_config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4, ema_decay={ema_decay!r}), progress=False)
 torch.save(result.model.state_dict(), Path({out!r}) / f"rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
 """
 
 
-def test_ddp_two_cpu_processes_agree(em_folders, tmp_path):
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["raw", "averaged"])
+def test_ddp_two_cpu_processes_agree(em_folders, tmp_path, ema_decay):
+    """Both ranks hold the same weights after an epoch: the trained ones, or with
+    ``ema_decay`` the averaged ones (BatchNorm statistics included)."""
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(em_folders), out=str(tmp_path)))
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(em_folders), out=str(tmp_path), ema_decay=ema_decay))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(script)]
