@@ -103,8 +103,8 @@ def isbi_pixel_error(counts: np.ndarray) -> tuple[float, float]:
     1 - the maximal F-score of pixel similarity over thresholds, from counts pooled over all
     slices. It is not the misclassified fraction that ``pixel_error`` is: it divides the
     wrong pixels by the cell pixels of reference and proposal together, not by all pixels
-    once, so on these slices, where
-    four in five pixels are cell, it comes out near 0.6 times the misclassified fraction.
+    once, so on these slices, where four in five pixels are cell, it comes out near 0.6
+    times the misclassified fraction.
     Returns the error and the threshold that gives it."""
     tp, fp, fn = counts.T
     f_score = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)

@@ -123,12 +123,10 @@ class Loss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels = target[:, :1]
-        if self.kind == "weighted_ce":
-            ce = F.cross_entropy(logits.float(), labels[:, 0].long(), reduction="none")
-            return (ce * target[:, 1]).mean()
-        if self.kind == "ce":
-            return F.cross_entropy(logits.float(), labels[:, 0].long())
-        return self.dice_ce(logits.float(), labels)
+        if self.kind == "dice_ce":
+            return self.dice_ce(logits.float(), labels)
+        ce = F.cross_entropy(logits.float(), labels[:, 0].long(), reduction="none")
+        return (ce * target[:, 1]).mean() if self.kind == "weighted_ce" else ce.mean()
 
 
 def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
