@@ -205,6 +205,9 @@ class ElasticAugment:
         scale: (low, high) zoom factor range; > 1 magnifies the content.
         p_scale: probability of a zoom.
         p_flip: probability of a mirror flip, independently per spatial axis.
+        flip_axes: the spatial axes (0 = the first after the channel axis) that may be
+            mirrored; None: every one. Anisotropic data (EM sections, whose annotation sits
+            off the dark membrane pixels along one axis) mirrors only where it is symmetric.
         brightness: added offset, uniform in [-brightness, brightness] times the sample's
             grey-value range.
         contrast: contrast factor around the sample mean, uniform in [1 - c, 1 + c].
@@ -233,6 +236,7 @@ class ElasticAugment:
         scale: tuple[float, float] = (1.0, 1.0),
         p_scale: float = 0.5,
         p_flip: float = 0.5,
+        flip_axes: Sequence[int] | None = None,
         brightness: float = 0.0,
         contrast: float = 0.0,
         gamma: float = 0.0,
@@ -250,6 +254,8 @@ class ElasticAugment:
             raise ValueError("image_mode='bicubic' needs spatial_dims=2: torch samples 3D only bilinear")
         if padding_mode not in ("reflection", "zeros", "border"):
             raise ValueError(f"padding_mode must be reflection, zeros or border, got {padding_mode!r}")
+        if flip_axes is not None and (len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < spatial_dims for a in flip_axes)):
+            raise ValueError(f"flip_axes must be distinct spatial axes in 0..{spatial_dims - 1}, got {list(flip_axes)}")
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
         for name, p in (("p_elastic", p_elastic), ("p_rotate", p_rotate), ("p_shift", p_shift),
@@ -267,6 +273,7 @@ class ElasticAugment:
         self.scale = (float(scale[0]), float(scale[1]))
         self.p_scale = p_scale
         self.p_flip = p_flip
+        self.flip_axes = tuple(range(spatial_dims)) if flip_axes is None else tuple(int(a) for a in flip_axes)
         self.brightness = float(brightness)
         self.contrast = float(contrast)
         self.gamma = float(gamma)
@@ -351,6 +358,11 @@ class ElasticAugment:
         offset = torch.zeros(batch, n)
         if self.p_flip > 0:
             flips = self._gate(batch, self.p_flip, generator, count=n)
+            # Columns are (x, y[, z]): tensor axis a is column n - 1 - a. Every axis is drawn
+            # either way, so limiting the axes leaves the other random draws unchanged.
+            allowed = torch.zeros(n)
+            allowed[[n - 1 - a for a in self.flip_axes]] = 1.0
+            flips = flips * allowed
             matrix = matrix * (1 - 2 * flips).unsqueeze(1)
         if self.scale != (1.0, 1.0):
             zoom = self._uniform((batch,), generator, *self.scale)

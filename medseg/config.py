@@ -178,6 +178,7 @@ class AugmentConfig(Section):
     scale: tuple[float, float] = (0.85, 1.15)
     p_scale: float = Field(0.3, ge=0.0, le=1.0)
     p_flip: float = Field(0.5, ge=0.0, le=1.0)
+    flip_axes: list[int] | None = None
     brightness: float = Field(0.1, ge=0.0)
     contrast: float = Field(0.15, ge=0.0)
     gamma: float = Field(0.2, ge=0.0)
@@ -238,7 +239,8 @@ class TrainConfig(Section):
 class InferConfig(Section):
     """Sliding-window inference settings.
 
-    tta: average the softmax over every mirroring of the spatial axes (2^dims passes).
+    tta: average the softmax over every mirroring of the axes training mirrored along
+    (``augment.flip_axes``; 2^axes passes), as nnU-Net does.
     precision: as ``train.precision``; windows are blended and softmaxed in fp32.
     """
 
@@ -272,8 +274,20 @@ class Config(Section):
             raise ValueError(f"train.border_class {self.train.border_class!r} is not one of data.classes {names}")
         if self.train.loss == "weighted_ce" and self.train.border_class is None:
             raise ValueError("train.loss weighted_ce needs train.border_class (the class whose instances touch, e.g. cell)")
+        flip_axes = self.augment.flip_axes
+        if flip_axes is not None and (len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < self.model.spatial_dims for a in flip_axes)):
+            raise ValueError(f"augment.flip_axes {flip_axes}: give distinct spatial axes in 0..{self.model.spatial_dims - 1} "
+                             f"(0 is the first axis after the channel), or leave it unset to mirror along every axis")
         if len(self.train.patch_size) != self.model.spatial_dims:
             raise ValueError(f"train.patch_size {self.train.patch_size} must have model.spatial_dims={self.model.spatial_dims} values")
+
+    @property
+    def mirrored_axes(self) -> tuple[int, ...]:
+        """The spatial axes training mirrored samples along: the only ones mirroring TTA can trust."""
+        augment = self.augment
+        if not (augment.enabled and augment.p_flip > 0):
+            return ()
+        return tuple(range(self.model.spatial_dims)) if augment.flip_axes is None else tuple(augment.flip_axes)
 
     def dump(self) -> dict[str, Any]:
         """Plain-data form (paths as strings), e.g. to store in a checkpoint."""

@@ -47,7 +47,8 @@ class Predictor:
     Args:
         checkpoint: a run folder (best.pt is used) or a checkpoint file.
         device: 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'.
-        tta: average the softmax over every mirroring of the spatial axes.
+        tta: average the softmax over every mirroring of the axes the model was trained
+            mirrored along (``augment.flip_axes``), or of every axis if it never was.
         precision: 'auto', 'fp32', 'bf16' or 'fp16' (see ``InferConfig``); None keeps the checkpoint's.
         overlap, sw_batch_size, roi_size: override the checkpoint's inference settings.
         keep_largest: class names whose mask keeps only its largest connected component.
@@ -83,10 +84,13 @@ class Predictor:
         self.preprocessor = Preprocessor(state["preprocess"])
         infer = self.config.infer
         self.tta = infer.tta if tta is None else tta
-        if self.tta and not (self.config.augment.enabled and self.config.augment.p_flip > 0):
+        # TTA mirrors only along the axes training mirrored along (nnU-Net's rule); a model
+        # that never saw a mirrored sample is mirrored along every axis, as asked, with a warning.
+        self.tta_axes = self.config.mirrored_axes or tuple(range(self.spatial_dims))
+        if self.tta and not self.config.mirrored_axes:
             log.warning("%s: test-time augmentation mirrors every scan, but this model never saw a mirrored sample "
                         "in training (augment.p_flip 0 or augment off), so mirroring can cost accuracy "
-                        "(the EM configs lose 0.0015 pixel error, BENCHMARKS.md); predict without --tta, "
+                        "(the EM configs lose about 0.002 pixel error, BENCHMARKS.md); predict without --tta, "
                         "or train with augment.p_flip above 0", checkpoint)
         self.dtype = choose_precision(precision or infer.precision, self.device)
         self.overlap = infer.overlap if overlap is None else overlap
@@ -110,7 +114,7 @@ class Predictor:
         """Softmax probabilities (1, K, *spatial) for one (1, C, *spatial) input, stitched on CPU."""
         flips: list[tuple[int, ...]] = [()]
         if self.tta:
-            axes = tuple(range(2, 2 + self.spatial_dims))
+            axes = tuple(2 + a for a in self.tta_axes)
             flips = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
         predictor = in_precision(self.model, self.device, self.dtype)
         total = None

@@ -111,6 +111,32 @@ def test_flip_probability_one_is_torch_flip(spatial_dims):
     assert not torch.allclose(out, image, atol=1e-2)
 
 
+@pytest.mark.parametrize("spatial_dims,flip_axes", [(2, [1]), (2, [0]), (2, []), (3, [0, 2])])
+def test_flip_axes_mirror_only_the_named_axes(spatial_dims, flip_axes):
+    image, label = _image(spatial_dims), _labels(spatial_dims)
+    out, out_label = ElasticAugment(spatial_dims, sigma=0.0, p_flip=1.0, flip_axes=flip_axes)(image, label, _gen())
+    dims = tuple(2 + a for a in flip_axes)
+    expected, expected_label = (torch.flip(image, dims), torch.flip(label, dims)) if dims else (image, label)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(out_label, expected_label)
+
+
+def test_flip_axes_leave_the_other_random_draws_as_they_were():
+    """Limiting the mirrored axes changes only the mirroring: the elastic field, rotation, zoom
+    and shift of a seed stay the same, so the two grids differ by a linear map alone."""
+    shape = (48, 40)
+    settings = dict(sigma=5.0, rotate_degrees=20.0, p_rotate=1.0, shift=0.05, p_shift=1.0, p_flip=1.0)
+    both = ElasticAugment(2, **settings).sampling_grid(8, shape, _gen(3))
+    cols = ElasticAugment(2, flip_axes=[1], **settings).sampling_grid(8, shape, _gen(3))
+    difference = (both - cols).reshape(8, -1, 2)
+    rows, columns = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
+    design = torch.stack([torch.ones(48 * 40), rows.reshape(-1), columns.reshape(-1)], dim=1)
+    for sample in difference:
+        fit = torch.linalg.lstsq(design, sample).solution
+        assert (design @ fit - sample).abs().max() < 1e-4  # the elastic part cancelled exactly
+        assert sample.abs().max() > 0.1  # and the mirroring did differ
+
+
 def test_rotation_is_rigid_in_pixels_on_a_non_square_image():
     """A centred disc on a 41 x 81 image stays a disc: rotations are not done in grid units."""
     rows, cols = torch.meshgrid(torch.arange(41.0) - 20, torch.arange(81.0) - 40, indexing="ij")
@@ -232,6 +258,10 @@ def test_bad_arguments_get_clear_errors():
         ElasticAugment(3, image_mode="bicubic")
     with pytest.raises(ValueError, match="p_flip"):
         ElasticAugment(2, p_flip=1.5)
+    with pytest.raises(ValueError, match="flip_axes"):
+        ElasticAugment(2, flip_axes=[2])
+    with pytest.raises(ValueError, match="flip_axes"):
+        ElasticAugment(3, flip_axes=[1, 1])
     augment = ElasticAugment(2)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         augment(torch.zeros(1, 8, 8))

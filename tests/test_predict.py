@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from medseg import phantoms
@@ -207,6 +208,36 @@ def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_
         with caplog.at_level(logging.WARNING, logger="medseg.infer"):
             Predictor(tmp_path / "model.pt", tta=True)
         assert bool(caplog.records) == warns
+
+
+def test_tta_mirrors_only_the_axes_training_mirrored_along(em_model, tmp_path, monkeypatch):
+    """nnU-Net's rule: a model trained mirrored along columns only is tested mirrored along
+    columns only (2 passes, not 4); one never mirrored is mirrored along every axis, as asked."""
+    state = load_checkpoint(em_model / "best.pt")
+    scan = load(discover(_em_image(tmp_path)).scans[0])
+    seen: list[tuple[int, ...]] = []
+    real_flip = torch.flip
+    monkeypatch.setattr(torch, "flip", lambda x, dims: seen.append(tuple(dims)) or real_flip(x, dims))
+    for augment, passes in (({"enabled": True, "p_flip": 0.5, "flip_axes": [1]}, {(), (3,)}),
+                            ({"enabled": True, "p_flip": 0.5, "flip_axes": None}, {(), (2,), (3,), (2, 3)}),
+                            ({"enabled": False}, {(), (2,), (3,), (2, 3)})):
+        state["config"]["augment"].update(augment)
+        save_checkpoint(state, tmp_path / "model.pt")
+        predictor = Predictor(tmp_path / "model.pt", tta=True)
+        seen.clear()
+        mirrored = predictor.predict(scan).mask
+        assert set(seen) | {()} == passes  # each flip is applied to the input and undone on the output
+    monkeypatch.undo()
+    plain = Predictor(tmp_path / "model.pt", tta=False).predict(scan).mask
+    assert mirrored.shape == plain.shape and np.mean(mirrored == plain) > 0.9
+
+
+def _em_image(tmp_path: Path) -> Path:
+    em = phantoms.em_phantom(shape=(64, 64, 1), seed=5)
+    folder = tmp_path / "tta_scan"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(em.image[:, :, 0].T).save(folder / "slice.png")
+    return folder
 
 
 def test_corrupt_scan_fails_alone(em_model, tmp_path):

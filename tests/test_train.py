@@ -159,6 +159,8 @@ def test_training_config_errors_name_the_key(em_folders, tmp_path):
         config_from_dict({"data": {"classes": {"a": 0, "b": 1}}, "model": {"name": "unet", "out_channels": 3}})
     with pytest.raises(ConfigError, match="train.patch_size"):
         config_from_dict({"model": {"name": "unet", "spatial_dims": 3}})
+    with pytest.raises(ConfigError, match=r"augment.flip_axes \[2\]: give distinct spatial axes in 0..1"):
+        config_from_dict({"model": {"name": "unet"}, "augment": {"flip_axes": [2]}})
 
 
 def _free_port() -> int:
