@@ -6,7 +6,7 @@ BasicUNet with flips only, trained by the same loop for the same budget, so ever
 is measured in one run on one machine. The figures are the training loop's last
 validation and, for the best checkpoint, what `medseg predict` writes (the reader,
 preprocessing, sliding window and inverse a user gets), without and with mirroring
-test-time augmentation (`--tta`; outside the budget, it costs 4x the inference), plus the
+test-time augmentation (`--tta`; outside the budget, it costs 2^(mirrored axes) times the inference), plus the
 same on training slices 0-4 (how well the model fits what it trained on). Each score also
 splits the pixel error by where the wrong pixels lie: within 1 or 2 px of a reference
 membrane edge (boundary placement) or farther (a membrane missed or invented), and
@@ -203,7 +203,7 @@ def main() -> None:
         results.append(run_model(name, args.budget_minutes, args.runs, args.overrides))
         print(json.dumps(results[-1]), flush=True)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-              "budget_minutes": args.budget_minutes, "validation": "ISBI 2012 train slices 25-29", "results": results}
+              "budget_minutes": args.budget_minutes, "overrides": args.overrides, "validation": "ISBI 2012 train slices 25-29", "results": results}
     reference = next((r for r in results if r["model"] == "monai_basicunet"), None)
     print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'scored':<22}{'pixel error':>11}  {'membrane Dice':>13}"
           f"  {'membrane IoU':>12}  {'ISBI pixel error':>16}")

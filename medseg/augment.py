@@ -206,8 +206,8 @@ class ElasticAugment:
         p_scale: probability of a zoom.
         p_flip: probability of a mirror flip, independently per spatial axis.
         flip_axes: the spatial axes (0 = the first after the channel axis) that may be
-            mirrored; None: every one. Anisotropic data (EM sections, whose annotation sits
-            off the dark membrane pixels along one axis) mirrors only where it is symmetric.
+            mirrored; None: every one. Restricts mirroring to the axes along which image and
+            labels are mirror-symmetric.
         brightness: added offset, uniform in [-brightness, brightness] times the sample's
             grey-value range.
         contrast: contrast factor around the sample mean, uniform in [1 - c, 1 + c].

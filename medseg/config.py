@@ -240,7 +240,9 @@ class InferConfig(Section):
     """Sliding-window inference settings.
 
     tta: average the softmax over every mirroring of the axes training mirrored along
-    (``augment.flip_axes``; 2^axes passes), as nnU-Net does.
+    (``augment.flip_axes``; 2^axes passes), the axes nnU-Net mirrors too. A model never
+    trained on mirrored samples is mirrored along every axis, with a warning: unlike
+    nnU-Net, which then skips mirroring, medseg does what was asked and says it costs.
     precision: as ``train.precision``; windows are blended and softmaxed in fp32.
     """
 

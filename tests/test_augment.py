@@ -111,7 +111,7 @@ def test_flip_probability_one_is_torch_flip(spatial_dims):
     assert not torch.allclose(out, image, atol=1e-2)
 
 
-@pytest.mark.parametrize("spatial_dims,flip_axes", [(2, [1]), (2, [0]), (2, []), (3, [0, 2])])
+@pytest.mark.parametrize("spatial_dims,flip_axes", [(2, [1]), (2, [0]), (2, []), (3, [0]), (3, [1, 2])])
 def test_flip_axes_mirror_only_the_named_axes(spatial_dims, flip_axes):
     image, label = _image(spatial_dims), _labels(spatial_dims)
     out, out_label = ElasticAugment(spatial_dims, sigma=0.0, p_flip=1.0, flip_axes=flip_axes)(image, label, _gen())
