@@ -280,6 +280,9 @@ class Config(Section):
         if flip_axes is not None and (len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < self.model.spatial_dims for a in flip_axes)):
             raise ValueError(f"augment.flip_axes {flip_axes}: give distinct spatial axes in 0..{self.model.spatial_dims - 1} "
                              f"(0 is the first axis after the channel), or leave it unset to mirror along every axis")
+        if self.augment.image_mode == "bicubic" and self.model.spatial_dims == 3:
+            raise ValueError("augment.image_mode bicubic needs model.spatial_dims 2 (torch resamples volumes "
+                             "bilinear only); use image_mode bilinear for a 3D model")
         if len(self.train.patch_size) != self.model.spatial_dims:
             raise ValueError(f"train.patch_size {self.train.patch_size} must have model.spatial_dims={self.model.spatial_dims} values")
 

@@ -161,6 +161,9 @@ def test_training_config_errors_name_the_key(em_folders, tmp_path):
         config_from_dict({"model": {"name": "unet", "spatial_dims": 3}})
     with pytest.raises(ConfigError, match=r"augment.flip_axes \[2\]: give distinct spatial axes in 0..1"):
         config_from_dict({"model": {"name": "unet"}, "augment": {"flip_axes": [2]}})
+    with pytest.raises(ConfigError, match="augment.image_mode bicubic needs model.spatial_dims 2"):
+        config_from_dict({"model": {"name": "unet", "spatial_dims": 3}, "train": {"patch_size": [8, 8, 8]},
+                          "augment": {"image_mode": "bicubic"}})
 
 
 def _free_port() -> int:
