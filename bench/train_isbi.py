@@ -6,10 +6,10 @@ BasicUNet with flips only, trained by the same loop for the same budget, so ever
 is measured in one run on one machine. The figures are the training loop's last
 validation and, for the best checkpoint, what `medseg predict` writes (the reader,
 preprocessing, sliding window and inverse a user gets), without and with mirroring
-test-time augmentation (`--tta`; outside the budget, it costs 2^(mirrored axes) times the inference), plus the
-same on training slices 0-4 (how well the model fits what it trained on). Each score also
-splits the pixel error by where the wrong pixels lie: within 1 or 2 px of a reference
-membrane edge (boundary placement) or farther (a membrane missed or invented), and
+test-time augmentation (`--tta`; outside the budget, it costs 2^(mirrored axes) times the
+inference), plus the same on training slices 0-4 (how well the model fits what it trained
+on). Each score also splits the pixel error by where the wrong pixels lie: within 1 or 2 px
+of a reference membrane edge (boundary placement) or farther (a membrane missed or invented), and
 gives the ISBI 2012 challenge's own "pixel error" (1 - maximal F-score of the cell
 pixels over thresholds), which is the figure the U-Net paper reports and is not the
 misclassified fraction. Prints a table and writes JSON.

@@ -86,11 +86,12 @@ class Predictor:
         self.tta = infer.tta if tta is None else tta
         # TTA mirrors only along the axes training mirrored along (the axes nnU-Net mirrors); a
         # model that never saw a mirrored sample is mirrored along every axis, as asked, with a warning.
-        self.tta_axes = self.config.mirrored_axes or tuple(range(self.spatial_dims))
-        if self.tta and not self.config.mirrored_axes:
+        trained_axes = self.config.mirrored_axes
+        self.tta_axes = trained_axes or tuple(range(self.spatial_dims))
+        if self.tta and not trained_axes:
             log.warning("%s: test-time augmentation mirrors every scan, but this model never saw a mirrored sample "
-                        "in training (augment.p_flip 0, augment.flip_axes empty or augment off), so mirroring can cost accuracy "
-                        "(the EM configs lose about 0.002 pixel error, BENCHMARKS.md); predict without --tta, "
+                        "in training (augment.p_flip 0, augment.flip_axes empty or augment off), so mirroring can "
+                        "cost accuracy (the EM configs lose about 0.002 pixel error, BENCHMARKS.md); predict without --tta, "
                         "or train with augment.p_flip above 0", checkpoint)
         self.dtype = choose_precision(precision or infer.precision, self.device)
         self.overlap = infer.overlap if overlap is None else overlap

@@ -127,8 +127,8 @@ def test_flip_axes_leave_the_other_random_draws_as_they_were():
     shape = (48, 40)
     settings = dict(sigma=5.0, rotate_degrees=20.0, p_rotate=1.0, shift=0.05, p_shift=1.0, p_flip=1.0)
     both = ElasticAugment(2, **settings).sampling_grid(8, shape, _gen(3))
-    cols = ElasticAugment(2, flip_axes=[1], **settings).sampling_grid(8, shape, _gen(3))
-    difference = (both - cols).reshape(8, -1, 2)
+    only_y = ElasticAugment(2, flip_axes=[1], **settings).sampling_grid(8, shape, _gen(3))
+    difference = (both - only_y).reshape(8, -1, 2)
     rows, columns = torch.meshgrid(torch.arange(48.0), torch.arange(40.0), indexing="ij")
     design = torch.stack([torch.ones(48 * 40), rows.reshape(-1), columns.reshape(-1)], dim=1)
     for sample in difference:

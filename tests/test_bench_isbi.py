@@ -53,7 +53,6 @@ def test_isbi_pixel_error_is_zero_for_a_perfect_proposal_and_one_for_none(bench)
     assert bench.isbi_pixel_error(bench.isbi_counts(np.zeros((16, 16)), reference))[0] == 1.0
 
 
-
 def test_label_offset_finds_a_known_shift_per_axis(offset):
     rng = np.random.default_rng(0)
     membrane = (rng.random((64, 64)) < 0.2).astype(float)
