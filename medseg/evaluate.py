@@ -19,8 +19,11 @@ Reports in the output folder, each written to a temporary file and renamed:
 - ``metrics.json``: classes, cases, summary, failures and unpaired ids. Strict JSON
   has no NaN or infinity, so NaN is written as null and inf as the string "inf".
 
-A pair that cannot be scored (unreadable file, different grids, RGB mask) becomes a
-failure with its reason; the other cases go on.
+A prediction whose grid holds the reference's voxel centres in another axis order (LPS
+vs LAS) is transposed/flipped onto the reference grid exactly; with ``resample="nearest"``
+any other grid is resampled onto it (``medseg.grids``); each case records which in
+``grid`` and its notes. A pair that cannot be scored (unreadable file, different grids,
+RGB mask) becomes a failure with its reason; the other cases go on.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
+from medseg.grids import RESAMPLE_MODES, align_to_reference
 from medseg.io import Discovery, LoadOptions, Scan, ScanRef, discover, load, validate_label
 from medseg.io.sniff import suffix_of
 from medseg.metrics import class_overlap, hausdorff95, pixel_accuracy, summarize, surface_dice
@@ -94,6 +99,7 @@ class EvaluationReport:
     classes_source: str
     metrics: tuple[str, ...]
     surface_mm: float | None = None
+    resample: str | None = None
     cases: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     unpaired_predictions: list[str] = field(default_factory=list)
@@ -116,6 +122,8 @@ class EvaluationReport:
             "classes_source": self.classes_source,
             "metrics": list(self.metrics),
             "surface_dice_tolerance_mm": self.surface_mm,
+            "resample": self.resample,
+            "resampled_cases": [c["case"] for c in self.cases if c.get("grid") == "resampled"],
             "conventions": " ".join(CONVENTIONS.split()),
             "cases": self.cases,
             "summary": self.summary,
@@ -168,16 +176,21 @@ def evaluate_case(
     classes: Mapping[str, int] | None = None,
     hd95: bool = False,
     surface_mm: float | None = None,
+    resample: str | None = None,
 ) -> dict[str, Any]:
     """Scores of one prediction against its reference; LabelError if they cannot be compared.
 
     classes: name → value; None scores every value found in either mask as ``label_<value>``.
-    Returns {"case", "prediction", "reference", "pixel_accuracy", "classes": {name: {"value",
-    "dice", "iou", ["hd95"], ["surface_dice"]}}, "distance_unit" (with distances), "notes"}.
+    resample: None scores only grids holding the reference's voxel centres (in any axis order);
+    "nearest" resamples any other prediction grid onto the reference grid.
+    Returns {"case", "prediction", "reference", "grid" ("same", "reoriented" or "resampled"),
+    "pixel_accuracy", "classes": {name: {"value", "dice", "iou", ["hd95"], ["surface_dice"]}},
+    "distance_unit" (with distances), "notes"}.
     """
-    p, r = _comparable_arrays(pred, ref)
+    aligned = align_to_reference(validate_label(pred, pred), ref, resample)
+    p, r = aligned.array, validate_label(ref, ref).array[0]
     found = sorted(int(v) for v in np.union1d(np.unique(p), np.unique(r)))
-    notes: list[str] = []
+    notes: list[str] = [aligned.note] if aligned.note else []
     if classes is None:
         classes = {f"label_{v}": v for v in found}
     else:
@@ -203,6 +216,7 @@ def evaluate_case(
         "case": ref.ref.id,
         "prediction": str(pred.ref.path),
         "reference": str(ref.ref.path),
+        "grid": aligned.method,
         "pixel_accuracy": pixel_accuracy(p, r),
         "classes": scores,
     }
@@ -222,16 +236,21 @@ def evaluate_folders(
     surface_mm: float | None = None,
     stack_sequences: bool = True,
     progress: bool | None = None,
+    resample: str | None = None,
 ) -> EvaluationReport:
     """Score every prediction in ``pred_dir`` that has a reference with the same case id.
 
     classes: name → value; else ``predictions.json`` in pred_dir; else every value found.
+    resample: "nearest" resamples a prediction on another grid onto its reference's grid
+    (see ``evaluate_case``); None refuses such a pair as a failure naming the offset.
     stack_sequences: numbered 2D images in one folder form one 3D case, as `medseg predict`
     reads them; False scores each image as a case of its own.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if surface_mm is not None and not (math.isfinite(surface_mm) and surface_mm >= 0):
         raise ConfigError(f"surface Dice tolerance {surface_mm} mm must be a finite number >= 0, e.g. 1.0")
+    if resample is not None and resample not in RESAMPLE_MODES:
+        raise ConfigError(f"resample {resample!r} is not one of {', '.join(RESAMPLE_MODES)}; e.g. --resample nearest")
     preds, refs = discover(pred_dir, stack_sequences), discover(ref_dir, stack_sequences)
     if classes is not None:
         mapping, source = dict(classes), "given"
@@ -240,13 +259,14 @@ def evaluate_folders(
         mapping = read_prediction_classes(pred_dir)
         source = "predictions.json" if mapping is not None else "values found"
     metrics = ("dice", "iou") + (("hd95",) if hd95 else ()) + (("surface_dice",) if surface_mm is not None else ())
-    report = EvaluationReport(pred_dir, ref_dir, dict(mapping or {}), source, metrics, surface_mm)
+    report = EvaluationReport(pred_dir, ref_dir, dict(mapping or {}), source, metrics, surface_mm, resample)
     pairs = _pair(preds, refs, report)
     if not pairs and not report.failures:
         raise ScanError(
             [pred_dir, ref_dir],
             "no prediction has a reference with the same case id "
-            f"(predictions: {_examples(report.unpaired_predictions)}; references: {_examples(report.unpaired_references)})",
+            f"(predictions: {_examples(report.unpaired_predictions)}; "
+            f"references: {_examples(report.unpaired_references)})",
             "name each mask after its case in both folders (as `medseg predict` does), e.g. pred/case_01.nii.gz "
             "and ref/case_01.nii.gz",
         )
@@ -254,7 +274,7 @@ def evaluate_folders(
     for pred_ref, ref_ref in tqdm(pairs, desc="evaluate", unit="case", disable=not show):
         try:
             pred, ref = _load_mask(pred_ref, "prediction"), _load_mask(ref_ref, "reference")
-            report.cases.append(evaluate_case(pred, ref, mapping, hd95, surface_mm))
+            report.cases.append(evaluate_case(pred, ref, mapping, hd95, surface_mm, resample))
         except MedsegError as exc:
             report.failures.append(Failure(ref_ref.id, _shown(pred_ref, ref_ref), str(exc)))
         except (OSError, ValueError, RuntimeError) as exc:  # anything else a file can provoke
@@ -308,21 +328,11 @@ def format_report(report: EvaluationReport) -> str:
         lines.append(f"References without a prediction ({len(report.unpaired_references)}): "
                      + ", ".join(report.unpaired_references))
     lines += [f"FAILED {f.case}: {f.reason}" for f in report.failures]
+    if report.resample:
+        resampled = sum(c.get("grid") == "resampled" for c in report.cases)
+        lines.append(f"Resampling: {report.resample} neighbour onto the reference grid, in {resampled} case(s)")
     lines.append(f"{len(report.cases)} case(s) scored, {len(report.failures)} failed; classes: {report.classes_source}")
     return "\n".join(lines)
-
-
-def _comparable_arrays(pred: Scan, ref: Scan) -> tuple[np.ndarray, np.ndarray]:
-    """The two masks as integer arrays on one grid, or LabelError naming both files."""
-    problem = ref.geometry.mismatch(pred.geometry)
-    if problem:
-        raise LabelError(
-            [pred.ref.path, ref.ref.path],
-            f"prediction and reference are on different grids: {problem}",
-            "write the prediction on the reference scan's grid (as `medseg predict` does) "
-            "or pair it with the right reference",
-        )
-    return validate_label(pred, ref).array[0], validate_label(ref, ref).array[0]
 
 
 def _load_mask(ref: ScanRef, role: str) -> Scan:
@@ -373,8 +383,9 @@ def _union_of_found_classes(cases: list[dict[str, Any]], metrics: Sequence[str])
     classes = {f"label_{v}": v for v in values}
     for case in cases:
         rows = case["classes"]
-        filled = {name: rows.get(name) or {"value": v, **{m: float("nan") for m in metrics}} for name, v in classes.items()}
-        case["classes"] = filled
+        case["classes"] = {
+            name: rows.get(name) or {"value": v, **{m: float("nan") for m in metrics}} for name, v in classes.items()
+        }
     return classes
 
 
@@ -382,7 +393,9 @@ def _check_unique_values(classes: Mapping[str, int], source: str) -> None:
     seen: dict[int, str] = {}
     for name, value in classes.items():
         if value in seen:
-            raise ConfigError(f"{source}: classes {seen[value]!r} and {name!r} share the value {value}; give each its own")
+            raise ConfigError(
+                f"{source}: classes {seen[value]!r} and {name!r} share the value {value}; give each its own"
+            )
         seen[value] = name
 
 
@@ -414,7 +427,7 @@ def _csv_text(report: EvaluationReport) -> str:
     return buffer.getvalue()
 
 
-def _cell(value: float | int) -> str:
+def _cell(value: float) -> str:
     """repr keeps full precision and reads back with float(): 'nan', 'inf' included."""
     return str(value) if isinstance(value, int) else repr(float(value))
 
@@ -445,7 +458,7 @@ def _write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def _fmt(value: float | int) -> str:
+def _fmt(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.4f}")

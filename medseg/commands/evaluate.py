@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medseg.errors import ConfigError
 from medseg.evaluate import CONVENTIONS, evaluate_folders, format_report, parse_classes, write_reports
+from medseg.grids import RESAMPLE_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,9 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=textwrap.fill(
             "Pair masks in --pred and --ref by case id (file path below the folder, without suffix), "
             "score each pair per class and write metrics.csv and metrics.json. A prediction without a "
-            "reference (or the reverse) is listed; an unreadable mask or a pair on different grids is a "
-            "failure for that case. Distances are in mm of the reference grid (pixels where it has no "
-            "physical pixel size). Exit status 1 if any case failed, else 0.",
+            "reference (or the reverse) is listed; an unreadable mask is a failure for that case. A "
+            "prediction holding the reference's voxel centres in another axis order (e.g. LPS vs LAS) is "
+            "transposed/flipped onto the reference grid exactly; a prediction on any other grid is a failure "
+            "naming the offset, unless --resample nearest puts it on the reference grid. Distances are in mm "
+            "of the reference grid (pixels where it has no physical pixel size). Exit status 1 if any case "
+            "failed, else 0.",
             width=88,
         ),
         epilog=CONVENTIONS,
@@ -46,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="score numbered 2D images (img_01.png, img_02.png) each as a case, not as slices of one stack",
     )
+    parser.add_argument(
+        "--resample",
+        choices=RESAMPLE_MODES,
+        help="resample a prediction on another grid (shape, spacing, origin) onto its reference's grid by "
+        "nearest neighbour, and say so in the report (default: refuse such a pair)",
+    )
     parser.add_argument("--output", type=Path, metavar="DIR", help="where to write the reports (default: --pred)")
     parser.set_defaults(func=run)
 
@@ -65,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         hd95=args.hd95,
         surface_mm=args.surface_dice_mm,
         stack_sequences=not args.per_image,
+        resample=args.resample,
     )
     csv_path, json_path = write_reports(report, args.output)
     print(format_report(report))
