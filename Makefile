@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo test test-slow clean
+.PHONY: install browser dicomtools demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,19 @@ browser:
 	  else echo "chromium/chromedriver missing and no root apt: the browser tests will be skipped"; fi; \
 	fi
 
+# The DICOM SEG tests validate every SEG they write with dciodvfy (Debian's dicom3tools);
+# installed here when missing (needs root and apt; elsewhere those checks skip and say why).
+dicomtools:
+	@if ! command -v dciodvfy >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools; \
+	  else echo "dciodvfy missing and no root apt: the DICOM SEG validity checks will be skipped"; fi; \
+	fi
+
 demo: install
 	$(BIN)/medseg demo --output demo-output
 
-test: install browser
+test: install browser dicomtools
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: install

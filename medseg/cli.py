@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Library INFO lines say nothing a user acts on (highdicom alone logs ~10 per DICOM SEG); -v shows them.
+    for name in ("highdicom", "httpx", "distributed"):
+        logging.getLogger(name).setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

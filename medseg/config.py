@@ -81,6 +81,32 @@ class SplitConfig(Section):
         return self
 
 
+class CodeConfig(Section):
+    """One coded concept, as a DICOM code sequence item: e.g. value 10200004, scheme SCT, meaning Liver."""
+
+    value: str = Field(max_length=64)
+    scheme: str = Field(max_length=16)
+    meaning: str = Field(max_length=64)
+
+    @field_validator("value", "scheme", "meaning")
+    @classmethod
+    def _dicom_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (e.g. value: '10200004', scheme: SCT, meaning: Liver)")
+        if any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("a DICOM code may not contain a backslash or control characters")
+        return value.strip()
+
+
+class ClassCodingConfig(Section):
+    """How one class is coded in a DICOM SEG: category (DICOM CID 7150), type (CID 7151),
+    and an optional type modifier such as laterality (SCT 7771000 Left)."""
+
+    category: CodeConfig
+    type: CodeConfig
+    modifier: CodeConfig | None = None
+
+
 class DataConfig(Section):
     """Where the cases come from and what their label values mean.
 
@@ -96,6 +122,16 @@ class DataConfig(Section):
     classes: dict[str, int] = Field(default_factory=lambda: {"background": 0, "foreground": 1})
     color: Literal["grey", "channels"] = "grey"
     split: SplitConfig = Field(default_factory=SplitConfig)
+    # DICOM SEG codes per class name, over medseg.seg_coding's SNOMED CT table (e.g. for site-specific classes).
+    classes_coding: dict[str, ClassCodingConfig] | None = None
+
+    @model_validator(mode="after")
+    def _coded_classes_exist(self) -> DataConfig:
+        unknown = sorted(set(self.classes_coding or {}) - set(self.classes))
+        if unknown:
+            raise ValueError(f"classes_coding names {unknown}, which are not in classes {list(self.classes)}; "
+                             "use the class names exactly as data.classes spells them")
+        return self
 
     @field_validator("classes")
     @classmethod

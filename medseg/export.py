@@ -16,11 +16,11 @@ from typing import Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import tifffile
 from PIL import Image
 
 from medseg import __version__
+from medseg.dicom_seg import write_dicom_seg
 from medseg.errors import MedsegError
 from medseg.geometry import Geometry
 from medseg.io.scan import Scan, ScanRef
@@ -204,98 +204,6 @@ def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[
                 raise ExportError(f"{path}: PNG mask read back differently")
         written.append(path)
     return written
-
-
-def write_dicom_seg(
-    mask: np.ndarray,
-    scan: Scan,
-    path: Path,
-    classes: Mapping[str, int],
-    algorithm: str = "medseg",
-) -> Path:
-    """DICOM SEG (highdicom) referencing the source series and its frame of reference.
-
-    ``mask`` holds the label values of ``classes``; every class except the one valued 0
-    becomes a segment, numbered in class order, with its name and a display colour.
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    mask = _spatial(mask, scan)
-    if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise ExportError(f"{scan.ref.path}: DICOM SEG needs a DICOM source series")
-    sources = _source_datasets(scan)
-    segments = [(name, value) for name, value in classes.items() if value != 0]
-    numbers = np.zeros(mask.shape, dtype=np.uint16)
-    descriptions = []
-    for number, (name, value) in enumerate(segments, start=1):
-        numbers[mask == value] = number
-        rgb = CLASS_COLOURS[(number - 1) % len(CLASS_COLOURS)]
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=name,
-                segmented_property_category=codes.SCT.Tissue,
-                segmented_property_type=codes.SCT.Tissue,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=hd.AlgorithmIdentificationSequence(
-                    name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=__version__
-                ),
-                display_color=hd.color.CIELabColor.from_rgb(*rgb) if hasattr(hd.color.CIELabColor, "from_rgb") else None,
-            )
-        )
-    frames = np.ascontiguousarray(np.transpose(numbers, (2, 1, 0)))  # (slice, row, column), spatial order
-    if scan.metadata.get("frame_order"):  # one multi-frame source: back to its own frame order
-        restored = np.zeros_like(frames)
-        restored[[f - 1 for f in scan.metadata["frame_order"]]] = frames
-        frames = restored
-    series = pydicom.uid.generate_uid()
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=series,
-        series_number=int(scan.metadata.get("series_number") or 1) + 1000,
-        sop_instance_uid=pydicom.uid.generate_uid(),
-        instance_number=1,
-        manufacturer="medseg",
-        manufacturer_model_name=algorithm,
-        software_versions=__version__,
-        device_serial_number="0",
-        series_description=f"medseg {algorithm} segmentation"[:64],
-        omit_empty_frames=False,
-    )
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp)
-        _check_seg(tmp, numbers, scan, path)
-    return path
-
-
-def _source_datasets(scan: Scan) -> list[pydicom.Dataset]:
-    """The source instances in the scan's slice order, headers only."""
-    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in scan.ref.paths]
-    if scan.metadata.get("frame_order"):
-        return datasets
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
-    return [by_uid[uid] for uid in scan.metadata["sop_instance_uids"]]
-
-
-def _check_seg(path: Path, numbers: np.ndarray, scan: Scan, shown: Path) -> None:
-    import highdicom as hd
-
-    seg = hd.seg.segread(path)
-    if str(seg.FrameOfReferenceUID) != scan.metadata.get("frame_of_reference_uid", ""):
-        raise ExportError(f"{shown}: DICOM SEG frame of reference differs from the source series")
-    if scan.metadata.get("frame_order"):
-        source_uid = scan.metadata["sop_instance_uids"][0]
-        frame_numbers = list(scan.metadata["frame_order"])
-        pixels = seg.get_pixels_by_source_frame(source_uid, frame_numbers, combine_segments=True)
-    else:
-        pixels = seg.get_pixels_by_source_instance(scan.metadata["sop_instance_uids"], combine_segments=True)
-    expected = np.transpose(numbers, (2, 1, 0))
-    if pixels.shape != expected.shape or not np.array_equal(pixels, expected):
-        raise ExportError(f"{shown}: DICOM SEG read back with shape {pixels.shape} or segments differing from the mask")
 
 
 def export_mask(
