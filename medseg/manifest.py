@@ -3,6 +3,13 @@
 ``data_manifest.csv`` has one row per file. ``fetch`` brings a dataset's files into
 ``ROOT/<dataset>/<path>`` from a local mirror or the source URL and verifies every
 sha256, so training never runs on a half-downloaded or silently changed file.
+
+A manifest can come from anywhere, so its URLs are untrusted: downloads go over https://
+only (certificate checked, redirects to https:// only); a file:// URL is read only from
+inside the local mirror. Each file is streamed and cut off as soon as it grows past its
+declared ``size`` (an optional column, in bytes) or, without one, past
+``MAX_UNDECLARED_BYTES``, so an endless or wrong source cannot fill the disk; the
+partial download is deleted.
 """
 
 from __future__ import annotations
@@ -12,14 +19,16 @@ import hashlib
 import logging
 import os
 import re
-import shutil
+import ssl
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterable, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from tqdm import tqdm
 
@@ -28,6 +37,8 @@ from medseg.errors import ManifestError
 
 __all__ = [
     "COLUMNS",
+    "MAX_UNDECLARED_BYTES",
+    "OPTIONAL_COLUMNS",
     "CaseFiles",
     "DatasetStatus",
     "FetchReport",
@@ -45,12 +56,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COLUMNS = ("dataset", "case", "role", "path", "sha256", "split", "source_url", "licence")
+OPTIONAL_COLUMNS = ("size",)  # bytes; a download is cut off as soon as it grows past it
+MAX_UNDECLARED_BYTES = 4 * 2**30  # cap per file where the manifest declares no size (a CT volume is < 1 GiB)
 ROLES = ("image", "label")
 SPLITS = ("train", "val", "test")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # dataset ids become folder names
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
+_SIZE = re.compile(r"[0-9]{1,15}")
+
+Opener = Callable[[str, float], BinaryIO]  # (https URL, timeout in seconds) -> a readable response
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class ManifestEntry:
     source_url: str
     licence: str
     line: int = field(default=0, compare=False)  # line in the manifest, for error messages
+    size: int | None = None  # bytes, where the manifest declares it (the optional size column)
 
     def local_path(self, root: Path) -> Path:
         """Where this file lives under a data root: ``root/<dataset>/<path>``."""
@@ -185,6 +202,8 @@ def _row_problems(row: dict[str, str]) -> list[str]:
         problems.append(f"sha256 {row['sha256']!r} is not 64 hex characters")
     if row["path"] and (why := _path_problem(row["path"])):
         problems.append(f"path {row['path']!r} {why}")
+    if row.get("size") and not _SIZE.fullmatch(row["size"]):
+        problems.append(f"size {row['size']!r} must be the file's size in bytes (digits only) or empty")
     return problems
 
 
@@ -204,7 +223,8 @@ def read_manifest(path: Path | None = None) -> list[ManifestEntry]:
                     f"{path}: missing column(s) {', '.join(missing)}; "
                     f"the header line must be: {','.join(COLUMNS)}"
                 )
-            rows = [({k: (row[k] or "").strip() for k in COLUMNS}, reader.line_num) for row in reader]
+            wanted = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in (reader.fieldnames or []))
+            rows = [({k: (row[k] or "").strip() for k in wanted}, reader.line_num) for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{path}: cannot be read as UTF-8 CSV ({exc}); fix the file") from exc
 
@@ -214,7 +234,9 @@ def read_manifest(path: Path | None = None) -> list[ManifestEntry]:
         row_problems = _row_problems(row)
         problems += [f"{path}: line {line}: {p}" for p in row_problems]
         if not row_problems:
-            entries.append(ManifestEntry(**{**row, "sha256": row["sha256"].lower()}, line=line))
+            size_text = row.pop("size", "")
+            size = int(size_text) if size_text else None
+            entries.append(ManifestEntry(**{**row, "sha256": row["sha256"].lower()}, line=line, size=size))
     problems += _consistency_problems(entries, path)
     if problems:
         shown = "\n  ".join(problems[:20])
@@ -293,15 +315,44 @@ def _safe_target(folder: Path, entry: ManifestEntry) -> Path:
     return target
 
 
-def _write_verified(source: BinaryIO, target: Path, entry: ManifestEntry, origin: str) -> None:
-    """Stream ``source`` into ``target`` atomically; a checksum mismatch leaves nothing behind."""
+def _too_big(origin: str, entry: ManifestEntry, limit: int, manifest: Path | None) -> ManifestError:
+    """The one-sentence error for a source that sends more than ``limit`` bytes."""
+    where = manifest or default_manifest_path()
+    if entry.size is not None:
+        return ManifestError(
+            f"{origin}: sent more than the {limit} bytes that {where} declares for {entry.dataset}/{entry.path}, "
+            "so medseg stopped and deleted the partial file; check the source or correct its size column"
+        )
+    return ManifestError(
+        f"{origin}: sent more than {limit} bytes for {entry.dataset}/{entry.path}, which has no size in {where}, "
+        "so medseg stopped and deleted the partial file; add the file's size in bytes to a size column"
+    )
+
+
+def _write_verified(
+    source: BinaryIO, target: Path, entry: ManifestEntry, origin: str, manifest: Path | None = None
+) -> None:
+    """Stream ``source`` into ``target`` atomically; a checksum mismatch leaves nothing behind.
+
+    Reading stops at one byte past the declared size (or ``MAX_UNDECLARED_BYTES``): an endless
+    or oversized source costs that much disk at most, and the partial file is deleted.
+    """
+    limit = entry.size if entry.size is not None else MAX_UNDECLARED_BYTES
+    headers = getattr(source, "headers", None)
+    announced = headers.get("Content-Length", "") if headers is not None else ""
+    if announced.isdigit() and int(announced) > limit:
+        raise _too_big(origin, entry, limit, manifest)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
+        total = 0
         with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(_CHUNK):
+            while chunk := source.read(min(_CHUNK, limit + 1 - total)):
+                total += len(chunk)
+                if total > limit:
+                    raise _too_big(origin, entry, limit, manifest)
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
@@ -319,15 +370,105 @@ def _write_verified(source: BinaryIO, target: Path, entry: ManifestEntry, origin
         tmp.unlink(missing_ok=True)
 
 
-def _download(entry: ManifestEntry, target: Path) -> None:
+class _HttpsOnlyRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to another https:// address (never down to http:// or elsewhere)."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urllib.parse.urlsplit(newurl).scheme.lower() != "https":
+            raise ManifestError(
+                f"{req.full_url}: redirects to {newurl}, which is not an https:// address, so medseg did not follow "
+                "it; put the file's final https:// address in the manifest, or fetch it with --mirror DIR"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _https_opener() -> urllib.request.OpenerDirector:
+    """An opener that speaks https only (urllib's default one also opens file://, ftp:// and data:)."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),  # https_proxy from the environment, as curl and pip use it
+        urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        _HttpsOnlyRedirect(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def _open_https(url: str, timeout: float) -> BinaryIO:
+    return _https_opener().open(url, timeout=timeout)
+
+
+def _local_source(entry: ManifestEntry, mirror: Path | None, manifest: Path | None) -> Path | None:
+    """The mirror file a file:// source_url names; None for an https:// URL; ManifestError for anything else.
+
+    Why: a manifest URL is untrusted. Plain http:// can be altered on the way (the sha256 would
+    catch it, after the whole download), ftp://, gopher:// and data: have no place here, and a
+    file:// URL could name any file or device (``/dev/zero`` never ends) unless it is confined
+    to the mirror folder the user chose.
+    """
+    url = entry.source_url
+    where = manifest or default_manifest_path()
+    name = f"{entry.dataset}/{entry.path}"
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "https" and parts.hostname:
+        return None
+    if scheme != "file":
+        shown = ("an https:// URL with no host" if scheme == "https"
+                 else f"a {scheme}: URL" if scheme else "not a URL (it has no scheme)")
+        raise ManifestError(
+            f"{url}: is {shown}, and medseg downloads {name} only over https://; change its source_url in {where} "
+            "to an https:// address, or pass --mirror DIR holding the file"
+        )
+    if mirror is None:
+        raise ManifestError(
+            f"{url}: file:// sources are read only from a local mirror, and none was given for {name}; pass "
+            "--mirror DIR (or set MEDSEG_DATA_MIRROR) naming the folder that holds it, or use an https:// URL"
+        )
+    try:
+        path = Path(urllib.request.url2pathname(parts.path)).resolve()
+        inside = parts.netloc in ("", "localhost") and path.is_relative_to(mirror.resolve())
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if not inside:
+        raise ManifestError(
+            f"{url}: lies outside the mirror {mirror} (after links), so {name} was not read from it; point the "
+            "source_url into the mirror folder, or pass --mirror DIR naming the folder that holds it"
+        )
+    if not path.is_file():
+        raise ManifestError(
+            f"{url}: is not a regular file in the mirror {mirror}, so {name} was not read; put the file there "
+            "or fix its source_url"
+        )
+    return path
+
+
+def _download(
+    entry: ManifestEntry,
+    target: Path,
+    mirror: Path | None = None,
+    manifest: Path | None = None,
+    opener: Opener | None = None,
+) -> None:
+    """Bring one file from its source_url: https:// through ``opener``, file:// from inside the mirror."""
     if not entry.source_url:
         raise ManifestError(
             f"{entry.dataset}/{entry.path}: not in the mirror and the manifest gives no source_url; "
             "pass a mirror that has it with --mirror DIR"
         )
+    local = _local_source(entry, mirror, manifest)
     try:
-        with urllib.request.urlopen(entry.source_url, timeout=60) as response:
-            _write_verified(response, target, entry, entry.source_url)
+        if local is not None:
+            with local.open("rb") as handle:
+                _write_verified(handle, target, entry, entry.source_url, manifest)
+            return
+        with (opener or _open_https)(entry.source_url, 60.0) as response:
+            _write_verified(response, target, entry, entry.source_url, manifest)
     except (urllib.error.URLError, OSError) as exc:
         raise ManifestError(
             f"{entry.source_url}: download of {entry.dataset}/{entry.path} failed ({exc}); "
@@ -364,14 +505,17 @@ def fetch(
     mirror: Path | None = None,
     force: bool = False,
     manifest: Path | None = None,
+    opener: Opener | None = None,
 ) -> FetchReport:
     """Bring every file of ``dataset`` into ``dest/<dataset>/`` and verify its sha256.
 
     Files already there with the right checksum are kept. A file there with another
     checksum is an error unless ``force`` (local edits are never overwritten silently).
     Missing files are copied from ``mirror/<dataset>/<path>`` (argument or
-    ``$MEDSEG_DATA_MIRROR``) when the mirror has them, else downloaded from source_url.
-    The mirror is only read.
+    ``$MEDSEG_DATA_MIRROR``) when the mirror has them, else downloaded from source_url:
+    https:// only, or file:// inside the mirror. The mirror is only read.
+    opener: opens an https:// URL (default: urllib with certificate checks and https-only
+    redirects); a parameter so a caller can supply its own transport, and tests a local stream.
     """
     entries = _entries_for(dataset, manifest)
     dest = Path(dest) if dest is not None else default_data_root()
@@ -403,14 +547,14 @@ def fetch(
             if source is not None and source.is_file():
                 try:
                     with source.open("rb") as handle:
-                        _write_verified(handle, target, entry, str(source))
+                        _write_verified(handle, target, entry, str(source), manifest)
                 except OSError as exc:
                     raise ManifestError(
                         f"{source}: copy to {target} failed ({exc}); check that {folder} is writable"
                     ) from exc
                 report.copied.append(entry.path)
             else:
-                _download(entry, target)
+                _download(entry, target, mirror, manifest, opener)
                 report.downloaded.append(entry.path)
             progress.step()
     finally:

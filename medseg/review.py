@@ -18,6 +18,12 @@ Thumbnails are inline ``data:`` images, so the folder gains no image file that
 `medseg evaluate --pred` would mistake for a mask. Class colours are those of
 ``medseg.export.CLASS_COLOURS`` in the order DICOM SEG numbers its segments: every
 class except the one valued 0 (background, not drawn), in ``classes`` order.
+
+predictions.json is untrusted (a folder can be copied from anywhere), so the page embeds a
+mask only from inside the output folder and a scan only from inside the batch's input
+folder (or the output folder), after resolving links; a record naming anything else is
+shown as a problem line, never read. The server answers only well-formed paths below its
+folder: malformed ones get 400, missing ones (and links out) 404, and no traceback.
 """
 
 from __future__ import annotations
@@ -31,18 +37,21 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import string
 import sys
 import threading
+import urllib.parse
 import uuid
 import zlib
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -52,6 +61,9 @@ from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.export import CLASS_COLOURS
 from medseg.io import LoadOptions, Scan, ScanRef, discover, load, ref_for_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "DEFAULT_HOST",
@@ -79,6 +91,9 @@ DEFAULT_HOST = "127.0.0.1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MASK_OPTIONS = LoadOptions(color="channels", palette="indices")
 _MASK_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png")
+MAX_REQUEST_PATH = 2048  # characters; the page asks for paths under 40 (review/case-NNNN.js)
+MAX_CURVES_BYTES = 32 * 2**20  # learning_curves.png written by `medseg train` is ~100 kB
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ReviewError(MedsegError):
@@ -125,18 +140,62 @@ def class_legend(classes: Mapping[str, int]) -> list[dict[str, Any]]:
     ]
 
 
-def find_learning_curves(batch: Mapping[str, Any], given: Path | None = None) -> Path | None:
-    """``given``, else ``learning_curves.png`` in the run folder of the batch's checkpoint, if any."""
+def find_learning_curves(batch: Mapping[str, Any], given: Path | None = None,
+                         notes: list[str] | None = None) -> Path | None:
+    """``given``, else ``learning_curves.png`` in the run folder of the batch's checkpoint, if any.
+
+    The page embeds the file's bytes, so it must be a PNG (not a link out of the run folder to
+    any other file that predictions.json's checkpoint entry could point at); a found file that
+    is not is left out with a line in ``notes``, a ``given`` one is a ReviewError.
+    """
     if given is not None:
         if not Path(given).is_file():
             raise ReviewError(f"{given}: no such file; pass the learning_curves.png of a training run folder")
+        if problem := _png_problem(Path(given)):
+            raise ReviewError(f"{given}: {problem}; pass the learning_curves.png of a training run folder")
         return Path(given)
     checkpoint = str(batch.get("checkpoint") or "")
-    if not checkpoint:
+    if not checkpoint or "\0" in checkpoint:
         return None
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     candidate = run_dir / "learning_curves.png"
-    return candidate if candidate.is_file() else None
+    if not candidate.is_file():
+        return None
+    problem = _png_problem(candidate)
+    if problem is None and not _inside(candidate, run_dir):
+        problem = f"is a link to {candidate.resolve()}, outside the run folder {run_dir}"
+    if problem is not None:
+        if notes is not None:
+            notes.append(f"learning curves not shown: {candidate} {problem}; pass --learning-curves PNG")
+        return None
+    return candidate
+
+
+def _png_problem(path: Path) -> str | None:
+    """Why ``path`` is not a PNG of sensible size to embed, if it is not."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(len(_PNG_SIGNATURE))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head != _PNG_SIGNATURE:
+        return "is not a PNG file"
+    if size > MAX_CURVES_BYTES:
+        return f"is {size / 2**20:.0f} MiB, more than the {MAX_CURVES_BYTES // 2**20} MiB a learning-curve plot needs"
+    return None
+
+
+def _inside(path: Path | str, root: Path) -> bool:
+    """True where ``path``, with every link resolved, lies in ``root`` (itself resolved).
+
+    Why resolve: a name inside the folder can be a link to anywhere; a path with a NUL byte
+    or a loop of links is not inside anything.
+    """
+    try:
+        return Path(path).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def review_is_stale(output_dir: Path | str) -> bool:
@@ -169,20 +228,93 @@ class _Case:
     thumbnail: str = ""
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # predictions.json naming files out of bounds
 
 
-def _mask_source(record: Mapping[str, Any], output_dir: Path) -> Path | None:
-    """The mask file (or PNG folder) of a record: its outputs first, then by case id."""
-    outputs = [Path(p) for p in record.get("outputs") or []]
-    by_id = [output_dir / f"{record['case']}{suffix}" for suffix in _MASK_SUFFIXES]
+class _OutOfBounds(ValueError):
+    """predictions.json names a file outside the folders the page may read (the message says which)."""
+
+
+def _mask_source(record: Mapping[str, Any], output_dir: Path, problems: list[str]) -> Path | None:
+    """The mask file (or PNG folder) of a record: its outputs first, then by case id.
+
+    Only files inside ``output_dir`` (after links) are candidates. An output named outside it
+    is looked for at the same relative place inside (the folder was copied or moved: its
+    outputs still name the old place); failing that it is dropped, with a line in
+    ``problems`` where it was absolute, held ``..`` or exists (a crafted or stale record).
+    _OutOfBounds where the case id itself leads out: such a record is not shown at all.
+    """
+    root = output_dir.resolve()
+    case_id = str(record["case"])
+    folder = output_dir / case_id
+    if "\0" in case_id or not _inside(folder, root):
+        raise _OutOfBounds(f"case id {case_id!r} names a path outside the output folder {root}")
+    outputs: list[Path] = []
+    for text in record.get("outputs") or []:
+        path = Path(str(text))
+        if "\0" not in str(text) and _inside(path, root):
+            outputs.append(path)
+        elif (moved := _rebased(path, output_dir, root)) is not None:
+            outputs.append(moved)
+        elif "\0" in str(text) or path.is_absolute() or ".." in path.parts or os.path.lexists(path):
+            problems.append(f"output {str(text)!r} lies outside the output folder {root} (or links out of it), "
+                            "so it is not read")
+    by_id = [output_dir / f"{case_id}{suffix}" for suffix in _MASK_SUFFIXES]
     for path in outputs + by_id:
         name = path.name.lower()
-        if path.is_file() and name.endswith(_MASK_SUFFIXES) and not name.endswith(".seg.dcm"):
+        if _inside(path, root) and path.is_file() and name.endswith(_MASK_SUFFIXES) and not name.endswith(".seg.dcm"):
             if name.endswith(".png") and sum(p.suffix.lower() == ".png" for p in outputs) > 1:
-                return path.parent  # a PNG sequence: the folder is the mask
+                return _contained_folder(path.parent, root)  # a PNG sequence: the folder is the mask
             return path
-    folder = output_dir / record["case"]
-    return folder if folder.is_dir() else None
+    if folder.is_dir() and folder.resolve() != root:  # an empty case id is not the whole folder
+        return _contained_folder(folder, root)
+    return None
+
+
+def _rebased(path: Path, output_dir: Path, root: Path) -> Path | None:
+    """The longest tail of ``path`` that names a file inside the output folder, if any."""
+    parts = [part for part in path.parts[1 if path.is_absolute() else 0:] if part not in ("", ".")]
+    for start in range(len(parts)):
+        tail = parts[start:]
+        if ".." in tail:
+            continue
+        candidate = output_dir.joinpath(*tail)
+        if candidate.is_file() and _inside(candidate, root):
+            return candidate
+    return None
+
+
+def _contained_folder(folder: Path, root: Path) -> Path:
+    """``folder`` if every entry below it stays inside ``root``; a reader would follow links out."""
+    if not _inside(folder, root):
+        raise _OutOfBounds(f"mask folder {folder} lies outside the output folder {root}")
+    for entry in folder.rglob("*"):
+        if not _inside(entry, root):
+            raise _OutOfBounds(f"{entry} in mask folder {folder} is a link out of the output folder {root}")
+    return folder
+
+
+def _scan_roots(batch: Mapping[str, Any], output_dir: Path) -> tuple[list[Path], str | None]:
+    """The folders a scan may be read from (output folder, batch input folder), and why not the latter.
+
+    predictions.json names the input folder, so it is untrusted too: one that holds the output
+    folder (``/``, a home folder) or lies inside it breaks the rule that input and output
+    trees are disjoint, and would let a crafted file show any image on this machine.
+    """
+    root = output_dir.resolve()
+    recorded = str(batch.get("input") or "")
+    if not recorded:
+        return [root], "predictions.json records no input folder, so scans are shown only from inside the output folder"
+    try:
+        folder = Path(recorded).resolve()
+        tree = folder.parent if folder.is_file() else folder  # one scan file: its folder is the input tree
+    except (OSError, RuntimeError, ValueError):
+        return [root], f"predictions.json records an unusable input folder {recorded!r}; scans are not shown"
+    if root.is_relative_to(tree) or tree.is_relative_to(root):
+        return [root], (f"predictions.json records {recorded} as the input folder, which overlaps the output "
+                        f"folder {root} (input and output trees are disjoint), so scans outside {root} are not "
+                        "shown; run `medseg predict` again to rewrite predictions.json")
+    return [root, folder], None
 
 
 def _sample_indices(shape: Sequence[int]) -> list[np.ndarray]:
@@ -299,14 +431,25 @@ def _thumbnail(view: np.ndarray | None, labels: np.ndarray, legend: Sequence[Map
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _load_one(path: Path, options: LoadOptions = LoadOptions()) -> Scan:
-    return load(ref_for_path(path), options)
+def _load_one(path: Path, options: LoadOptions | None = None) -> Scan:
+    return load(ref_for_path(path), options if options is not None else LoadOptions())
 
 
 def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend: Sequence[Mapping[str, Any]],
-                reference: ScanRef | None, data_dir: Path) -> None:
+                reference: ScanRef | None, data_dir: Path, scan_roots: Sequence[Path]) -> None:
     """Load mask, scan and reference of one case; write its data file; fill in the table row."""
-    source = _mask_source(record, output_dir)
+    found: list[str] = []
+    try:
+        source = _mask_source(record, output_dir, found)
+    except _OutOfBounds as exc:
+        found.append(str(exc))
+        source = None
+    for problem in found:
+        case.problems.append(f"case {case.id}: predictions.json's {problem}; medseg reads masks only from inside the "
+                             "output folder (run `medseg predict` again to rewrite predictions.json)")
+        case.notes.append(case.problems[-1])
+    if source is None and found:
+        return
     if source is None:
         case.notes.append(f"no mask found in {output_dir} for this case; run `medseg predict` again to write it")
         return
@@ -319,14 +462,24 @@ def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend
     case.shape = grid.shape
     spatial = mask.array[0]
     image, modality, codes = None, "", _axis_codes(mask)
-    try:
-        scan = _load_one(Path(record["input"]))
-        if scan.geometry.shape != grid.shape:
-            case.notes.append(f"scan {record['input']} has shape {scan.geometry.shape}, mask {grid.shape}: scan not shown")
-        else:
-            image, modality, codes = scan.array.mean(axis=0) if scan.channels > 1 else scan.array[0], scan.modality, _axis_codes(scan)
-    except (MedsegError, OSError, ValueError) as exc:
-        case.notes.append(f"scan not shown (cannot read {record['input']}: {exc}); showing the mask alone")
+    scan_path = str(record.get("input") or "")
+    if not scan_path:
+        case.notes.append("scan not shown (predictions.json names no input for this case); showing the mask alone")
+    elif not any(_inside(scan_path, root) for root in scan_roots):
+        case.problems.append(f"case {case.id}: scan not shown, because predictions.json names {scan_path!r} as its "
+                             "scan, outside the batch's input folder (after links); showing the mask alone")
+        case.notes.append(case.problems[-1])
+    else:
+        try:
+            scan = _load_one(Path(scan_path))
+            if scan.geometry.shape != grid.shape:
+                case.notes.append(f"scan {scan_path} has shape {scan.geometry.shape}, mask {grid.shape}: "
+                                  "scan not shown")
+            else:
+                image = scan.array.mean(axis=0) if scan.channels > 1 else scan.array[0]
+                modality, codes = scan.modality, _axis_codes(scan)
+        except (MedsegError, OSError, ValueError) as exc:
+            case.notes.append(f"scan not shown (cannot read {scan_path}: {exc}); showing the mask alone")
     ref_labels = None
     if reference is not None:
         try:
@@ -408,13 +561,19 @@ def write_review(
     references = _reference_index(Path(reference_dir), notes) if reference_dir is not None else {}
     if metrics is None and reference_dir is not None:
         metrics = _evaluate_in_memory(output_dir, Path(reference_dir), classes, notes)
-    curves = find_learning_curves(batch, Path(learning_curves) if learning_curves is not None else None)
+    curves = find_learning_curves(batch, Path(learning_curves) if learning_curves is not None else None, notes)
+    scan_roots, scan_note = _scan_roots(batch, output_dir)
+    if scan_note:
+        notes.append(scan_note)
     unpaired = (metrics or {}).get("unpaired_predictions") or []
     if unpaired:
         notes.append(f"{len(unpaired)} case(s) have no reference mask, so no scores: " + ", ".join(unpaired[:10])
                      + (" and more" if len(unpaired) > 10 else ""))
 
     data_dir = output_dir / DATA_FOLDER
+    if data_dir.is_symlink() or (data_dir.exists() and not _inside(data_dir, output_dir)):
+        raise ReviewError(f"{data_dir}: is a link (to {data_dir.resolve()}); medseg writes and prunes the page's "
+                          f"case files only inside {output_dir}, so remove the link and run again")
     data_dir.mkdir(parents=True, exist_ok=True)
     scores = {c["case"]: c for c in (metrics or {}).get("cases", [])}
     cases: list[_Case] = []
@@ -430,7 +589,8 @@ def write_review(
         if case.status not in ("written", "skipped"):
             return
         try:
-            _build_case(case, records[case.index - 1], output_dir, legend, references.get(case.id), data_dir)
+            _build_case(case, records[case.index - 1], output_dir, legend, references.get(case.id), data_dir,
+                        scan_roots)
         except (MedsegError, OSError, ValueError, MemoryError) as exc:
             case.notes.append(f"cannot show this case: {type(exc).__name__}: {exc}")
 
@@ -440,6 +600,7 @@ def write_review(
         for _ in tqdm(pool.map(build, cases), total=len(cases), desc="review", unit="case", disable=not show):
             pass
     _remove_stale(data_dir, {Path(c.file).name for c in cases if c.file})
+    notes.extend(problem for c in cases for problem in c.problems)  # in case order, after the threads
     page = _page(output_dir, batch, legend, cases, metrics, curves, notes)
     return _write_atomic(output_dir / PAGE_NAME, page)
 
@@ -633,24 +794,73 @@ def _write_atomic(path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------- the server
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Read-only files below one folder: no listings, no way out (``..``, links) of it."""
+_PERCENT_OK = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript", ".html": "text/html"}
+
+def _request_segments(target: str) -> tuple[list[str], bool]:
+    """The folder-relative name segments an HTTP request target asks for, and whether it ends in '/'.
+
+    ValueError (the server answers 400) where the target is malformed. Why so strict: the page
+    asks only for ``/review.html`` and ``/review/case-NNNN.js``, so NUL or control bytes, bad
+    percent-encoding or UTF-8, ``.`` / ``..`` / empty segments, backslashes, drive letters and
+    absolute-form or overlong targets come from a probe or a broken client, never the page.
+    """
+    if len(target) > MAX_REQUEST_PATH:
+        raise ValueError(f"the path is longer than {MAX_REQUEST_PATH} characters")
+    if not target.startswith("/"):
+        raise ValueError("the target is not a path starting with '/'")
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F or c == "\\" for c in path):
+        raise ValueError("the path holds a space, control, non-ASCII or backslash character unencoded")
+    if _PERCENT_OK.search(path):
+        raise ValueError("the path holds a '%' not followed by two hex digits")
+    try:
+        decoded = urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("the path's percent-encoded bytes are not UTF-8") from exc
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in decoded):
+        raise ValueError("the decoded path holds a NUL, control or backslash character")
+    parts = decoded[1:].split("/")
+    trailing = len(parts) > 1 and parts[-1] == ""
+    if trailing or parts == [""]:
+        parts = parts[:-1]
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError("the path has an empty, '.' or '..' segment")
+        if ":" in part or len(part) > 255:
+            raise ValueError("a path segment holds ':' (a drive or stream name) or is over 255 characters")
+    return parts, trailing or decoded == "/"
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Read-only files below one folder: no listings, no way out (``..``, links) of it.
+
+    The base class maps the URL to a file itself (and raises on a NUL byte); here every target
+    is parsed strictly first (400), then resolved and checked to lie in the folder (404).
+    """
+
+    extensions_map: ClassVar[dict[str, str]] = {
+        **SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript", ".html": "text/html",
+    }
 
     def send_head(self):  # type: ignore[override]
         allowed = getattr(self.server, "allowed_hosts", None)
         if allowed is not None and self.headers.get("Host", "").lower() not in allowed:
             self.send_error(403, "Unexpected Host header")  # a page elsewhere reaching in (DNS rebinding)
             return None
-        root = Path(self.directory).resolve()
-        target = Path(self.translate_path(self.path))
+        words = self.requestline.split()  # the target as sent: the base class folds a leading '//' into '/'
         try:
-            resolved = target.resolve(strict=True)
-        except (OSError, RuntimeError):
+            parts, wants_folder = _request_segments(words[1] if len(words) >= 2 else self.path)
+        except ValueError as exc:
+            self.send_error(400, "Bad request path", f"{exc}; ask for /{PAGE_NAME}")
+            return None
+        root = Path(self.directory).resolve()
+        try:
+            resolved = root.joinpath(*parts).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):
             self.send_error(404, "Not found")
             return None
-        if resolved != root and root not in resolved.parents:
+        if not resolved.is_relative_to(root):
             self.send_error(404, "Not found")  # a link out of the folder: as if it were not there
             return None
         if resolved.is_dir():
@@ -662,15 +872,56 @@ class _Handler(SimpleHTTPRequestHandler):
                 return None
             self.send_error(403, "No folder listings")
             return None
-        return super().send_head()
+        if wants_folder or not resolved.is_file():
+            self.send_error(404, "Not found")  # 'file/' or a device, socket or pipe
+            return None
+        return self._open(resolved)
+
+    def _open(self, resolved: Path) -> io.BufferedReader | None:
+        """Headers and the open file, checking that what was opened is what was resolved (no swap)."""
+        try:
+            handle = resolved.open("rb")
+        except OSError:
+            self.send_error(404, "Not found")
+            return None
+        try:
+            opened, named = os.fstat(handle.fileno()), os.stat(resolved)
+            if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+                raise FileNotFoundError(resolved)
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(str(resolved)))
+            self.send_header("Content-Length", str(opened.st_size))
+            self.send_header("Last-Modified", self.date_time_string(int(opened.st_mtime)))
+            self.end_headers()
+        except OSError:
+            handle.close()
+            self.send_error(404, "Not found")
+            return None
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         super().end_headers()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's argument name
         log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    """One line in the log, not a traceback on stderr, when a request ends in an exception
+    (mostly a browser closing the connection mid-file)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(exc, ConnectionError) else logging.WARNING
+        log.log(level, "medseg view: request from %s ended early: %s: %s", client_address[0],
+                type(exc).__name__, exc)
 
 
 class ReviewServer:
@@ -687,8 +938,8 @@ class ReviewServer:
         if not self.root.is_dir():
             raise ReviewError(f"{root}: no such folder; pass the output folder of `medseg predict`")
         handler = functools.partial(_Handler, directory=str(self.root))
-        server_class = type("Server", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True,
+        server_class = type("Server", (_Server,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
         })
         try:
             self.httpd = server_class((host, port), handler)
@@ -705,7 +956,7 @@ class ReviewServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
-    def start(self) -> "ReviewServer":
+    def start(self) -> ReviewServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="medseg-view", daemon=True)
         self._thread.start()
         return self
@@ -722,8 +973,8 @@ class ReviewServer:
             self._thread = None
         self.httpd.server_close()
 
-    def __enter__(self) -> "ReviewServer":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

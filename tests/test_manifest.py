@@ -49,15 +49,19 @@ def _write_manifest(path: Path, rows: list[dict[str, str]], columns=COLUMNS) -> 
 
 
 def _row(**values: str) -> dict[str, str]:
-    row = dict(dataset="tiny", case="c0", role="image", path="a.png", sha256="0" * 64,
-               split="train", source_url="", licence="test data")
+    row = {"dataset": "tiny", "case": "c0", "role": "image", "path": "a.png", "sha256": "0" * 64,
+           "split": "train", "source_url": "", "licence": "test data"}
     row.update(values)
     return row
 
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
-    """Two small source files served by file:// URLs, plus a manifest naming them."""
+    """Two small source files served by file:// URLs, plus a manifest naming them.
+
+    file:// sources are read only from inside a mirror: "url_mirror" holds them at their URLs
+    but not in the DIR/<dataset>/<path> layout, so fetching with it takes the URL path.
+    """
     src = tmp_path / "src" / "tiny"
     src.mkdir(parents=True)
     files = {"img/0.png": b"image zero", "lab/0.png": b"label zero"}
@@ -67,7 +71,8 @@ def tiny(tmp_path: Path) -> dict:
         (src / rel).write_bytes(data)
         rows.append(_row(role=role, path=rel, sha256=_sha(data), source_url=(src / rel).as_uri()))
     manifest = _write_manifest(tmp_path / "manifest.csv", rows)
-    return {"manifest": manifest, "src": src, "rows": rows, "files": files, "mirror": tmp_path / "src"}
+    return {"manifest": manifest, "src": src, "rows": rows, "files": files, "mirror": tmp_path / "src",
+            "url_mirror": src}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -171,7 +176,7 @@ def test_corrupt_mirror_file_is_rejected_and_not_left_behind(tiny: dict, tmp_pat
 
 def test_download_via_file_urls(tiny: dict, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
-    report = fetch("tiny", dest, manifest=tiny["manifest"])
+    report = fetch("tiny", dest, mirror=tiny["url_mirror"], manifest=tiny["manifest"])
     assert sorted(report.downloaded) == sorted(tiny["files"]) and not report.copied
     for rel, data in tiny["files"].items():
         assert (dest / "tiny" / rel).read_bytes() == data
@@ -185,7 +190,7 @@ def test_download_with_wrong_checksum_leaves_no_file(tiny: dict, tmp_path: Path)
     manifest = _write_manifest(tmp_path / "bad.csv", rows)
     dest = tmp_path / "dest"
     with pytest.raises(ManifestError) as err:
-        fetch("tiny", dest, manifest=manifest)
+        fetch("tiny", dest, mirror=tiny["url_mirror"], manifest=manifest)
     message = str(err.value)
     assert "ab" * 32 in message and _sha(tiny["files"]["img/0.png"]) in message and "img/0.png" in message
     assert not [p for p in (dest / "tiny").rglob("*") if p.is_file()]
@@ -296,10 +301,11 @@ def test_cli_errors_are_actionable(
     assert "medseg data: error: unknown dataset 'nope'" in capsys.readouterr().err
 
     dest = tmp_path / "dest"
-    assert run_cli(["data", "fetch", "tiny", "--dest", str(dest), "--manifest", str(tiny["manifest"])]) == 0
+    args = ["data", "fetch", "tiny", "--dest", str(dest), "--manifest", str(tiny["manifest"]),
+            "--mirror", str(tiny["url_mirror"])]
+    assert run_cli(args) == 0
     assert "2 downloaded" in capsys.readouterr().out
     (dest / "tiny/img/0.png").write_bytes(b"changed")
-    args = ["data", "fetch", "tiny", "--dest", str(dest), "--manifest", str(tiny["manifest"])]
     assert run_cli(args) == 1
     assert "--force" in capsys.readouterr().err
     assert run_cli([*args, "--force"]) == 0

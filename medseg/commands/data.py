@@ -22,14 +22,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fetch",
         help="copy (from a mirror) or download a dataset and verify every file",
         description="Files already present and verified are kept; a file whose checksum differs "
-        "is an error unless --force.",
+        "is an error unless --force. Downloads go over https:// only; a file:// source_url is read "
+        "only from inside the mirror. A file is cut off (and its partial download deleted) as soon as "
+        f"it grows past the manifest's size column, or {manifest.MAX_UNDECLARED_BYTES // 2**30} GiB where "
+        "the manifest gives no size.",
     )
     fetch.add_argument("dataset", help="dataset id from the manifest, e.g. isbi2012_em")
     fetch.add_argument(
         "--mirror",
         type=Path,
-        help="local folder laid out as DIR/<dataset>/<path> to copy from "
-        "(default: $MEDSEG_DATA_MIRROR; files not in it are downloaded)",
+        help="local folder laid out as DIR/<dataset>/<path> to copy from, and the only place file:// "
+        "source URLs may point into (default: $MEDSEG_DATA_MIRROR; files not in it are downloaded)",
     )
     fetch.add_argument("--force", action="store_true", help="replace local files whose checksum differs")
     _add_common(fetch)
