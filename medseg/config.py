@@ -7,9 +7,12 @@ config resolve against the config file's folder, so a config works from any dire
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,21 +29,206 @@ from pydantic import (
 from medseg.errors import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "DataConfig",
-    "SplitConfig",
+    "InferConfig",
     "ModelConfig",
     "PreprocessConfig",
+    "SplitConfig",
     "TrainConfig",
-    "AugmentConfig",
-    "InferConfig",
-    "load_config",
-    "config_from_dict",
     "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "load_yaml",
 ]
+
+# --- limits: a config is untrusted input, so what it can ask for is bounded --------------------------------
+# Real configs are a few KiB, a few hundred values, at most six levels deep and use a handful of anchors;
+# the YAML limits are 100x that, and refuse an alias bomb ("billion laughs": 30 lines that expand to 10^9
+# values) from the composed node graph, before anything is expanded.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 32
+MAX_YAML_ALIASES = 1_000
+MAX_INT_DIGITS = 32  # longer integer literals are typos or attacks (Python refuses > 4300 digits with a ValueError)
+# A name becomes a folder under output_dir: one plain path component that any file system takes.
+MAX_NAME_LENGTH = 64
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+MAX_PATH_LENGTH = 4096  # PATH_MAX on Linux
+# Sizes: one patch or window of at most 256^3 voxels (nnU-Net's largest 3D patches are 128^3-ish), and a
+# batch of at most 2^28 voxels (1 GiB of fp32 input per channel, before a single activation).
+MAX_SIDE = 4096
+MAX_WINDOW_VOXELS = 1 << 24
+MAX_BATCH_VOXELS = 1 << 28
+MAX_BATCH = 4096
+# A model of at most 2^30 parameters: 4 GiB of fp32 weights, about 16 GiB with Adam's state and gradients
+# (the paper U-Net has 31M, FCN-8s at width 64 134M).
+MAX_PARAMETERS = 1 << 30
+MAX_STEPS = 100_000  # epochs, steps per epoch, validation interval, patience; nnU-Net trains 1000 epochs of 250 steps
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1  # label values a 32-bit label image can hold
+
+
+class YamlLimitError(yaml.YAMLError):
+    """A YAML document asks for more than a config may: too big, too deep, too many aliases.
+
+    ``key`` is the dotted key where the problem sits ("" for the whole document)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key or '(top level)'}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+_YAML12_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with limits checked while composing, before any value is constructed.
+
+    The composer builds a node graph in which an alias is one shared node, so its size is the
+    size of the text; expanding that graph into Python values is what makes an alias bomb
+    explode. So nesting depth and alias count are checked as nodes are composed, and the
+    expanded size and depth are computed from the graph (each node once) before
+    construction. Recursive aliases are refused. Keys are tracked so errors name them.
+    ``1e9`` and ``1e-3`` load as numbers (YAML 1.2, what people write) rather than strings.
+    """
+
+    def __init__(self, stream: str, prefix: Sequence[str] = ()) -> None:
+        super().__init__(stream)
+        self._keys: list[str] = list(prefix)
+        self._aliases = 0
+        self._node_keys: dict[int, str] = {}
+
+    def _dotted_key(self) -> str:
+        return ".".join(k for k in self._keys if k)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        label = index.value if isinstance(index, yaml.ScalarNode) else "" if index is None else str(index)
+        self._keys.append(str(label)[:40])
+        try:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise YamlLimitError(self._dotted_key(), f"more than {MAX_YAML_ALIASES} aliases (*name); "
+                                         "write the values out instead")
+                return super().compose_node(parent, index)  # the shared node keeps the key of its anchor
+            if len(self._keys) > MAX_YAML_DEPTH:
+                raise YamlLimitError(self._dotted_key(), f"nested more than {MAX_YAML_DEPTH} levels deep; "
+                                     "a config needs a handful of levels, flatten this value")
+            node = super().compose_node(parent, index)
+            self._node_keys[id(node)] = self._dotted_key()
+            return node
+        finally:
+            self._keys.pop()
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node, self._node_keys)
+        return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_INT_DIGITS:
+            raise YamlLimitError(self._node_keys.get(id(node), ""), f"an integer of {len(node.value)} characters; "
+                                 f"no setting needs more than {MAX_INT_DIGITS}")
+        return super().construct_yaml_int(node)
+
+
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_EXPONENT, list("-+0123456789."))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, node_keys: dict[int, str]) -> None:
+    """Refuse a node graph whose expansion (aliases copied out) is too big, too deep or infinite.
+
+    Iterative, each node once: sizes of shared (aliased) nodes are memoised, so a graph
+    that would expand to 10^9 values is measured in as many steps as it has nodes."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values, depth) once expanded
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            kids = [sizes[id(k)] for k in _children(node)]
+            sizes[key] = (1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0))
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise YamlLimitError(node_keys.get(key, ""), "a recursive alias (a value that contains itself); "
+                                 "a config is a tree, write the value out")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((kid, False) for kid in _children(node) if id(kid) not in sizes)
+    values, depth = sizes[id(root)]
+    if values > MAX_YAML_VALUES:
+        where = _largest_key(root, lambda n: sizes[id(n)][0] > MAX_YAML_VALUES, node_keys)
+        raise YamlLimitError(where, f"anchors and aliases expand this to {values:.3g} values, more than the "
+                             f"{MAX_YAML_VALUES} a config may hold (an alias bomb?); write the values out or use fewer aliases")
+    if depth > MAX_YAML_DEPTH:
+        where = _largest_key(root, lambda n: sizes[id(n)][1] > MAX_YAML_DEPTH - 1, node_keys)
+        raise YamlLimitError(where, f"aliases nest this {depth} levels deep, more than {MAX_YAML_DEPTH}; "
+                             "a config needs a handful of levels, flatten this value")
+
+
+def _largest_key(root: yaml.Node, too_big: Any, node_keys: dict[int, str]) -> str:
+    """The deepest mapping key on the one path of too-big values (where an alias bomb starts)."""
+    node = root
+    while isinstance(node, yaml.MappingNode):
+        big = [value for _, value in node.value if too_big(value)]
+        if len(big) != 1:
+            break
+        node = big[0]
+    return node_keys.get(id(node), "")
+
+
+def load_yaml(text: str, prefix: Sequence[str] = ()) -> Any:
+    """Load YAML within the limits above (see :class:`BoundedLoader`).
+
+    ``prefix`` is the dotted key the text sits under (an override's key), so that depth
+    counts from there and errors name the full key.
+
+    Raises:
+        YamlLimitError: the document asks for too much (names the dotted key).
+        yaml.YAMLError: the text is not YAML.
+    """
+    loader = BoundedLoader(text, prefix)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _check_sizes(value: list[int]) -> list[int]:
+    """A patch or window: 2 or 3 sides of 1 to MAX_SIDE, at most MAX_WINDOW_VOXELS in all."""
+    if not 2 <= len(value) <= 3:
+        raise ValueError(f"give one size per spatial axis (2 or 3 values), got {value}")
+    if any(not 1 <= side <= MAX_SIDE for side in value):
+        raise ValueError(f"every size must be 1 to {MAX_SIDE}, got {value}")
+    if math.prod(value) > MAX_WINDOW_VOXELS:
+        raise ValueError(f"{value} is {math.prod(value)} voxels, more than {MAX_WINDOW_VOXELS} (256^3); "
+                         "use smaller patches, sliding windows cover the rest")
+    return value
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    text = str(value)
+    if len(text) > MAX_PATH_LENGTH:
+        raise ValueError(f"a path of {len(text)} characters; paths are at most {MAX_PATH_LENGTH}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"{text!r} holds a control character (a NUL, newline or escape); write the path without it")
     base = (info.context or {}).get("base_dir")
     value = value.expanduser()
     if base is not None and not value.is_absolute():
@@ -52,9 +240,10 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors; values are checked on assignment."""
+    """Base of every config section: unknown keys are errors; values are checked on assignment;
+    no number is infinite or NaN (``.inf`` or ``1e999`` is never a setting, only a typo or an attack)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SplitConfig(Section):
@@ -68,12 +257,12 @@ class SplitConfig(Section):
     train: list[str] | None = None
     val: list[str] | None = None
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    folds: int = Field(5, ge=2)
+    folds: int = Field(5, ge=2, le=1000)
     fold: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
-    def _check(self) -> "SplitConfig":
+    def _check(self) -> SplitConfig:
         if self.mode == "cases" and not self.train:
             raise ValueError("mode 'cases' needs a 'train' list of case ids")
         if self.fold >= self.folds:
@@ -141,6 +330,10 @@ class DataConfig(Section):
         values = list(value.values())
         if len(set(values)) != len(values):
             raise ValueError(f"two classes share a label value: {value}")
+        outside = {name: v for name, v in value.items() if not LABEL_MIN <= v <= LABEL_MAX}
+        if outside:
+            raise ValueError(f"label values {outside} do not fit a 32-bit label image ({LABEL_MIN}..{LABEL_MAX}); "
+                             "give the values the label files hold")
         return value
 
     @model_validator(mode="after")
@@ -179,16 +372,37 @@ class PreprocessConfig(Section):
             raise ValueError(f"orientation must be three axis codes, one of L/R, P/A, I/S each (e.g. RAS), got {value!r}")
         return value
 
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] < value[1] <= 100.0:
+            raise ValueError(f"give [low, high] percentiles with 0 <= low < high <= 100, got {list(value)}")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"give a [low, high] window with low < high (e.g. [-160, 240] HU), got {list(value)}")
+        return value
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 3 or any(v <= 0 for v in value)):
+            raise ValueError(f"give three positive voxel sizes in mm (x, y, z), e.g. [1.5, 1.5, 2.5], got {value}")
+        return value
+
 
 class ModelConfig(Section):
     """A model from the registry by name; ``options`` are family-specific keyword arguments."""
 
     name: str
     spatial_dims: Literal[2, 3] = 2
-    in_channels: int = Field(1, ge=1)
-    out_channels: int = Field(2, ge=1)
-    features: int = Field(32, ge=1)
-    depth: int | None = Field(None, ge=1)
+    in_channels: int = Field(1, ge=1, le=1024)
+    out_channels: int = Field(2, ge=1, le=1024)
+    features: int = Field(32, ge=1, le=1024)
+    depth: int | None = Field(None, ge=1, le=8)  # 2^8 = 256: every patch side a multiple of 256 already
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -204,23 +418,30 @@ class AugmentConfig(Section):
     """
 
     enabled: bool = True
-    grid_size: int = Field(3, ge=2)
-    sigma: float = Field(10.0, ge=0.0)
+    grid_size: int = Field(3, ge=2, le=64)  # control points per axis: a (grid_size^dims) tensor per sample
+    sigma: float = Field(10.0, ge=0.0, le=1000.0)
     p_elastic: float = Field(0.9, ge=0.0, le=1.0)
-    rotate_degrees: float = Field(180.0, ge=0.0)
+    rotate_degrees: float = Field(180.0, ge=0.0, le=180.0)  # uniform in [-r, r]: 180 covers every angle
     p_rotate: float = Field(0.5, ge=0.0, le=1.0)
-    shift: float = Field(0.1, ge=0.0)
+    shift: float = Field(0.1, ge=0.0, le=1.0)  # a fraction of each axis's extent
     p_shift: float = Field(0.5, ge=0.0, le=1.0)
     scale: tuple[float, float] = (0.85, 1.15)
     p_scale: float = Field(0.3, ge=0.0, le=1.0)
     p_flip: float = Field(0.5, ge=0.0, le=1.0)
     flip_axes: list[int] | None = None
-    brightness: float = Field(0.1, ge=0.0)
-    contrast: float = Field(0.15, ge=0.0)
-    gamma: float = Field(0.2, ge=0.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)  # a fraction of the grey-value range
+    contrast: float = Field(0.15, ge=0.0, le=1.0)  # factors in [1 - c, 1 + c]: above 1 would invert
+    gamma: float = Field(0.2, ge=0.0, le=3.0)  # exponents exp(u), u in [-gamma, gamma]: up to 20x
     p_intensity: float = Field(0.3, ge=0.0, le=1.0)
     image_mode: Literal["bilinear", "bicubic"] = "bilinear"
     padding_mode: Literal["reflection", "zeros", "border"] = "reflection"
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.1 <= value[0] <= value[1] <= 10.0:
+            raise ValueError(f"give a [low, high] zoom range with 0.1 <= low <= high <= 10, got {list(value)}")
+        return value
 
 
 class TrainConfig(Section):
@@ -240,31 +461,36 @@ class TrainConfig(Section):
     (AVX512-BF16/AMX, about 2x faster there) and fp32 otherwise; fp32 forces full precision.
     """
 
-    epochs: int = Field(50, ge=1)
-    steps_per_epoch: int = Field(50, ge=1)
-    time_budget_minutes: float | None = Field(None, gt=0.0)
-    batch_size: int = Field(4, ge=1)
+    epochs: int = Field(50, ge=1, le=MAX_STEPS)
+    steps_per_epoch: int = Field(50, ge=1, le=MAX_STEPS)
+    time_budget_minutes: float | None = Field(None, gt=0.0, le=60 * 24 * 366)  # a year
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     patch_size: list[int] = Field(default_factory=lambda: [256, 256])
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)
     slice_axis: int = Field(-1, ge=-3, le=2)
     optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(1e-5, ge=0.0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
     momentum: float = Field(0.99, ge=0.0, lt=1.0)
     schedule: Literal["poly", "constant"] = "poly"
     grad_clip: float | None = Field(12.0, gt=0.0)
     loss: Literal["dice_ce", "ce", "weighted_ce"] = "dice_ce"
     border_class: str | None = None
-    border_w0: float = Field(10.0, ge=0.0)
-    border_sigma: float = Field(5.0, gt=0.0)
+    border_w0: float = Field(10.0, ge=0.0, le=1000.0)
+    border_sigma: float = Field(5.0, gt=0.0, le=1000.0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
-    val_every: int = Field(1, ge=1)
-    early_stop_patience: int | None = Field(None, ge=1)
+    val_every: int = Field(1, ge=1, le=MAX_STEPS)
+    early_stop_patience: int | None = Field(None, ge=1, le=MAX_STEPS)
     early_stop_min_delta: float = Field(1e-4, ge=0.0)
     precision: Precision = "auto"
     channels_last: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_size(cls, value: list[int]) -> list[int]:
+        return _check_sizes(value)
 
     @property
     def slice_dim(self) -> int:
@@ -283,11 +509,18 @@ class InferConfig(Section):
     """
 
     roi_size: list[int] | None = None
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(4, ge=1)
+    # Windows step by roi * (1 - overlap): 0.9 is already 10x the windows per axis (1000x in 3D); beyond it
+    # the window list alone outgrows memory (0.999 on a 512^3 volume: 57M windows).
+    overlap: float = Field(0.5, ge=0.0, le=0.9)
+    sw_batch_size: int = Field(4, ge=1, le=1024)
     tta: bool = False
     precision: Precision = "auto"
     device: str = "auto"
+
+    @field_validator("roi_size")
+    @classmethod
+    def _roi_size(cls, value: list[int] | None) -> list[int] | None:
+        return None if value is None else _check_sizes(value)
 
 
 class Config(Section):
@@ -302,6 +535,17 @@ class Config(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     output_dir: ConfigPath = Path("runs")
     source: Path | None = Field(None, exclude=True, description="the file this config was read from")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        """The name is the run's folder under output_dir, so it must be one plain path component:
+        ``../x`` or ``/etc`` would write outside output_dir, a leading dot hides the run."""
+        if not 1 <= len(value) <= MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(value) or ".." in value:
+            raise ValueError(f"not a plain name: use 1 to {MAX_NAME_LENGTH} letters, digits, '_', '-' and "
+                             "'.', starting with a letter, digit or '_', without '..' or '/' (e.g. unet_em); "
+                             "set output_dir to choose the folder")
+        return value
 
     def check(self) -> None:
         """Cross-section rules that single fields cannot express."""
@@ -321,6 +565,62 @@ class Config(Section):
                              "bilinear only); use image_mode bilinear for a 3D model")
         if len(self.train.patch_size) != self.model.spatial_dims:
             raise ValueError(f"train.patch_size {self.train.patch_size} must have model.spatial_dims={self.model.spatial_dims} values")
+        roi = self.infer.roi_size
+        if roi is not None and len(roi) != self.model.spatial_dims:
+            raise ValueError(f"infer.roi_size {roi} must have model.spatial_dims={self.model.spatial_dims} values")
+        for key, batch, sizes in (("train.batch_size", self.train.batch_size, self.train.patch_size),
+                                  ("infer.sw_batch_size", self.infer.sw_batch_size, roi or self.train.patch_size)):
+            if batch * math.prod(sizes) > MAX_BATCH_VOXELS:
+                raise ValueError(f"{key} {batch} of size {sizes} is {batch * math.prod(sizes)} voxels a batch, more "
+                                 f"than {MAX_BATCH_VOXELS} (1 GiB of fp32 per channel); lower {key}")
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """What only the model knows, learned by building it on PyTorch's meta device (shapes without
+        memory, a few ms): that its name and options are valid, that it is not too big to hold, and the
+        multiple every patch and window side must be (its ``size_divisor``, which the Predictor checks too),
+        so a config that would fail at the first forward pass fails here, naming the key."""
+        import torch
+
+        from medseg.models import build_model, list_models, model_options
+
+        name = self.model.name
+        if name not in list_models():
+            raise ValueError(f"model.name: unknown model {name!r}; available models: {', '.join(list_models())}")
+        accepted = model_options(name)
+        unknown = [key for key in self.model.options if key not in accepted]
+        if unknown:
+            raise ValueError(f"model.options.{unknown[0]}: not an option of {name}; "
+                             f"accepted options: {', '.join(accepted) or '(none)'}")
+        try:
+            with torch.device("meta"):
+                net = build_model(self.model)
+        except ConfigError as exc:
+            raise ValueError(f"model: {exc}") from None
+        except (RuntimeError, NotImplementedError):  # a model that cannot live on the meta device: checked when built
+            return
+        parameters = sum(p.numel() for p in net.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(f"model: {name} with these settings has {parameters:,} parameters "
+                             f"({parameters * 4 / 2**30:.1f} GiB of fp32 weights), more than {MAX_PARAMETERS:,}; "
+                             "lower model.features (or the widths in model.options)")
+        divisor = int(getattr(net, "size_divisor", 1))
+        for key, sizes in (("train.patch_size", self.train.patch_size), ("infer.roi_size", self.infer.roi_size)):
+            if sizes is None:
+                continue
+            if getattr(net, "padding", "same") == "valid":  # an unpadded U-Net has its own size rule
+                try:
+                    net.output_shape(sizes)
+                except ValueError as exc:
+                    raise ValueError(f"{key} {sizes}: {exc}") from None
+                continue
+            bad = [s for s in sizes if s % divisor]
+            if bad:
+                nearest = ", ".join(f"{s} -> " + " or ".join(map(str, sorted({max(divisor, s // divisor * divisor),
+                                                                               -(-s // divisor) * divisor})))
+                                    for s in sorted(set(bad)))
+                raise ValueError(f"{key} {sizes}: every size must be a multiple of {divisor} for {name} with these "
+                                 f"settings (model.depth and the family's poolings set it); nearest: {nearest}")
 
     @property
     def mirrored_axes(self) -> tuple[int, ...]:
@@ -333,6 +633,11 @@ class Config(Section):
     def dump(self) -> dict[str, Any]:
         """Plain-data form (paths as strings), e.g. to store in a checkpoint."""
         return self.model_dump(mode="json")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """A value as an error shows it: a hostile megabyte-long value is not echoed whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _dotted(loc: Sequence[Any]) -> str:
@@ -349,8 +654,8 @@ def describe_validation_error(exc: ValidationError, source: str) -> ConfigError:
             lines.append(f"{source}: {key}: required value is missing")
         else:
             given = err.get("input")
-            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-            lines.append(f"{source}: {key}: {err['msg']}{shown}")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {_clip(repr(given))})"
+            lines.append(f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}{shown}")
     return ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
 
@@ -363,8 +668,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str =
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"{source} {item!r}: empty key")
+        if len(parts) >= MAX_YAML_DEPTH:
+            raise ConfigError(f"{source} {key}: {len(parts)} levels of keys; a config nests a handful, check the key")
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source} {key}: a value of {len(text)} characters, larger than a whole config may be "
+                              f"({MAX_CONFIG_BYTES} bytes); put it in the config file")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = load_yaml(text, parts) if text.strip() else None
+        except YamlLimitError as exc:
+            raise ConfigError(f"{source} {exc.key}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source} {key}: value {text!r} is not valid YAML ({exc})") from exc
         node = raw
@@ -398,13 +710,20 @@ def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:
     """Read, override and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: a config path may name /dev/zero or a huge file
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, far more than a config holds; "
+                              "check that this is the config file")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
+    except YamlLimitError as exc:
+        raise ConfigError(f"{path}: {exc.key or '(top level)'}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
