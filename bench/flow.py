@@ -7,7 +7,7 @@ width, trained for a few steps: inference cost, not accuracy, matters here).
 
 Measured, with a temporary Prefect server (started once, before any timing):
 
-- direct: ``medseg.batch.predict_scan`` for each scan with one ``Predictor``, in one
+- direct: ``medseg.pipeline.segment_scan`` for each scan with one ``Predictor``, in one
   loop (what `medseg predict` does, without Prefect). Neither timing includes loading
   the model: the direct loop's Predictor is made before the clock starts, and the flow's
   stays in its per-process cache from the warm-up run.
@@ -58,10 +58,11 @@ from PIL import Image  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from medseg import phantoms  # noqa: E402
-from medseg.batch import predict_scan  # noqa: E402
 from medseg.config import config_from_dict  # noqa: E402
 from medseg.infer import Predictor  # noqa: E402
+from medseg.files import sha256_file  # noqa: E402
 from medseg.io import discover  # noqa: E402
+from medseg.pipeline import Job, segment_scan  # noqa: E402
 from medseg.train import train  # noqa: E402
 
 from flows import model_cache  # noqa: E402
@@ -100,8 +101,10 @@ def make_model(root: Path) -> Path:
 
 def time_direct(predictor: Predictor, scans: Path, out: Path) -> float:
     start = time.perf_counter()
+    job = Job(out, predictor.checkpoint_file, sha256_file(predictor.checkpoint_file), predictor.classes,
+              predictor.config.data.color, predictor.tta, overwrite=True)
     for ref in discover(scans).scans:
-        record = predict_scan(predictor, ref, out, overwrite=True)
+        record = segment_scan(ref, job, lambda: predictor)
         assert record.status == "written", record
     return time.perf_counter() - start
 

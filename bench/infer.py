@@ -87,7 +87,7 @@ def part_sw2d() -> dict:
 
 def part_sw3d() -> dict:
     from medseg.config import config_from_dict
-    from medseg.checkpoint import save_checkpoint
+    from medseg.checkpoint import Checkpoint, save_checkpoint
     from medseg.infer import Predictor
     from medseg.io import ScanRef, load
 
@@ -108,9 +108,7 @@ def part_sw3d() -> dict:
             "model": cfg, "train": {"patch_size": [128, 128, 64]},
             "infer": {"overlap": 0.25, "sw_batch_size": 2},
         })
-        save_checkpoint({"config": config.dump(), "classes": {"background": 0, "organ": 1},
-                         "preprocess": config.preprocess.model_dump(mode="json"), "model": model.state_dict()},
-                        Path(tmp) / "m.pt")
+        save_checkpoint(Checkpoint(config, model.state_dict()), Path(tmp) / "m.pt")
         predictor = Predictor(Path(tmp) / "m.pt", device="cpu")
         rss_before = peak_rss_mb()
         start = time.perf_counter()

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medseg.checkpoint import load_checkpoint  # noqa: E402
-from medseg.config import Config, config_from_dict, load_config  # noqa: E402
+from medseg.config import Config, load_config  # noqa: E402
 from medseg.datasets import Case, find_cases, split_cases  # noqa: E402
 from medseg.infer import Predictor  # noqa: E402
 from medseg.io import load  # noqa: E402
@@ -190,7 +190,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.score:
         for run_dir in args.score:
-            config = config_from_dict(load_checkpoint(run_dir / "best.pt")["config"], source=str(run_dir))
+            config = load_checkpoint(run_dir / "best.pt").config
             print(json.dumps({"run": str(run_dir), **scores(run_dir, config)}), flush=True)
         return
     machine = {

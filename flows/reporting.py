@@ -19,12 +19,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from medseg.batch import BatchReport, CaseRecord, write_batch_manifest
-from medseg.errors import MedsegError
 from medseg.evaluate import EvaluationReport, Failure, write_reports
-from medseg.review import write_review
-
-from flows.tasks import SKIP_REASON, Job
+from medseg.pipeline import SKIP_REASON, BatchReport, CaseRecord, Job, write_batch_reports
 
 __all__ = ["METRICS_KEY", "SUMMARY_KEY", "Outcome", "Summary", "publish_reports"]
 
@@ -48,6 +44,7 @@ class Batch:
     outcomes: list[Outcome] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     reference_failures: dict[str, str] = field(default_factory=dict)
+    cases: list[str] = field(default_factory=list)  # the ids of every scan discovered (the rest are orphans)
 
 
 @dataclass
@@ -60,6 +57,7 @@ class Summary:
     evaluation_failures: dict[str, str] = field(default_factory=dict)
     reports: list[str] = field(default_factory=list)
     mean_dice: dict[str, float | None] = field(default_factory=dict)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -85,7 +83,7 @@ def publish_reports(
     """Write predictions.json (and metrics.*), publish the artifacts, log the headline."""
     report = BatchReport(str(input_dir), str(job.output_dir), str(job.checkpoint), dict(job.classes),
                          [o.record for o in batch.outcomes])
-    paths = [write_batch_manifest(report, job.output_dir)]
+    paths: list[Path] = []
     made = {o.record.case for o in batch.outcomes if o.record.status != "failed"}
     summary = Summary(
         output_dir=str(job.output_dir),
@@ -103,27 +101,15 @@ def publish_reports(
         summary.mean_dice = {name: _finite(stats["dice"]["mean"]) for name, stats in evaluation.summary["classes"].items()}
         create_table_artifact(key=METRICS_KEY, table=_metric_rows(evaluation),
                               description=f"Dice and IoU per case and class; {job.output_dir}/metrics.csv")
-    review = _review(job.output_dir, reference_dir)
-    if review is not None:
-        paths.append(review)
+    paths += write_batch_reports(report, job.output_dir, batch.cases, reference_dir)
+    if report.stopped:
+        get_run_logger().warning("segment-study: %s", report.stopped)
+    summary.orphans = report.orphans
     summary.reports = [str(p) for p in paths]
     create_markdown_artifact(key=SUMMARY_KEY, markdown=_markdown(summary, input_dir, job, evaluation),
                              description=summary.headline())
     get_run_logger().info("segment-study: %s; reports: %s", summary.headline(), ", ".join(p.name for p in paths))
     return summary
-
-
-def _review(output_dir: Path, reference_dir: Path | None) -> Path | None:
-    """review.html for a person to page through (medseg.review, as `medseg view` writes it).
-
-    The page is a convenience on top of the masks and reports: if it cannot be written the
-    run says so in its log but keeps its state, which reports on the masks.
-    """
-    try:
-        return write_review(output_dir, reference_dir=reference_dir, progress=False)
-    except (MedsegError, OSError, ValueError) as exc:
-        get_run_logger().warning("review page not written: %s: %s", type(exc).__name__, exc)
-        return None
 
 
 def _evaluation_report(job: Job, reference_dir: Path, batch: Batch) -> EvaluationReport:
@@ -170,6 +156,9 @@ def _markdown(summary: Summary, input_dir: Path, job: Job, evaluation: Evaluatio
     ]
     if summary.counts["skipped"]:
         lines += ["", f"Skipped scans: {SKIP_REASON}."]
+    if summary.orphans:
+        lines += ["", "## Orphaned outputs (input gone; kept)", "", "| case | input | outputs |", "| --- | --- | --- |"]
+        lines += [f"| {o['case']} | {_cell(o['input'])} | {_cell(', '.join(o['outputs']))} |" for o in summary.orphans]
     if summary.failures:
         lines += ["", "## Failed scans", "", "| case | reason |", "| --- | --- |"]
         lines += [f"| {case} | {_cell(reason)} |" for case, reason in summary.failures.items()]

@@ -32,11 +32,10 @@ from prefect.futures import as_completed
 from prefect.states import Failed, State
 from pydantic import ValidationError
 
-from medseg.batch import CaseRecord
 from medseg.config import describe_validation_error
 from medseg.errors import ConfigError, MedsegError
 from medseg.io import ScanRef
-from medseg.io.sniff import suffix_of
+from medseg.pipeline import CaseRecord, check_disjoint, problem_record
 
 from flows.reporting import Batch, Outcome, Summary, publish_reports
 from flows.runners import build_task_runner
@@ -90,7 +89,8 @@ def segment_study(
     runner = build_task_runner(params.task_runner, params.workers, params.dask_address)  # fails here without prefect-dask
     checkpoint_file = resolve_checkpoint(params)
     _check_folders(params)
-    job = prepare_job(checkpoint_file, params.output_dir, params.device, params.tta, params.formats, params.overwrite)
+    job = prepare_job(checkpoint_file, params.input_dir, params.output_dir, params.device, params.tta, params.formats,
+                      params.overwrite)
     batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
     summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
     if summary.ok:
@@ -104,14 +104,15 @@ def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batc
     """Discover, then one segment-scan task per scan, each scored as soon as its mask is written."""
     inventory = discover_scans(input_dir, reference_dir)
     logger = get_run_logger()
-    batch = Batch(references=list(inventory.references))
+    batch = Batch(references=list(inventory.references), cases=[ref.id for ref in inventory.scans])
     for problem in inventory.problems:
-        case = _case_id(problem.paths[0], input_dir)
-        logger.error("%s: unusable input: %s", case, problem.reason)
-        batch.outcomes.append(Outcome(CaseRecord(case, "unknown", str(problem.paths[0]), "failed", reason=problem.reason)))
+        record = problem_record(problem, input_dir)
+        logger.error("%s: unusable input: %s", record.case, problem.reason)
+        batch.outcomes.append(Outcome(record))
     for problem in inventory.reference_problems:
         assert reference_dir is not None
-        batch.reference_failures[_case_id(problem.paths[0], reference_dir)] = f"reference {problem.paths[0]}: {problem.reason}"
+        case = problem_record(problem, reference_dir).case
+        batch.reference_failures[case] = f"reference {problem.paths[0]}: {problem.reason}"
 
     segmenting = segment_scan.map(inventory.scans, unmapped(job))
     ref_of = {future.task_run_id: ref for future, ref in zip(segmenting, inventory.scans)}
@@ -152,10 +153,7 @@ def _check_folders(params: FlowParameters) -> None:
         raise ConfigError(f"input_dir {params.input_dir}: not a folder; point it at the folder of scans")
     if params.reference_dir is not None and not params.reference_dir.is_dir():
         raise ConfigError(f"reference_dir {params.reference_dir}: not a folder of reference masks")
-    inputs, outputs = params.input_dir.resolve(), params.output_dir.resolve()
-    if outputs == inputs or inputs in outputs.parents:
-        raise ConfigError(f"output_dir {params.output_dir} is inside input_dir {params.input_dir}; "
-                          "choose a folder outside the input tree (inputs are never written to)")
+    check_disjoint(params.input_dir, params.output_dir)
 
 
 def _reason(state: State) -> str:
@@ -164,13 +162,3 @@ def _reason(state: State) -> str:
     if isinstance(exc, BaseException):
         return failure_reason(exc)
     return state.message or state.name or "failed"
-
-
-def _case_id(path: Path, root: Path) -> str:
-    """The id discovery would have given the file: its path below root without suffix."""
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        rel = path.name
-    suffix = suffix_of(path)
-    return rel[: -len(suffix)] if suffix and rel.lower().endswith(suffix) else rel

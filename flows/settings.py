@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from medseg.checkpoint import CheckpointError
+from medseg.checkpoint import checkpoint_file
 from medseg.config import ConfigPath, Section, describe_validation_error, load_config
 from medseg.errors import ConfigError
 
@@ -114,18 +114,6 @@ def load_nightly_config(path: Path | str) -> NightlyConfig:
         return NightlyConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise describe_validation_error(exc, str(path)) from None
-
-
-def checkpoint_file(path: Path) -> Path:
-    """The file a checkpoint path means: a run folder's best.pt, else latest.pt (as load_checkpoint reads it)."""
-    if path.is_dir():
-        for name in ("best.pt", "latest.pt"):
-            if (path / name).is_file():
-                return path / name
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass a run folder (with best.pt) or a .pt file, "
-                              "or train one with `medseg train --config ...`")
-    return path
 
 
 def resolve_checkpoint(params: FlowParameters) -> Path:

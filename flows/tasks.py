@@ -1,56 +1,36 @@
-"""The tasks of segment-study: each calls medseg functions and returns paths and small records.
+"""The tasks of segment-study: Prefect wiring around medseg.pipeline, which does the per-scan work.
 
 No arrays cross a task boundary: a mask goes from the model to its file inside one task,
 and evaluation reads it back from that file, so a task result stays a few hundred bytes
 whether it travels through a thread pool or a Dask cluster.
 
-Failures: a scan medseg cannot read or segment ends its own task in a Failed state
-whose message is the reason (no retry: it would fail again); an OSError (a network
-share that hiccups, a disk briefly full) is retried twice before the task fails.
+Failures follow medseg's one rule (medseg.pipeline): a scan medseg cannot read or segment
+ends its own task in a Failed state whose message is the reason; a transient input read is
+retried inside the pipeline; an output folder that takes no more stops the scan's task
+with that sentence.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.states import Failed, State
 
-from medseg.batch import CaseRecord
 from medseg.checkpoint import load_checkpoint
-from medseg.config import config_from_dict
 from medseg.errors import MedsegError
 from medseg.evaluate import MASK_OPTIONS, evaluate_case
-from medseg.export import export_mask, remove_stale_parts
-from medseg.io import LoadOptions, Problem, ScanRef, discover, load, ref_for_path
+from medseg.files import sha256_file
+from medseg.io import Problem, ScanRef, discover, load, ref_for_path
+from medseg.pipeline import CaseRecord, Job, OutputUnwritable, failure_reason, prepare_output
+from medseg.pipeline import segment_scan as segment_one
 
-from flows import ledger
 from flows.model_cache import get_predictor
 
 __all__ = ["Inventory", "Job", "discover_scans", "evaluate_scan", "failure_reason", "prepare_job", "segment_scan"]
-
-RETRY_DELAYS = [2, 10]  # seconds before the 1st and 2nd retry of a transient I/O error
-SKIP_REASON = "unchanged input content, checkpoint and settings; masks present (no model work)"
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every per-scan task needs: small, immutable, cheap to send to a worker."""
-
-    output_dir: Path
-    checkpoint: Path  # the file, not the run folder
-    checkpoint_sha256: str
-    classes: dict[str, int]
-    color: str
-    device: str
-    tta: bool  # effective: the run's choice, else the checkpoint's
-    formats: tuple[str, ...] | None
-    overwrite: bool
 
 
 @dataclass
@@ -63,37 +43,29 @@ class Inventory:
     reference_problems: list[Problem] = field(default_factory=list)
 
 
-def _is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
-    """Retry only I/O errors; a bad scan fails the same way every time."""
-    return isinstance(state.data, OSError)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A medseg error already names file, problem and fix; anything else gets its type."""
-    return str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
-
-
 @task(name="prepare-job", cache_policy=NO_CACHE)
 def prepare_job(
-    checkpoint: Path, output_dir: Path, device: str, tta: bool | None, formats: list[str] | None, overwrite: bool
+    checkpoint: Path, input_dir: Path, output_dir: Path, device: str, tta: bool | None, formats: list[str] | None,
+    overwrite: bool,
 ) -> Job:
-    """Read what the run needs from the checkpoint once: its hash, classes, colour handling, TTA default.
+    """Check the output folder and read what the run needs from the checkpoint once.
 
-    Also clears the temporary files a killed run left in output_dir (finished masks stay).
+    The output is checked as `medseg predict` checks it (outside the inputs, a folder,
+    writable, room for the batch) and medseg's own temporary files of a killed run are
+    cleared (finished masks stay; nothing medseg's journal does not name is touched).
     """
-    remove_stale_parts(output_dir)
+    prepare_output(input_dir, output_dir, discover(input_dir).scans)
     state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"], source=f"{checkpoint} (config)")
     return Job(
         output_dir=output_dir,
         checkpoint=checkpoint,
-        checkpoint_sha256=ledger.file_sha256(checkpoint),
-        classes=dict(state["classes"]),
-        color=config.data.color,
-        device=device,
-        tta=config.infer.tta if tta is None else tta,
+        checkpoint_sha256=sha256_file(checkpoint),
+        classes=state.classes,
+        color=state.config.data.color,
+        tta=state.config.infer.tta if tta is None else tta,
         formats=tuple(formats) if formats else None,
         overwrite=overwrite,
+        device=device,
     )
 
 
@@ -114,42 +86,22 @@ def discover_scans(input_dir: Path, reference_dir: Path | None = None) -> Invent
     return inventory
 
 
-@task(
-    name="segment-scan",
-    task_run_name="segment {ref.id}",
-    retries=len(RETRY_DELAYS),
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=_is_transient,
-    cache_policy=NO_CACHE,
-)
+@task(name="segment-scan", task_run_name="segment {ref.id}", cache_policy=NO_CACHE)
 def segment_scan(ref: ScanRef, job: Job) -> CaseRecord | State:
-    """Load → predict → export one scan, unless its masks are up to date (then no model work)."""
+    """medseg.pipeline.segment_scan on this worker's Predictor (loaded on first use, shared by its scans)."""
     logger = get_run_logger()
-    start = time.monotonic()
-    record = CaseRecord(ref.id, ref.kind, str(ref.path), "written")
-    key = ledger.scan_key(ref, job.checkpoint_sha256, job.tta, job.formats)
-    if not job.overwrite:
-        outputs = ledger.find_outputs(job.output_dir, ref.id, key)
-        if outputs is not None:
-            record.status, record.reason = "skipped", SKIP_REASON
-            record.outputs = [str(p) for p in outputs]
-            logger.info("%s: skipped, %s", ref.id, SKIP_REASON)
-            return record
     try:
-        predictor = get_predictor(job.checkpoint, job.device, job.tta)
-        scan = load(ref, LoadOptions(color=job.color))
-        prediction = predictor.predict(scan)
-        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats)
-    except OSError:
-        raise  # transient until proven otherwise: the task's retries take it
-    except (MedsegError, ValueError, RuntimeError) as exc:
-        reason = failure_reason(exc)
-        logger.error("%s: failed: %s", ref.id, reason)
-        return Failed(message=reason)
-    ledger.remember(job.output_dir, ref.id, key, outputs)
-    record.outputs = [str(p) for p in outputs]
-    record.seconds = round(time.monotonic() - start, 3)
-    logger.info("%s: written in %.1f s: %s", ref.id, record.seconds, ", ".join(Path(p).name for p in outputs))
+        record = segment_one(ref, job, lambda: get_predictor(job.checkpoint, job.device, job.tta))
+    except OutputUnwritable as exc:
+        logger.error("%s: %s", ref.id, exc)
+        return Failed(message=str(exc))
+    if record.status == "failed":
+        logger.error("%s: failed: %s", ref.id, record.reason)
+        return Failed(message=record.reason)
+    if record.status == "skipped":
+        logger.info("%s: skipped, %s", ref.id, record.reason)
+    else:
+        logger.info("%s: written in %.1f s: %s", ref.id, record.seconds, ", ".join(Path(p).name for p in record.outputs))
     return record
 
 

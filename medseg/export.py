@@ -8,11 +8,8 @@ in a viewer is an error here rather than a surprise in 3D Slicer.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +19,7 @@ from PIL import Image
 from medseg import __version__
 from medseg.dicom_seg import write_dicom_seg
 from medseg.errors import MedsegError
+from medseg.files import atomic_path, contained_path, journal_root, safe_part
 from medseg.geometry import Geometry
 from medseg.io.scan import Scan, ScanRef
 
@@ -29,7 +27,6 @@ __all__ = [
     "ExportError",
     "atomic_path",
     "check_output_outside_inputs",
-    "remove_stale_parts",
     "default_formats",
     "output_paths",
     "write_nifti_mask",
@@ -49,32 +46,6 @@ CLASS_COLOURS = [
 
 class ExportError(MedsegError):
     """A mask could not be written, or did not read back as the scan's geometry."""
-
-
-@contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target`` that becomes ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_parts(output_dir: Path) -> list[Path]:
-    """Delete temporary files a killed run left behind (only medseg's own ``.NAME.*.part*``)."""
-    removed = []
-    if output_dir.is_dir():
-        for path in output_dir.rglob(".*.part*"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
 
 
 def check_output_outside_inputs(output: Path, scan: Scan) -> None:
@@ -100,16 +71,15 @@ def default_formats(kind: str) -> tuple[str, ...]:
 
 def output_paths(ref: ScanRef, output_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
     """The files ``export_mask`` writes for a scan (before it is loaded: for skip-if-done)."""
-    base = output_dir / ref.id
     paths = []
     for fmt in formats or default_formats(ref.kind):
         if fmt == "png":
             if ref.kind == "image-sequence":
-                paths.extend(base / f"{Path(p).stem}.png" for p in ref.paths)
+                paths.extend(contained_path(output_dir, f"{ref.id}/{Path(p).stem}", ".png") for p in ref.paths)
             else:
-                paths.append(base.with_name(base.name + ".png"))
+                paths.append(contained_path(output_dir, ref.id, ".png"))
         else:
-            paths.append(base.with_name(base.name + _SUFFIX[fmt]))
+            paths.append(contained_path(output_dir, ref.id, _SUFFIX[fmt]))
     return paths
 
 
@@ -194,7 +164,7 @@ def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[
         targets = [(folder_or_file, mask)]
     else:
         names = [Path(p).stem for p in scan.ref.paths] if len(scan.ref.paths) == mask.shape[2] else [str(k) for k in range(mask.shape[2])]
-        targets = [(folder_or_file / f"{name}.png", mask[:, :, k]) for k, name in enumerate(names)]
+        targets = [(folder_or_file / safe_part(f"{name}.png"), mask[:, :, k]) for k, name in enumerate(names)]
     written = []
     for path, plane in targets:
         with atomic_path(path) as tmp:
@@ -219,18 +189,19 @@ def export_mask(
     """
     check_output_outside_inputs(output_dir, scan)
     formats = tuple(formats or default_formats(scan.ref.kind))
-    base = output_dir / scan.ref.id
+    case = scan.ref.id
     written: list[Path] = []
-    for fmt in formats:
-        if fmt == "nifti":
-            written.append(write_nifti_mask(mask, scan, base.with_name(base.name + ".nii.gz")))
-        elif fmt == "dicom-seg":
-            written.append(write_dicom_seg(mask, scan, base.with_name(base.name + ".seg.dcm"), classes))
-        elif fmt == "tiff":
-            written.append(write_tiff_mask(mask, scan, base.with_name(base.name + ".tif")))
-        elif fmt == "png":
-            target = base.with_name(base.name + ".png") if _spatial(mask, scan).ndim == 2 else base
-            written.extend(write_png_masks(mask, scan, target))
-        else:
-            raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, tiff or png")
+    with journal_root(output_dir):  # temporary files journalled where a later run's cleanup looks
+        for fmt in formats:
+            if fmt == "nifti":
+                written.append(write_nifti_mask(mask, scan, contained_path(output_dir, case, ".nii.gz")))
+            elif fmt == "dicom-seg":
+                written.append(write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes))
+            elif fmt == "tiff":
+                written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
+            elif fmt == "png":
+                flat = _spatial(mask, scan).ndim == 2
+                written.extend(write_png_masks(mask, scan, contained_path(output_dir, case, ".png" if flat else "")))
+            else:
+                raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, tiff or png")
     return written

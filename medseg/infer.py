@@ -21,11 +21,10 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from medseg.checkpoint import load_checkpoint
-from medseg.config import Config, config_from_dict
+from medseg.config import Config
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, ScanError
 from medseg.io.scan import Scan
-from medseg.models import build_model
 from medseg.transforms import Preprocessor, index_to_label
 
 log = logging.getLogger(__name__)
@@ -75,13 +74,13 @@ class Predictor:
     ) -> None:
         state = load_checkpoint(checkpoint)
         self.checkpoint_path = Path(checkpoint)
-        self.config: Config = config_from_dict(state["config"], source=f"{checkpoint} (config)")
-        self.classes: dict[str, int] = dict(state["classes"])
+        self.checkpoint_file: Path = state.path or Path(checkpoint)
+        self.config: Config = state.config
+        self.classes: dict[str, int] = state.classes
         self.device = choose_device(device)
-        self.model = build_model(self.config.model)
-        self.model.load_state_dict(state["model"])
+        self.model = state.build_model()
         self.model.to(self.device).eval()
-        self.preprocessor = Preprocessor(state["preprocess"])
+        self.preprocessor = Preprocessor(self.config.preprocess)
         infer = self.config.infer
         self.tta = infer.tta if tta is None else tta
         # TTA mirrors only along the axes training mirrored along (the axes nnU-Net mirrors); a

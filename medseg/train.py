@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from medseg.augment import ElasticAugment
-from medseg.checkpoint import load_checkpoint, save_checkpoint
+from medseg.checkpoint import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
 from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
 from medseg.device import choose_device, choose_precision, in_precision
@@ -320,17 +320,25 @@ def _schedule(optimizer: torch.optim.Optimizer, config: Config, clock: RunClock)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _check_averaging_matches(state: dict[str, Any], config: Config, path: Path) -> None:
+def _check_averaging_matches(state: TrainingState, stored: Config, config: Config, path: Path) -> None:
     """A resumed run keeps averaging as it started: the average cannot be rebuilt for a run
     that never kept one, and dropping it would validate different weights against the best."""
-    averaged = "training_model" in state
-    if config.train.ema_decay and not averaged:
+    if config.train.ema_decay and not state.averaged:
         raise ConfigError(f"{path} was trained without weight averaging, but train.ema_decay is "
                           f"{config.train.ema_decay}; resume with --set train.ema_decay=null, or start a new run")
-    if averaged and not config.train.ema_decay:
-        decay = state["config"]["train"].get("ema_decay")
+    if state.averaged and not config.train.ema_decay:
+        decay = stored.train.ema_decay
         raise ConfigError(f"{path} was trained with weight averaging (train.ema_decay {decay}), but the config turns it "
                           f"off; resume with --set train.ema_decay={decay}, or start a new run")
+
+
+def _resume_state(run_dir: Path) -> Checkpoint:
+    """The run's latest.pt with the training state a resume needs (a predict-only file has none)."""
+    state = load_checkpoint(run_dir / "latest.pt")
+    if state.training is None:
+        raise MedsegError(f"{run_dir / 'latest.pt'}: holds weights but no training state to resume from; "
+                          "start a new run (--overwrite) or pass the folder of the run that wrote it")
+    return state
 
 
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -358,10 +366,10 @@ def train(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     run_dir = _run_dir(config, resume, overwrite)
-    state = load_checkpoint(run_dir / "latest.pt") if resume is not None else None
+    state = _resume_state(run_dir) if resume is not None else None
     if state is not None:
-        log.info("resuming %s from epoch %d", run_dir, state["epoch"])
-        _check_averaging_matches(state, config, run_dir / "latest.pt")
+        log.info("resuming %s from epoch %d", run_dir, state.training.epoch)
+        _check_averaging_matches(state.training, state.config, config, run_dir / "latest.pt")
     torch.manual_seed(config.train.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -380,7 +388,7 @@ def train(
     augment = ElasticAugment(config.model.spatial_dims, **config.augment.model_dump(exclude={"enabled"})) if config.augment.enabled else None
     loss_fn = Loss(config.train.loss)
     optimizer = _optimizer(model, config)
-    elapsed_before = float(state.get("elapsed_seconds", 0.0)) if state is not None else 0.0
+    elapsed_before = float(state.training.elapsed_seconds) if state is not None else 0.0
     clock = RunClock(config.train.epochs * config.train.steps_per_epoch, config.train.time_budget_minutes, elapsed_before)
     scheduler = _schedule(optimizer, config, clock)
     dtype = choose_precision(config.train.precision, device)
@@ -391,17 +399,18 @@ def train(
 
     epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
     if state is not None:
-        model.load_state_dict(state["training_model"] if ema is not None else state["model"])
+        saved = state.training
+        model.load_state_dict(saved.training_model if ema is not None else state.weights)
         if ema is not None:
-            ema.module.load_state_dict(state["model"])
-            ema.n_averaged.fill_(state["ema_updates"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
-        best_metrics, history = dict(state["best_metrics"]), list(state["history"])
+            ema.module.load_state_dict(state.weights)
+            ema.n_averaged.fill_(saved.ema_updates or 0)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        scaler.load_state_dict(saved.scaler)
+        epoch, best_metric, best_epoch = saved.epoch, saved.best_metric, saved.best_epoch
+        best_metrics, history = dict(saved.best_metrics), list(saved.history)
         generator.manual_seed(config.train.seed + 1000 * rank)  # then the saved state
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], generator, device)
+        _set_rng_state(saved.rng[rank] if rank < len(saved.rng) else saved.rng[0], generator, device)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     key = "mean_dice"  # the best checkpoint: mean Dice over every class not named background
@@ -437,14 +446,13 @@ def train(
                 gathered: list[Any] = [None] * world
                 dist.gather_object(rng[0], gathered, dst=0)
                 rng = gathered
-            ckpt = {
-                "config": config.dump(), "classes": dict(config.data.classes), "preprocess": config.preprocess.model_dump(mode="json"),
-                "model": judged.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch,
-                "best_metrics": best_metrics, "history": history, "rng": rng, "elapsed_seconds": clock.elapsed,
-            }
-            if ema is not None:
-                ckpt.update(training_model=model.state_dict(), ema_updates=int(ema.n_averaged))
+            ckpt = Checkpoint(config, judged.state_dict(), TrainingState(
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                epoch=epoch, best_metric=best_metric, best_epoch=best_epoch, best_metrics=best_metrics,
+                history=history, rng=rng, elapsed_seconds=clock.elapsed,
+                training_model=model.state_dict() if ema is not None else None,
+                ema_updates=int(ema.n_averaged) if ema is not None else None,
+            ))
             save_checkpoint(ckpt, run_dir / "latest.pt")
             if best_epoch == epoch or not val_items:
                 save_checkpoint(ckpt, run_dir / "best.pt")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,9 @@ import torch
 from PIL import Image
 
 from medseg import phantoms
+from medseg.checkpoint import load_checkpoint
+from medseg.files import JOURNAL_DIR, TMP_MARKER
+from medseg.ledger import LEDGER_DIR
 from medseg.io import discover, load
 
 from conftest import snapshot
@@ -80,16 +85,16 @@ def test_killed_training_resumes_to_the_same_state(data, tmp_path):
         time.sleep(0.2)  # inside epoch 2 (30 steps of about 0.1 s)
     finally:
         _kill(proc)
-    state = torch.load(run / "latest.pt", weights_only=True)
-    assert state["epoch"] < 3  # killed before the end
+    assert load_checkpoint(run / "latest.pt").training.epoch < 3  # killed before the end
     subprocess.run(_medseg("train", "--config", str(tmp_path / "b.yaml"), "--resume", str(run)),
                    check=True, env=env, capture_output=True, timeout=600)
-    full = torch.load(tmp_path / "full" / "crash" / "latest.pt", weights_only=True)
-    resumed = torch.load(run / "latest.pt", weights_only=True)
-    assert resumed["epoch"] == full["epoch"] == 3
-    for key, value in full["model"].items():
-        assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-6), key
-    assert [round(r["train_loss"], 6) for r in resumed["history"]] == [round(r["train_loss"], 6) for r in full["history"]]
+    full = load_checkpoint(tmp_path / "full" / "crash" / "latest.pt")
+    resumed = load_checkpoint(run / "latest.pt")
+    assert resumed.training.epoch == full.training.epoch == 3
+    for key, value in full.weights.items():
+        assert torch.allclose(value.float(), resumed.weights[key].float(), atol=1e-6), key
+    assert [round(r["train_loss"], 6) for r in resumed.training.history] == \
+        [round(r["train_loss"], 6) for r in full.training.history]
 
 
 def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp_path):
@@ -119,7 +124,7 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         [f"{name}.png" for name in names] + ["predictions.json", "review", "review.html"]
     )
-    assert not [p for p in out.rglob(".*.part*")]
+    assert not [p for p in out.rglob(f"*{TMP_MARKER}*")] and not list((out / JOURNAL_DIR).glob("*"))
     assert snapshot(inputs) == before
 
 
@@ -135,8 +140,6 @@ print("STATE", state.name)
 
 
 def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_complete(data, tmp_path):
-    import json
-
     (tmp_path / "c.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "runs").replace("epochs: 3", "epochs: 1"))
     subprocess.run(_medseg("train", "--config", str(tmp_path / "c.yaml")), check=True, capture_output=True, timeout=600)
     inputs, out = tmp_path / "in", tmp_path / "out"
@@ -156,14 +159,29 @@ def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_comple
     finally:
         _kill(proc)
     finished = sorted(p.stem for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
-    recorded = sorted(p.stem for p in (out / ".medseg-cache").glob("*.json")) if (out / ".medseg-cache").is_dir() else []
+    recorded = sorted(p.stem for p in (out / LEDGER_DIR).glob("*.json")) if (out / LEDGER_DIR).is_dir() else []
     assert 1 <= len(finished) < 8
     for name in finished:  # every mask under its final name is whole
         assert np.asarray(Image.open(out / f"{name}.png")).shape == (256, 256)
-    (out / ".scan_h.png.x1y2.part.png").write_bytes(b"half a mask")  # what a kill mid-write leaves
+    dead = _dead_pid()
+    half = out / f".scan_h.x1y2{TMP_MARKER}.png"  # what a kill mid-write leaves: the part and its journal entry
+    half.write_bytes(b"half a mask")
+    (out / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+    (out / JOURNAL_DIR / "x1y2.json").write_text(json.dumps({"tmp": half.name, "pid": dead, "host": socket.gethostname()}))
+    user = {out / ".thesis.partial.docx": b"a user's own file", out / ".scan_b.png.1.part.png": b"looks like old litter"}
+    for path, data in user.items():
+        path.write_bytes(data)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert "STATE Completed" in done.stdout, done.stderr[-3000:]
     records = {r["case"]: r["status"] for r in json.loads((out / "predictions.json").read_text())["records"]}
     assert sorted(records) == names
     assert {c for c, s in records.items() if s == "skipped"} == set(recorded)  # complete work is not redone
-    assert not [p for p in out.rglob(".*.part*")]
+    assert not half.exists() and not list((out / JOURNAL_DIR).glob("*"))
+    assert all(path.read_bytes() == data for path, data in user.items())  # only medseg's own journalled litter goes
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (its journal entries are stale)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from medseg import manifest, phantoms
-from medseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from medseg.checkpoint import CheckpointError, load_checkpoint
 from medseg.config import load_config
 from medseg.errors import ConfigError, LabelError, ManifestError, MedsegError, ScanError
 from medseg.io import discover, load, load_label, ref_for_path
@@ -325,7 +325,9 @@ def checkpoint_pickle_exploit(root):
 
 
 def checkpoint_truncated(root):
-    path = save_checkpoint({"model": {"w": torch.zeros(1000)}}, root / "t.pt")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "t.pt"
+    torch.save({"format": "medseg-checkpoint/2", "model": {"w": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:500])
     return path
 

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from medseg import phantoms
-from medseg.batch import predict_folder
+from medseg.files import JOURNAL_DIR, TMP_MARKER
+from medseg.pipeline import OutputUnwritable, segment_folder
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.cli import main
 from medseg.config import config_from_dict
@@ -86,7 +87,7 @@ def test_oblique_dicom_masks_overlay_truth_in_world_space(ct_model, tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 20), oblique=(18.0, -12.0, 25.0), seed=11)
     phantoms.write_dicom_series(truth, tmp_path / "in" / "ct", order="shuffled", extension="")
     before = snapshot(tmp_path / "in")
-    report = predict_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
+    report = segment_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
     assert report.counts() == {"written": 1, "skipped": 0, "failed": 0}, report.records
     assert snapshot(tmp_path / "in") == before
 
@@ -117,7 +118,7 @@ def test_oblique_dicom_masks_overlay_truth_in_world_space(ct_model, tmp_path):
 def test_dicom_seg_round_trip(ct_model, tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 12), seed=5)
     paths = phantoms.write_dicom_series(truth, tmp_path / "in" / "ct", order="reversed")
-    predict_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", formats=["dicom-seg"], progress=False)
+    segment_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", formats=["dicom-seg"], progress=False)
     seg = hd.seg.segread(tmp_path / "out" / "ct.seg.dcm")
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
@@ -143,18 +144,23 @@ def test_export_failure_leaves_no_partial_file(ct_model, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(nib, "save", crash)
-    report = predict_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
+    report = segment_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
     assert report.records[0].status == "failed" and "disk full" in report.records[0].reason
     leftovers = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert leftovers == ["predictions.json", "review", "review.html"]  # reports, no mask debris
+    assert leftovers == [".medseg", "predictions.json", "review", "review.html"]  # reports, no mask debris
+    assert not list((tmp_path / "out").rglob(f"*{TMP_MARKER}*")) and not list((tmp_path / "out" / JOURNAL_DIR).iterdir())
     assert snapshot(tmp_path / "in") == before
 
 
 def test_output_inside_input_is_refused(ct_model, tmp_path):
     truth = phantoms.ct_phantom(shape=(32, 32, 8))
     phantoms.write_nifti(truth.image, truth.affine, tmp_path / "in" / "ct.nii.gz")
-    report = predict_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "in" / "masks", progress=False)
-    assert report.records[0].status == "failed" and "inside the input folder" in report.records[0].reason
+    before = snapshot(tmp_path / "in")
+    for output in (tmp_path / "in" / "masks", tmp_path / "in", tmp_path):  # nested, equal, holding the input
+        with pytest.raises(OutputUnwritable, match="overlap"):
+            segment_folder(Predictor(ct_model), tmp_path / "in", output, progress=False)
+        assert snapshot(tmp_path / "in") == before
+    assert not (tmp_path / "in" / "masks").exists() and not (tmp_path / "predictions.json").exists()
 
 
 def test_skip_if_done_and_overwrite(em_model, tmp_path, capsys):
@@ -166,7 +172,17 @@ def test_skip_if_done_and_overwrite(em_model, tmp_path, capsys):
     assert main(args) == 0
     assert "0 written, 1 skipped" in capsys.readouterr().out
     future = time.time() + 5
-    os.utime(tmp_path / "in" / "stack.tif", (future, future))  # the input changed after its mask
+    os.utime(tmp_path / "in" / "stack.tif", (future, future))  # touched, same bytes: content decides, not times
+    assert main(args) == 0
+    assert "0 written, 1 skipped" in capsys.readouterr().out
+    mask_path = tmp_path / "out" / "stack.tif"
+    whole = mask_path.read_bytes()
+    for damaged in (whole[:100], whole[:-1] + bytes([whole[-1] ^ 1])):  # truncated by a full disk; edited in place
+        mask_path.write_bytes(damaged)
+        assert main(args) == 0
+        assert "1 written, 0 skipped" in capsys.readouterr().out
+        assert mask_path.read_bytes() == whole
+    phantoms.write_tiff_stack(em.image[::-1].copy(), em.affine, tmp_path / "in" / "stack.tif")  # new content
     assert main(args) == 0
     assert "1 written" in capsys.readouterr().out
     assert main(args + ["--overwrite", "--precision", "fp32"]) == 0
@@ -180,11 +196,18 @@ def test_skip_if_done_and_overwrite(em_model, tmp_path, capsys):
     back = load(discover(tmp_path / "out" / "stack.tif").scans[0])
     assert np.allclose(back.geometry.spacing, (4e-6, 4e-6, 5e-5))  # pixel size tags kept
 
+    (tmp_path / "in" / "stack.tif").rename(tmp_path / "in" / "renamed.tif")  # its old mask is now an orphan
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "orphan stack: its input" in out and "stack.tif" in out and mask_path.read_bytes()  # listed, kept
+    manifest = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [o["case"] for o in manifest["orphans"]] == ["stack"] and manifest["orphans"][0]["outputs"] == ["stack.tif"]
+
 
 def test_2d_model_on_png_sequence_writes_stack_and_slices(em_model, tmp_path):
     em = phantoms.em_phantom(shape=(64, 64, 4), cells=12, seed=4)
     phantoms.write_png_sequence(em.image, tmp_path / "in" / "test")
-    report = predict_folder(Predictor(em_model, tta=True), tmp_path / "in", tmp_path / "out", progress=False)
+    report = segment_folder(Predictor(em_model, tta=True), tmp_path / "in", tmp_path / "out", progress=False)
     assert report.counts()["written"] == 1, report.records
     stack = tifffile.imread(tmp_path / "out" / "test.tif")
     assert stack.shape == (4, 64, 64)
@@ -203,7 +226,7 @@ def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_
     assert "never saw a mirrored sample" in caplog.text and str(em_model) in caplog.text
     state = load_checkpoint(em_model / "best.pt")
     for p_flip, warns in ((0.0, True), (0.5, False)):  # augmented as the EM configs (no mirroring), or mirrored
-        state["config"]["augment"].update(enabled=True, p_flip=p_flip)
+        state.config.augment.enabled, state.config.augment.p_flip = True, p_flip
         save_checkpoint(state, tmp_path / "model.pt")
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="medseg.infer"):
@@ -224,7 +247,8 @@ def test_tta_mirrors_only_the_axes_training_mirrored_along(em_model, tmp_path, m
     for augment, axes, flips in (({"enabled": True, "p_flip": 0.5, "flip_axes": [1]}, (1,), Counter({(3,): 2})),
                                  ({"enabled": True, "p_flip": 0.5, "flip_axes": None}, (0, 1), every),
                                  ({"enabled": False}, (0, 1), every)):
-        state["config"]["augment"].update(augment)
+        for key, value in augment.items():
+            setattr(state.config.augment, key, value)
         save_checkpoint(state, tmp_path / "model.pt")
         predictor = Predictor(tmp_path / "model.pt", tta=True)
         assert predictor.tta_axes == axes
@@ -250,7 +274,7 @@ def test_corrupt_scan_fails_alone(em_model, tmp_path):
     (tmp_path / "in").mkdir()
     Image.fromarray(em.image[:, :, 0].T).save(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    report = predict_folder(Predictor(em_model), tmp_path / "in", tmp_path / "out", progress=False)
+    report = segment_folder(Predictor(em_model), tmp_path / "in", tmp_path / "out", progress=False)
     status = {r.case: r.status for r in report.records}
     assert status == {"good": "written", "bad": "failed"}
     assert (tmp_path / "out" / "good.png").is_file()

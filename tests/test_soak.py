@@ -27,11 +27,11 @@ SOAK = r"""
 import json, sys, threading
 from pathlib import Path
 import flows  # privacy defaults before Prefect
-import flows.tasks as tasks
+import medseg.export as export
 from flows.segment_study import segment_study
 
 samples, lock = [], threading.Lock()
-real_export = tasks.export_mask
+real_export = export.export_mask
 
 def rss_mb():
     for line in open("/proc/self/status"):
@@ -44,7 +44,7 @@ def export_and_measure(*args, **kwargs):
         samples.append(rss_mb())
     return out
 
-tasks.export_mask = export_and_measure
+export.export_mask = export_and_measure  # what medseg.pipeline calls
 state = segment_study(input_dir=Path(sys.argv[1]), output_dir=Path(sys.argv[2]), checkpoint=Path(sys.argv[3]),
                       workers=2, return_state=True)
 print(json.dumps({"state": state.name, "rss_mb": samples}))

@@ -57,11 +57,13 @@ def test_short_training_learns_and_checkpoint_loads_safely(em_folders, tmp_path)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
     # chance: predicting the majority class everywhere gives membrane Dice 0
     assert result.best_metrics["dice_membrane"] > 0.6 and result.best_metrics["dice_cell"] > 0.85
-    state = torch.load(result.run_dir / "best.pt", weights_only=True)
-    assert state["classes"] == {"membrane": 0, "cell": 255}
-    assert state["config"]["model"]["name"] == "unet" and state["preprocess"]["intensity"] == "zscore"
-    model = build_model(state["config"]["model"])
-    model.load_state_dict(state["model"])
+    payload = torch.load(result.run_dir / "best.pt", weights_only=True)  # plain tensors and values only
+    assert payload["format"] == "medseg-checkpoint/2" and "classes" not in payload  # no copies beside the config
+    state = load_checkpoint(result.run_dir / "best.pt")
+    assert state.classes == {"membrane": 0, "cell": 255}
+    assert state.config.model.name == "unet" and state.config.preprocess.intensity == "zscore"
+    model = build_model(state.config.model)
+    model.load_state_dict(state.weights)
     for name in ("latest.pt", "best.pt", "metrics.csv", "learning_curves.png"):
         assert (result.run_dir / name).is_file(), name
     header = (result.run_dir / "metrics.csv").read_text().splitlines()[0]
@@ -87,12 +89,12 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
 
     full = train(config(tmp_path / "a"), progress=False)
     first = train(config(tmp_path / "b"), progress=False, max_epochs=1)
-    one = torch.load(first.run_dir / "latest.pt", weights_only=True)
+    one = _averaging_state(first.run_dir / "latest.pt")
     validated = []
     real_evaluate = medseg.train.evaluate
     monkeypatch.setattr(medseg.train, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k))
     resumed = train(config(tmp_path / "b"), resume=first.run_dir, progress=False)
-    two = torch.load(resumed.run_dir / "latest.pt", weights_only=True)
+    two = _averaging_state(resumed.run_dir / "latest.pt")
     assert resumed.step_losses == pytest.approx(full.step_losses[1:], abs=1e-6)
     floats = [k for k, v in two["model"].items() if v.is_floating_point()]
     # The first update copies the weights; the second keeps (1 + 1) / (10 + 1) of the average,
@@ -103,12 +105,19 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
         assert torch.allclose(two["model"][k], expected, atol=1e-6), k
     assert not all(torch.equal(two["model"][k], two["training_model"][k]) for k in floats)
     assert two["ema_updates"] == 2
-    reference = torch.load(full.run_dir / "latest.pt", weights_only=True)
+    reference = _averaging_state(full.run_dir / "latest.pt")
     for key in ("model", "training_model"):
         assert all(torch.allclose(reference[key][k].float(), two[key][k].float(), atol=1e-6) for k in floats)
     # What was validated, and what predict loads, is the average.
     assert validated and all(model is resumed.model for model in validated)
     assert all(torch.equal(resumed.model.state_dict()[k], two["model"][k]) for k in floats)
+
+
+def _averaging_state(path: Path) -> dict:
+    """The averaged and raw weights of a checkpoint, and how many updates the average holds."""
+    state = load_checkpoint(path)
+    return {"model": state.weights, "training_model": state.training.training_model,
+            "ema_updates": state.training.ema_updates}
 
 
 def test_moving_average_decay_warms_up_to_the_configured_value():
@@ -200,7 +209,7 @@ def test_ddp_two_cpu_processes_agree(em_folders, tmp_path, ema_decay):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = load_checkpoint(tmp_path / "t" / "latest.pt")
-    assert len(state["rng"]) == 2  # both ranks' sampler states, for an exact resume
+    assert len(state.training.rng) == 2  # both ranks' sampler states, for an exact resume
     assert not (tmp_path / "t" / "rank1").exists()
 
 

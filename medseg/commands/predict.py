@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medseg.config import PRECISIONS
@@ -28,19 +29,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.batch import predict_folder
     from medseg.infer import Predictor
+    from medseg.pipeline import check_disjoint, segment_folder
 
+    check_disjoint(args.input, args.output)  # before the model loads: a wrong --output fails at once
     predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta or None, precision=args.precision,
                           overlap=args.overlap,
                           keep_largest=args.keep_largest, fill_holes=args.fill_holes)
-    report = predict_folder(predictor, args.input, args.output, args.formats, args.overwrite)
+    report = segment_folder(predictor, args.input, args.output, args.formats, args.overwrite)
     counts = report.counts()
     for record in report.records:
         if record.status == "failed":
             print(f"FAILED {record.case}: {record.reason}")
         elif record.status == "skipped":
             print(f"skipped {record.case}: up to date")
+    for orphan in report.orphans:
+        print(f"orphan {orphan['case']}: its input {orphan['input'] or '(unknown)'} is gone; "
+              f"kept {', '.join(orphan['outputs'])}")
     print(f"{counts['written']} written, {counts['skipped']} skipped (up to date), {counts['failed']} failed; masks in {args.output}")
+    if report.stopped:
+        print(f"medseg predict: error: stopped early: {report.stopped}", file=sys.stderr)
+        return 1
     print(f"Review page: {args.output / 'review.html'}  (or: medseg view {args.output})")
     return 1 if counts["failed"] else 0

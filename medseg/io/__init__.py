@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from medseg.errors import ScanError
-from medseg.io.discover import Discovery, discover
+from medseg.io.discover import Discovery, case_id, discover
 from medseg.io.dicom import load_dicom
 from medseg.io.labels import load_label, validate_label
 from medseg.io.microscopy import load_image, load_image_sequence, load_tiff
@@ -26,6 +26,7 @@ __all__ = [
     "Scan",
     "ScanKind",
     "ScanRef",
+    "case_id",
     "discover",
     "load",
     "load_label",

@@ -18,12 +18,13 @@ from typing import Any, Iterable
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanError
+from medseg.files import safe_part
 from medseg.io import dicom
 from medseg.io.microscopy import natural_key, tiff_pages
 from medseg.io.scan import Problem, ScanRef
 from medseg.io.sniff import sniff, suffix_of
 
-__all__ = ["Discovery", "discover", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "TIFF_SUFFIXES"]
+__all__ = ["Discovery", "case_id", "discover", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "TIFF_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -215,6 +216,21 @@ def _rel(path: Path, base: Path) -> str:
     return "" if str(rel) == "." else rel.as_posix()
 
 
+def case_id(path: Path, root: Path) -> str:
+    """The case id of a file: its path below ``root`` (a folder, or a file's own folder) without suffix.
+
+    The one rule for ids that come from file names, used for scans and for inputs that
+    could not be read alike, so a failure is reported under the id its mask would have had.
+    """
+    base = root.parent if root.is_file() else root
+    return _safe_id(_file_id(Path(path), base))
+
+
+def _safe_id(scan_id: str) -> str:
+    """An id whose every ``/``-separated part is a harmless path component (`medseg.files.safe_part`)."""
+    return "/".join(safe_part(part) for part in scan_id.split("/") if part) or "_"
+
+
 def _file_id(path: Path, base: Path) -> str:
     rel = _rel(path, base) or path.name
     suffix = suffix_of(path)
@@ -222,21 +238,22 @@ def _file_id(path: Path, base: Path) -> str:
 
 
 def _folder_id(folder: Path, base: Path, ds: Dataset) -> str:
+    """A series folder's id; several series in one folder get ``/series_N`` (N from the file, so sanitised)."""
     name = _rel(folder, base) or folder.name
     number = str(ds.get("SeriesNumber", "") or "").strip()
-    return f"{name}/series_{number}" if number else name
+    return f"{name}/series_{safe_part(number)}" if number else name
 
 
 def _make_ids_unique(result: Discovery) -> None:
     """Folders holding one DICOM series keep the folder's id; clashes get a suffix."""
     # A DICOM folder with a single series needs no series suffix.
+    safe_ids = [_safe_id(scan.id) for scan in result.scans]
     folder_counts: dict[str, int] = defaultdict(int)
-    for scan in result.scans:
+    for scan, scan_id in zip(result.scans, safe_ids):
         if scan.kind == "dicom":
-            folder_counts[scan.id.rsplit("/series_", 1)[0]] += 1
+            folder_counts[scan_id.rsplit("/series_", 1)[0]] += 1
     wanted = []
-    for scan in result.scans:
-        scan_id = scan.id
+    for scan, scan_id in zip(result.scans, safe_ids):
         if scan.kind == "dicom" and "/series_" in scan_id:
             folder = scan_id.rsplit("/series_", 1)[0]
             if folder_counts[folder] == 1:

@@ -1,0 +1,342 @@
+"""Segment one scan, or a folder: the one per-scan path used by `medseg predict` and the segment-study flow.
+
+discover → (skip if the ledger says the masks are intact) → load → predict → export →
+record, scan by scan. The rules live here once:
+
+- **Skip rule**: content, not file times (`medseg.ledger`): same input bytes, checkpoint,
+  settings and medseg version, and every mask still has the size and hash it was written
+  with. A truncated or edited mask is redone; outputs whose input has gone are listed as
+  orphans, never deleted.
+- **Case ids**: discovery's id for a scan; for an input discovery could not use, its path
+  below the input root without suffix (`medseg.io.discover.case_id`). Paths built from a
+  case id are sanitised and must resolve inside the output folder (`medseg.files`).
+- **Failure rule**: anything that goes wrong inside one scan is that scan's failure, with
+  one sentence; an error medseg did not expect also leaves its traceback in
+  ``OUTPUT/logs/`` and the sentence says where. An input read that fails with a transient
+  I/O error (a network share that hiccups) is retried twice. An output folder that cannot
+  take more (full, read-only, permission withdrawn) stops the batch: `OutputUnwritable`,
+  after which the reports of what was done are still written where possible.
+- **Trust boundary**: before anything is written, the output must be outside the input
+  tree (not equal, nested either way, or linked), not a file, writable (a probe file), and
+  have room for a conservative estimate of the batch (the inputs' size: masks are at most
+  one byte per voxel and compressed, inputs at least that).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError, ScanError
+from medseg.files import atomic_path, atomic_write_text, contained_path, remove_own_temporaries, safe_part, sha256_file
+from medseg.io import LoadOptions, Problem, ScanRef, case_id, discover, load
+
+__all__ = [
+    "BatchReport",
+    "CaseRecord",
+    "Job",
+    "OutputUnwritable",
+    "SKIP_REASON",
+    "check_disjoint",
+    "failure_reason",
+    "prepare_output",
+    "problem_record",
+    "segment_folder",
+    "segment_scan",
+    "write_batch_manifest",
+    "write_batch_reports",
+]
+
+SKIP_REASON = "unchanged input content, checkpoint and settings; masks intact (no model work)"
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR, errno.EBUSY,
+                              errno.ECONNRESET, errno.ENETRESET, errno.EHOSTUNREACH})
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+RETRY_DELAYS = (2.0, 10.0)  # seconds before the 1st and 2nd retry of a transient input read
+PROBE_MARGIN_BYTES = 16 * 2**20  # predictions.json, metrics and the review page
+
+
+class OutputUnwritable(MedsegError):
+    """The output folder cannot take more: the batch stops (what was done is kept and reported)."""
+
+
+@dataclass
+class CaseRecord:
+    """What happened to one scan (small and JSON-ready: no arrays)."""
+
+    case: str
+    kind: str
+    input: str
+    status: str  # "written", "skipped" or "failed"
+    outputs: list[str] = field(default_factory=list)
+    reason: str = ""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchReport:
+    input: str
+    output: str
+    checkpoint: str
+    classes: dict[str, int]
+    records: list[CaseRecord] = field(default_factory=list)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""  # why the batch stopped early, if it did
+
+    @property
+    def failed(self) -> list[CaseRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        out = {"written": 0, "skipped": 0, "failed": 0}
+        for record in self.records:
+            out[record.status] += 1
+        return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every scan of a batch shares: small, immutable, cheap to send to a worker process."""
+
+    output_dir: Path
+    checkpoint: Path  # the file, not the run folder
+    checkpoint_sha256: str
+    classes: dict[str, int]
+    color: str
+    tta: bool
+    formats: tuple[str, ...] | None = None
+    overwrite: bool = False
+    device: str = "auto"  # where a worker loads its model (the CLI passes its Predictor instead)
+    retry_delays: tuple[float, ...] = RETRY_DELAYS
+
+    def formats_for(self, ref: ScanRef) -> tuple[str, ...]:
+        from medseg.export import default_formats
+
+        return tuple(self.formats or default_formats(ref.kind))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A medseg error already names file, problem and fix; anything else gets its type."""
+    return str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
+
+
+def problem_record(problem: Problem, input_root: Path) -> CaseRecord:
+    """The failed record of an input discovery could not use, under the id the file would have had."""
+    path = Path(problem.paths[0])
+    return CaseRecord(case_id(path, input_root), "unknown", str(path), "failed", reason=problem.reason)
+
+
+def check_disjoint(input_path: Path, output_dir: Path) -> None:
+    """Inputs are never written: the output tree and the input tree must not overlap, even through links."""
+    inputs = Path(input_path).resolve()
+    input_tree = inputs.parent if inputs.is_file() else inputs
+    output = Path(output_dir).resolve()
+    if output == input_tree or input_tree in output.parents or output in input_tree.parents:
+        raise OutputUnwritable(
+            f"output folder {output_dir} (resolved {output}) and input {input_path} (resolved {input_tree}) overlap; "
+            "medseg never writes into the input tree nor reads its own outputs as inputs: "
+            "choose an output folder outside the input folder"
+        )
+
+
+def _check_room(output_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OutputUnwritable(
+            f"output folder {output_dir}: {free / 2**20:.0f} MB free, but this batch may need up to "
+            f"{needed / 2**20:.0f} MB (the size of its inputs); free some space or choose another output folder"
+        )
+
+
+def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] = ()) -> list[Path]:
+    """Check the output before any scan runs, then clear medseg's own litter of a killed run.
+
+    Returns the temporary files removed (only those medseg's journal names, of dead processes).
+    """
+    check_disjoint(input_path, output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputUnwritable(f"--output {output_dir} is an existing file, not a folder; "
+                               "name a folder (it is created if missing)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output_dir / ".medseg" / "probe", root=output_dir) as probe:
+            probe.write_bytes(b"medseg write probe\n")
+        (output_dir / ".medseg" / "probe").unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputUnwritable(f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
+                               "check its permissions and that the disk is mounted read-write") from None
+    needed = PROBE_MARGIN_BYTES + sum(_size(p) for ref in refs for p in ref.paths)
+    _check_room(output_dir, needed)
+    return remove_own_temporaries(output_dir)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_traceback(output_dir: Path, case: str, exc: BaseException) -> Path | None:
+    """OUTPUT/logs/<case>.traceback.txt for an error medseg did not expect (None if that cannot be written)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        path = contained_path(output_dir / "logs", safe_part(case.replace("/", "__")), ".traceback.txt")
+        return atomic_write_text(path, f"medseg {__version__}, case {case}\n\n{text}", root=output_dir)
+    except (OSError, MedsegError):
+        return None
+
+
+def _load_with_retries(ref: ScanRef, job: Job) -> Any:
+    attempt = 0
+    while True:
+        try:
+            return load(ref, LoadOptions(color=job.color))
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS or attempt >= len(job.retry_delays):
+                raise
+            time.sleep(job.retry_delays[attempt])
+            attempt += 1
+
+
+def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRecord:
+    """Load → predict → export → record one scan, unless its masks are intact (then no model work).
+
+    ``predictor`` returns the Predictor, called only when the scan needs one (a worker
+    loads its model on first use). Never raises for a problem of this scan; raises
+    `OutputUnwritable` when the output folder can take no more.
+    """
+    from medseg import ledger
+    from medseg.export import export_mask
+
+    start = time.monotonic()
+    record = CaseRecord(ref.id, ref.kind, str(ref.path), "written")
+    try:
+        key = ledger.scan_key(ref, job.checkpoint_sha256, job.tta, job.formats_for(ref))
+        if not job.overwrite:
+            outputs = ledger.find_outputs(job.output_dir, ref.id, key)
+            if outputs is not None:
+                record.status, record.reason = "skipped", SKIP_REASON
+                record.outputs = [str(p) for p in outputs]
+                return record
+        scan = _load_with_retries(ref, job)
+        prediction = predictor().predict(scan)
+        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref))
+        ledger.remember(job.output_dir, ref.id, key, outputs, str(ref.path))
+        record.outputs = [str(p) for p in outputs]
+        record.notes = list(scan.notes) + list(scan.geometry.notes)
+    except OutputUnwritable:
+        raise
+    except MedsegError as exc:
+        record.status, record.reason = "failed", str(exc)
+    except OSError as exc:
+        if exc.errno in OUTPUT_ERRNOS and _is_under(exc.filename, job.output_dir):
+            raise OutputUnwritable(f"output folder {job.output_dir}: {exc.strerror} while writing {exc.filename}; "
+                                   "the batch stopped, masks written so far are kept; free space or fix "
+                                   "permissions, then rerun the same command to resume") from None
+        record.status, record.reason = "failed", failure_reason(exc)
+    except Exception as exc:  # noqa: BLE001 - one scan's surprise must not stop the batch
+        log = _log_traceback(job.output_dir, ref.id, exc)
+        where = f"; traceback in {log}" if log else ""
+        record.status, record.reason = "failed", f"unexpected {failure_reason(exc)}{where}"
+    record.seconds = round(time.monotonic() - start, 3)
+    return record
+
+
+def _is_under(filename: Any, folder: Path) -> bool:
+    if not filename:
+        return True  # an OSError without a file name during export came from the output side
+    try:
+        path = Path(os.fsdecode(filename)).resolve()
+    except (TypeError, ValueError, OSError):
+        return False
+    root = folder.resolve()
+    return path == root or root in path.parents
+
+
+def segment_folder(
+    predictor: Any,
+    input_path: Path,
+    output_dir: Path,
+    formats: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> BatchReport:
+    """Segment every scan under ``input_path`` with one Predictor; problems found by discovery are failures too.
+
+    The reports (predictions.json, review page) are written whatever happened to the scans;
+    if the output folder stopped taking writes, the report says so in ``stopped``.
+    """
+    from tqdm import tqdm
+
+    found = discover(input_path)
+    if not found.scans and not found.problems:
+        raise ScanError(input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files")
+    prepare_output(input_path, output_dir, found.scans)
+    job = Job(output_dir, predictor.checkpoint_file, sha256_file(predictor.checkpoint_file), dict(predictor.classes),
+              predictor.config.data.color, bool(predictor.tta), tuple(formats) if formats else None, overwrite)
+    report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
+    root = input_path if input_path.is_dir() else input_path.parent
+    report.records += [problem_record(problem, root) for problem in found.problems]
+    show = (os.isatty(2) if progress is None else progress)
+    for ref in tqdm(found.scans, desc="predict", unit="scan", disable=not show):
+        try:
+            report.records.append(segment_scan(ref, job, lambda: predictor))
+        except OutputUnwritable as exc:
+            report.stopped = str(exc)
+            break
+    write_batch_reports(report, output_dir, [ref.id for ref in found.scans])
+    return report
+
+
+def write_batch_manifest(report: BatchReport, output_dir: Path) -> Path:
+    """predictions.json: classes, checkpoint, one record per scan and the orphans (read by `medseg evaluate`)."""
+    payload: dict[str, Any] = {
+        "medseg_version": __version__,
+        "input": report.input,
+        "checkpoint": report.checkpoint,
+        "classes": report.classes,
+        "counts": report.counts(),
+        "records": [asdict(r) for r in report.records],
+        "orphans": report.orphans,
+    }
+    if report.stopped:
+        payload["stopped"] = report.stopped
+    return atomic_write_text(output_dir / "predictions.json", json.dumps(payload, indent=2), root=output_dir)
+
+
+def write_batch_reports(
+    report: BatchReport, output_dir: Path, cases: Sequence[str], reference_dir: Path | None = None
+) -> list[Path]:
+    """predictions.json and the review page, whatever happened to the scans.
+
+    Orphans (ledger records of inputs that have gone) are collected here. A report that
+    cannot be written is noted in ``report.stopped`` instead of raising: the masks are the
+    product, the reports describe them.
+    """
+    from medseg import ledger
+
+    report.orphans = ledger.orphans(output_dir, cases)
+    written: list[Path] = []
+    try:
+        written.append(write_batch_manifest(report, output_dir))
+    except OSError as exc:
+        report.stopped = (report.stopped + "; " if report.stopped else "") + \
+            f"predictions.json not written ({exc.strerror or exc})"
+        return written
+    try:
+        from medseg.review import write_review  # the page people open before they trust the masks
+
+        written.append(write_review(output_dir, reference_dir=reference_dir, progress=False))
+    except (MedsegError, OSError, ValueError) as exc:
+        report.stopped = (report.stopped + "; " if report.stopped else "") + \
+            f"review page not written ({failure_reason(exc)})"
+    return written
