@@ -8,13 +8,17 @@ microscopy: x, y, z). DICOM's LPS is converted once, at reading, by ``lps_to_ras
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Geometry", "LPS_TO_RAS", "lps_to_ras"]
+from medseg.errors import ScanError
+
+__all__ = ["LPS_TO_RAS", "Geometry", "check_geometry", "check_values", "lps_to_ras"]
 
 # Flipping the first two world axes turns DICOM's LPS into RAS (and back).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -131,6 +135,96 @@ class Geometry:
             "orientation": self.orientation,
             "affine": [[_sig(v) for v in row] for row in self.affine],
         }
+
+
+# A voxel edge shorter than this (1 femtometre in mm) is a zero, not a pixel size.
+MIN_VOXEL_MM = 1e-12
+# |det| / product of the axis lengths (the volume of a unit voxel's parallelepiped) below this
+# means two axes are (nearly) parallel: the grid is flat and cannot be inverted.
+MIN_AXIS_SINE = 1e-6
+
+_FIX = "the header is corrupt; fix {what} or re-export the scan"
+_GRID_FIX = "the header is corrupt; correct the fields named here or re-export the scan"
+
+
+def check_values(
+    paths: Path | str | Iterable[Path | str],
+    name: str,
+    values: Sequence[float] | np.ndarray,
+    *,
+    positive: bool = False,
+) -> np.ndarray:
+    """A geometry attribute read from a file (a DICOM tag, NIfTI field, pixel size), refused unless sane.
+
+    Every reader passes each value that places voxels in space through here, so NaN, Inf
+    or a zero/negative voxel size is refused with the attribute's name and value instead
+    of reaching a LinAlgError, a MONAI message or a silent mask.
+
+    Args:
+        paths: the file(s) the values came from.
+        name: the attribute as the file names it, e.g. "PixelSpacing" or "pixdim[1:4]".
+        values: the values as read.
+        positive: also refuse values of zero or below (voxel sizes).
+    """
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    shown = _fmt(arr) if arr.size > 1 else f"{arr[0]:.6g}" if arr.size else "()"
+    if not np.all(np.isfinite(arr)):
+        problem = f"{name} {shown} is not finite (NaN or Inf), so voxels cannot be placed in space"
+        raise ScanError(paths, problem, _FIX.format(what=name))
+    if positive and np.any(arr <= 0):
+        problem = f"{name} {shown} must be positive: a voxel size of zero or below places no voxel in space"
+        raise ScanError(paths, problem, _FIX.format(what=name))
+    return arr
+
+
+def check_geometry(
+    paths: Path | str | Iterable[Path | str],
+    affine: np.ndarray,
+    shape: Sequence[int],
+    source: str,
+) -> None:
+    """Refuse a voxel grid that cannot be placed in space: every reader calls this before building a Geometry.
+
+    Checks that every axis holds at least one voxel, that the 4x4 voxel-to-world affine is
+    finite, that no axis has zero length, and that no two axes are (nearly) parallel: each
+    of those makes the grid singular, which would fail later as a LinAlgError, inside
+    MONAI, or as a mask that overlays nothing.
+
+    Args:
+        paths: the file(s) the grid was read from.
+        affine: the voxel-to-world affine as built from the file.
+        shape: the spatial shape of the array.
+        source: the attributes the affine came from, with their values where short
+            (e.g. "the sform (srow_x ..., srow_y ..., srow_z ...)").
+    """
+    dims = [int(s) for s in shape]
+    if any(d < 1 for d in dims):
+        problem = f"the image size {tuple(dims)} has an empty axis ({source})"
+        raise ScanError(paths, problem, _FIX.format(what="the image size"))
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ScanError(paths, f"{source} gives a {matrix.shape} affine, not 4x4", _FIX.format(what="the geometry"))
+    text = np.array2string(matrix, precision=4, separator=", ").replace("\n", "")
+    if not np.all(np.isfinite(matrix)):
+        raise ScanError(paths, f"{source} gives an affine with NaN or Inf values (not finite, so singular): {text}",
+                        _GRID_FIX)
+    norms = np.linalg.norm(matrix[:3, :3], axis=0)
+    flat = [axis for axis in range(3) if norms[axis] < MIN_VOXEL_MM]
+    if flat:
+        raise ScanError(
+            paths,
+            f"{source} gives a singular affine: array axis {', '.join(map(str, flat))} has zero length "
+            f"(voxel size 0): {text}",
+            _GRID_FIX,
+        )
+    sine = abs(float(np.linalg.det(matrix[:3, :3]))) / float(np.prod(norms))
+    if sine < MIN_AXIS_SINE:
+        raise ScanError(
+            paths,
+            f"{source} gives a singular affine: its axes are (nearly) parallel "
+            f"(|det| / axis lengths = {sine:.2g}): {text}",
+            _GRID_FIX,
+        )
 
 
 def _sig(value: float) -> float:

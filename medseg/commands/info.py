@@ -19,11 +19,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("path", type=Path, help="a scan file, a DICOM series folder, or a folder tree")
     parser.add_argument("--json", action="store_true", help="print JSON (keys documented in README.md)")
     parser.add_argument("--color", choices=("grey", "channels"), default="grey", help="RGB images as grey or as channels")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="refuse (from its header, before decoding) a scan that would take more than MB megabytes in memory; "
+        "default: a quarter of the available memory, at most 4096 MB",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_path(args.path, LoadOptions(color=args.color))
+    report = inspect_path(args.path, LoadOptions(color=args.color, memory_budget_mb=args.memory_budget))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     failed = report["problems"] or any(s["problems"] for s in report["scans"])
     return 1 if failed else 0

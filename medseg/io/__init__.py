@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from medseg.errors import ScanError
+from medseg.geometry import check_geometry
+from medseg.io.budget import BudgetError, check_budget, check_resample_budget
 from medseg.io.discover import Discovery, case_id, discover
 from medseg.io.dicom import load_dicom
 from medseg.io.labels import load_label, validate_label
@@ -19,6 +21,7 @@ from medseg.io.nifti import load_nifti
 from medseg.io.scan import LoadOptions, Problem, Scan, ScanKind, ScanRef
 
 __all__ = [
+    "BudgetError",
     "Discovery",
     "LoadOptions",
     "Problem",
@@ -27,6 +30,8 @@ __all__ = [
     "ScanKind",
     "ScanRef",
     "case_id",
+    "check_budget",
+    "check_resample_budget",
     "discover",
     "load",
     "load_label",
@@ -44,17 +49,32 @@ READERS: dict[str, Callable[[ScanRef, LoadOptions], Scan]] = {
 
 
 def load(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
-    """Read the scan ``ref`` names with the reader for its kind."""
+    """Read the scan ``ref`` names with the reader for its kind.
+
+    Each reader refuses, from the header and before decoding, a scan over the memory budget
+    (``options.memory_budget_mb``) and a grid that cannot be placed in space; the grid is
+    checked once more here, so a reader that missed a case still cannot hand on a NaN or
+    singular affine.
+    """
     try:
         reader = READERS[ref.kind]
     except KeyError:
         raise ScanError(ref.paths, f"unknown scan kind {ref.kind!r}", f"use one of {sorted(READERS)}") from None
     try:
-        return reader(ref, options)
+        scan = reader(ref, options)
     except MemoryError as exc:
-        raise ScanError(ref.paths, "too large to load into memory", "free memory or split the scan") from exc
+        raise ScanError(
+            ref.paths,
+            "too large to load into memory (within the memory budget, but the memory ran out)",
+            "free memory, lower the budget (--memory-budget MB) so such scans are refused up front, or split the scan",
+        ) from exc
+    except OverflowError as exc:  # a size or value in the header too large for the type it is stored in
+        fix = "the header is corrupt; re-export the file"
+        raise ScanError(ref.paths, f"a header value is out of range ({exc})", fix) from exc
     except PermissionError as exc:
         raise ScanError(ref.paths, f"permission denied ({exc.filename})", "make the file readable by this user") from exc
+    check_geometry(ref.paths, scan.geometry.affine, scan.geometry.shape, f"the {ref.kind} reader's grid")
+    return scan
 
 
 def ref_for_path(path: Path) -> ScanRef:

@@ -42,7 +42,8 @@ from pydicom.uid import (
 from pydicom.valuerep import validate_value
 
 from medseg.errors import ScanError
-from medseg.geometry import Geometry, lps_to_ras
+from medseg.geometry import Geometry, check_geometry, check_values, lps_to_ras
+from medseg.io.budget import check_budget, check_frame_count, dicom_nbytes
 from medseg.io.scan import LoadOptions, Scan, ScanRef
 
 __all__ = [
@@ -175,7 +176,7 @@ def _floats(value: Any, n: int, path: Path, name: str) -> np.ndarray:
         raise ScanError(path, f"{name} is not numeric ({value!r})", "the header is corrupt; re-export the series") from exc
     if arr.shape != (n,):
         raise ScanError(path, f"{name} has {arr.size} values, expected {n}", "the header is corrupt; re-export the series")
-    return arr
+    return check_values(path, name, arr)  # every caller reads geometry: NaN/Inf is refused here, by name
 
 
 def _get(ds: Dataset, name: str, path: Path) -> Any:
@@ -246,6 +247,9 @@ def plan_series(paths: Sequence[Path], headers: dict[Path, Dataset] | None = Non
     headers = headers or {p: read_dataset(p, pixels=False) for p in paths}
     datasets = [headers[p] for p in paths]
     frames = [_int(ds, "NumberOfFrames", p, default=1) for p, ds in zip(paths, datasets)]
+    for p, ds, n in zip(paths, datasets, frames):
+        if n != 1:  # below 1, or more than the file can hold: refused before any list of n frames is built
+            check_frame_count(p, ds, n)
     if len(paths) == 1 and (frames[0] > 1 or "PerFrameFunctionalGroupsSequence" in datasets[0]):
         return _plan_multiframe(paths[0], datasets[0])
     multi = [p for p, n in zip(paths, frames) if n > 1]
@@ -300,9 +304,10 @@ def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeri
 
 def _pixel_spacing(ds: Dataset, path: Path) -> np.ndarray:
     if "PixelSpacing" in ds:
-        return _floats(ds.PixelSpacing, 2, path, "PixelSpacing")
+        return check_values(path, "PixelSpacing", _floats(ds.PixelSpacing, 2, path, "PixelSpacing"), positive=True)
     if "ImagerPixelSpacing" in ds:
-        return _floats(ds.ImagerPixelSpacing, 2, path, "ImagerPixelSpacing")
+        spacing = _floats(ds.ImagerPixelSpacing, 2, path, "ImagerPixelSpacing")
+        return check_values(path, "ImagerPixelSpacing", spacing, positive=True)
     return np.array([np.nan, np.nan])
 
 
@@ -393,6 +398,8 @@ def _plan_stack(
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
     shape = (_int(first, "Columns", who[0]), _int(first, "Rows", who[0]), len(positions))
+    tags = "ImagePositionPatient, ImageOrientationPatient, PixelSpacing and slice spacing"
+    check_geometry(who, lps_to_ras(lps), shape, f"{series}: {tags}")
     geometry = Geometry(lps_to_ras(lps), shape)
     if frames:
         return DicomSeries(tuple(paths), tuple(int(frames[i]) for i in order), geometry, tuple(notes))
@@ -417,6 +424,7 @@ def _plan_without_geometry(paths: Sequence[Path], ds: Dataset, frames: tuple[int
     n = len(frames) if frames else 1
     shape = (_int(ds, "Columns", paths[0]), _int(ds, "Rows", paths[0]), n)
     geometry = Geometry.from_spacing(shape, (spacing[1], spacing[0], 1.0), spacing_known=known)
+    check_geometry(paths, geometry.affine, shape, "PixelSpacing and the image size (Columns, Rows, frames)")
     note = "no patient geometry in the header (ImagePositionPatient/ImageOrientationPatient): pixel grid only"
     return DicomSeries(tuple(paths), frames, geometry, (note,), has_geometry=False)
 
@@ -439,7 +447,9 @@ def _plan_multiframe(path: Path, ds: Dataset) -> DicomSeries:
             positions.append(_floats(pos, 3, path, f"frame {i + 1} ImagePositionPatient"))
             orientations.append(_floats(ori, 6, path, f"frame {i + 1} ImageOrientationPatient"))
             spacing = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
-            spacings.append(_floats(spacing, 2, path, "PixelSpacing") if spacing is not None else np.array([np.nan, np.nan]))
+            if spacing is not None:
+                spacing = check_values(path, "PixelSpacing", _floats(spacing, 2, path, "PixelSpacing"), positive=True)
+            spacings.append(spacing if spacing is not None else np.array([np.nan, np.nan]))
         measures = _first_item(shared, "PixelMeasuresSequence") if shared is not None else None
         thickness = None
         if measures is not None:
@@ -557,6 +567,9 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     plan = plan_series(list(ref.paths), headers)
     first = headers[plan.paths[0]]
     samples = _channels_of(first, plan.paths[0], options)
+    slices_declared = len(plan.frame_order) or len(plan.paths)
+    what = f"the decoded DICOM pixel data ({slices_declared} slice(s) of {first.get('Rows')} x {first.get('Columns')})"
+    check_budget(ref.path, dicom_nbytes(plan.paths[0], first, slices_declared, samples), what, options.memory_budget_mb)
     slopes: list[tuple[float, float]] = []
     slices: list[np.ndarray] = []
     shown: set[str | None] = set()  # each slice's conversion note (None: kept as stored)

@@ -18,7 +18,8 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import ScanError
-from medseg.geometry import Geometry
+from medseg.geometry import Geometry, check_geometry, check_values
+from medseg.io.budget import check_budget, format_size, pil_nbytes, tiff_nbytes
 from medseg.io.scan import LoadOptions, Scan, ScanRef
 
 __all__ = ["load_tiff", "load_image", "load_image_sequence", "natural_key", "tiff_pages"]
@@ -78,8 +79,12 @@ def _color(array: np.ndarray, options: LoadOptions, has_alpha: bool, rgb: bool) 
         notes.append("alpha channel dropped")
         c -= 1
     if rgb and c == 3 and options.color == "grey":
-        weights = _GREY.reshape((3,) + (1,) * (array.ndim - 1))
-        array = (array.astype(np.float32) * weights).sum(axis=0, keepdims=True)
+        # One channel at a time: 3 float32 temporaries of the whole image at once cost a PNG near
+        # Pillow's limit 2.8 GB; this holds one (same sums, same order, same float32 values).
+        grey = np.zeros((1,) + array.shape[1:], dtype=np.float32)
+        for channel in range(3):
+            grey[0] += array[channel] * _GREY[channel]
+        array = grey
         notes.append("RGB converted to grey")
     return array, notes
 
@@ -183,6 +188,7 @@ def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     path = ref.paths[0]
     try:
         with tifffile.TiffFile(path) as tif:
+            check_budget(path, tiff_nbytes(tif), f"the TIFF image data ({_series_text(tif)})", options.memory_budget_mb)
             data, axes = _tiff_series(path, tif)
             px, py, pz, notes = _tiff_pixel_size(tif)
     except ScanError:
@@ -193,6 +199,13 @@ def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     samples = "S" in axes.upper()
     array, color_notes = _color(array, options, has_alpha=samples, rgb=samples)
     return _microscopy_scan(ref, array, (px, py, pz), notes + color_notes, {"tiff_axes": axes})
+
+
+def _series_text(tif: tifffile.TiffFile) -> str:
+    """Shape, axes and dtype of each series as the tags declare them, for a budget message."""
+    parts = [f"shape {tuple(s.shape)} {s.axes} {s.dtype}" for s in tif.series[:3]]
+    more = f" and {len(tif.series) - 3} more series" if len(tif.series) > 3 else ""
+    return "; ".join(parts) + more
 
 
 def _tiff_to_channels_first(path: Path, data: np.ndarray, axes: str) -> np.ndarray:
@@ -224,6 +237,11 @@ def _microscopy_scan(
     metadata: dict,
 ) -> Scan:
     spatial = array.shape[1:]
+    declared = [(axis, size) for axis, size in zip("xyz", sizes[: len(spatial)]) if size is not None]
+    if declared:  # a z spacing of a single plane places nothing, so it is not checked
+        axes = ", ".join(a for a, _ in declared)
+        name = f"pixel size ({axes}) in mm (OME-XML PhysicalSize, ImageJ spacing or resolution tags)"
+        check_values(ref.paths, name, [size for _, size in declared], positive=True)
     known = sizes[0] is not None and sizes[1] is not None
     px = sizes[0] or 1.0
     py = sizes[1] or px
@@ -234,7 +252,9 @@ def _microscopy_scan(
         pz = px if known else 1.0
         if known:
             notes = notes + ["no z spacing in the file: taken equal to the x pixel size"]
-    geometry = Geometry.from_spacing(spatial, (px, py, pz or 1.0), spacing_known=known)
+    spacing = (px, py, pz or 1.0)
+    geometry = Geometry.from_spacing(spatial, spacing, spacing_known=known)
+    check_geometry(ref.paths, geometry.affine, spatial, f"pixel size {spacing} mm")
     return Scan(ref=ref, array=array, geometry=geometry, modality="SM", metadata=metadata, notes=notes)
 
 
@@ -248,6 +268,8 @@ def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[flo
         return scan.array, (size[0], size[1]), []
     try:
         with Image.open(path) as img:
+            what = f"the decoded image ({img.size[0]} x {img.size[1]} {img.mode})"
+            check_budget(path, pil_nbytes(img, options.palette), what, options.memory_budget_mb)
             img.load()
             mode = img.mode
             dpi = img.info.get("dpi")
@@ -265,8 +287,10 @@ def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[flo
         raise ScanError(path, f"image too large for Pillow's safety limit ({exc})", "save large images as (BigTIFF) TIFF, which medseg reads without that limit") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ScanError(path, f"not a readable image ({exc})", "check that the file is complete and of the format its name says") from exc
+    del img  # Pillow's copy of the pixels; `data` has its own
     array = data.T[None] if data.ndim == 2 else np.transpose(data, (2, 1, 0))
-    array, notes = _color(np.ascontiguousarray(array), options, has_alpha=alpha, rgb=data.ndim == 3)
+    array, notes = _color(array, options, has_alpha=alpha, rgb=data.ndim == 3)
+    array = np.ascontiguousarray(array)  # after the colour step: a grey image is not copied twice
     size: tuple[float | None, float | None] = (None, None)
     if dpi and dpi[0] and dpi[1] and not _default_dpi(float(dpi[0])):
         size = (25.4 / float(dpi[0]), 25.4 / float(dpi[1]))
@@ -290,6 +314,13 @@ def load_image_sequence(ref: ScanRef, options: LoadOptions = LoadOptions()) -> S
         array, size, plane_notes = _read_plane(path, options)
         if i == 0:
             first_size, notes = size, plane_notes
+            if len(paths) > 1:  # before the other planes are read: the stack holds one such plane per file
+                check_budget(
+                    [paths[0].parent],
+                    array.nbytes * len(paths),
+                    f"the stack of {len(paths)} images of {format_size(array.nbytes)} each",
+                    options.memory_budget_mb,
+                )
         elif array.shape != planes[0].shape:
             raise ScanError(
                 [paths[0], path],

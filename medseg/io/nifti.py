@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import ScanError
-from medseg.geometry import Geometry
+from medseg.geometry import Geometry, check_geometry, check_values
+from medseg.io.budget import check_budget, nifti_nbytes
 from medseg.io.scan import LoadOptions, Scan, ScanRef
 
 __all__ = ["load_nifti", "read_nifti_header"]
@@ -30,6 +31,72 @@ def read_nifti_header(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ScanError(path, f"{type(img).__name__} is not a NIfTI image", "convert it to NIfTI (.nii.gz)")
     return img
+
+
+def _raw_header(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> nib.Nifti1Header | nib.Nifti2Header:
+    """The header as stored: nibabel's load silently "fixes" a zero pixdim to 1, which would hide it."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            return type(img.header).from_fileobj(fh, check=False)
+    except (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
+        fix = "check that the file is complete and really NIfTI"
+        raise ScanError(path, f"not a readable NIfTI header ({exc})", fix) from exc
+
+
+def _check_header_geometry(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> None:
+    """Refuse dimensions below 1 and voxel sizes that are zero, NaN or Inf, as the file stores them.
+
+    NIfTI-1 keeps each dimension in a signed 16-bit field: a volume with more than 32767
+    voxels along an axis wraps to a negative number, which would otherwise surface as an
+    OverflowError from the memory map. Tools that take the voxel size from pixdim (ITK,
+    and nibabel's qform) would place a zero or non-finite pixdim differently from the
+    sform, so a mask could not overlay the scan everywhere.
+    """
+    raw = _raw_header(path, img)
+    dim = [int(v) for v in raw["dim"]]
+    ndim = max(0, min(dim[0], 7))
+    for axis in range(1, ndim + 1):
+        if dim[axis] < 1:
+            wrapped = (
+                f" (NIfTI-1 stores it as a signed 16-bit number: {dim[axis] + 65536} voxels wrapped around past 32767)"
+                if isinstance(img, nib.Nifti1Image) and dim[axis] < 0
+                else ""
+            )
+            fix = (
+                "save volumes with more than 32767 voxels along an axis as NIfTI-2 (nibabel.Nifti2Image), or crop them"
+                if wrapped
+                else "the header is corrupt or the volume empty; re-export it"
+            )
+            raise ScanError(path, f"header dim[{axis}] is {dim[axis]}{wrapped}: an axis needs at least one voxel", fix)
+    spatial = min(ndim, 3)
+    check_values(path, f"pixdim[1:{spatial + 1}] (voxel size)", raw["pixdim"][1 : spatial + 1], positive=False)
+    zero = [axis for axis in range(1, spatial + 1) if float(raw["pixdim"][axis]) == 0.0]
+    if zero:
+        shown = ", ".join(f"{float(v):.6g}" for v in raw["pixdim"][1 : spatial + 1])
+        raise ScanError(
+            path,
+            f"pixdim[1:{spatial + 1}] (voxel size) ({shown}) is 0 along axis {', '.join(map(str, zero))}: "
+            "a voxel size of zero places no voxel in space",
+            "set the voxel size in the header (nibabel: img.header.set_zooms) or re-export the scan",
+        )
+
+
+def _affine_source(img: nib.Nifti1Image | nib.Nifti2Image) -> str:
+    """Which header fields the affine nibabel chose came from, with their values."""
+    hdr = img.header
+    if int(hdr.get("sform_code", 0)) > 0:
+        rows = ", ".join(f"{name} {_fmt(hdr[name])}" for name in ("srow_x", "srow_y", "srow_z"))
+        return f"the sform ({rows})"
+    pixdim = _fmt(hdr["pixdim"][1:4])
+    if int(hdr.get("qform_code", 0)) > 0:
+        quatern = _fmt([hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"]])
+        offset = _fmt([hdr["qoffset_x"], hdr["qoffset_y"], hdr["qoffset_z"]])
+        return f"the qform (quatern_b/c/d {quatern}, qoffset_x/y/z {offset}, pixdim[1:4] {pixdim})"
+    return f"pixdim[1:4] {pixdim} (neither sform nor qform is set)"
+
+
+def _fmt(values: np.ndarray | list) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
 
 
 def _check_declared_size(path: Path, img: nib.Nifti1Image) -> None:
@@ -55,15 +122,19 @@ def load_nifti(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     """Load a 2D/3D/4D NIfTI; a 4th (or 5th) axis becomes the channel axis."""
     path = ref.paths[0]
     img = read_nifti_header(path)
+    _check_header_geometry(path, img)
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ScanError(
-            path,
-            f"the affine (sform/qform) is singular or not finite:\n{np.array2string(affine, precision=4)}",
-            "fix the header (e.g. set a valid qform with nibabel) so voxels can be placed in space",
-        )
+    shape = tuple(int(s) for s in img.header.get_data_shape()[:3])
+    check_geometry(path, affine, shape + (1,) * (3 - len(shape)), _affine_source(img))
     try:
         _check_declared_size(path, img)
+        check_budget(
+            path,
+            nifti_nbytes(img),
+            f"the NIfTI voxel data (shape {tuple(int(s) for s in img.header.get_data_shape())}, "
+            f"{img.header.get_data_dtype()})",
+            options.memory_budget_mb,
+        )
         data = np.asanyarray(img.dataobj)
     except (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile, MemoryError) as exc:
         raise ScanError(path, f"cannot read the voxel data ({exc})", "the file is truncated or corrupt; re-export it") from exc

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from medseg.errors import ConfigError
 from medseg.geometry import Geometry
 
 __all__ = ["ScanKind", "ScanRef", "Scan", "Problem", "LoadOptions"]
@@ -53,10 +55,23 @@ class LoadOptions:
     color: 'grey' averages RGB(A) to one luminance channel; 'channels' keeps R, G, B as
     channels (alpha is dropped either way, with a note). palette: a palette ('P') image
     becomes RGB, or keeps its indices as values (masks saved with a colour palette).
+    memory_budget_mb: the most one scan may take once decoded, in MB (10^6 bytes), checked
+    from its header before decoding (``medseg.io.budget``); None: a quarter of the
+    available memory, at most 4096 MB.
     """
 
     color: Literal["grey", "channels"] = "grey"
     palette: Literal["rgb", "indices"] = "rgb"
+    memory_budget_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget_mb
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0
+        ):
+            raise ConfigError(
+                f"memory_budget_mb must be a positive number of megabytes (or unset for the default), got {budget!r}"
+            )
 
 
 @dataclass
