@@ -25,7 +25,7 @@ from medseg.errors import MedsegError
 from medseg.evaluate import MASK_OPTIONS, evaluate_case
 from medseg.files import sha256_file
 from medseg.io import Problem, ScanRef, discover, load, ref_for_path
-from medseg.pipeline import CaseRecord, Job, OutputUnwritable, failure_reason, prepare_output
+from medseg.pipeline import CaseRecord, Job, OutputUnwritable, coding_of, failure_reason, prepare_output
 from medseg.pipeline import segment_scan as segment_one
 
 from flows.model_cache import get_predictor
@@ -66,6 +66,7 @@ def prepare_job(
         formats=tuple(formats) if formats else None,
         overwrite=overwrite,
         device=device,
+        coding=coding_of(state.config),
     )
 
 

@@ -25,9 +25,18 @@ from medseg import __version__
 from medseg.config import Config, config_from_dict
 from medseg.errors import ConfigError, MedsegError
 from medseg.files import atomic_path
+from medseg.models import build_model
 
-__all__ = ["CheckpointError", "Checkpoint", "TrainingState", "SCHEMA", "FORMAT", "save_checkpoint", "load_checkpoint",
-           "checkpoint_file"]
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "TrainingState",
+    "SCHEMA",
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_file",
+]
 
 SCHEMA = 2
 FORMAT = f"medseg-checkpoint/{SCHEMA}"
@@ -81,8 +90,6 @@ class Checkpoint:
 
     def build_model(self) -> torch.nn.Module:
         """The model of ``config.model`` with ``weights`` loaded; a mismatch is one sentence naming both sides."""
-        from medseg.models import build_model
-
         model = build_model(self.config.model)
         expected = model.state_dict()
         missing = [k for k in expected if k not in self.weights]
@@ -92,16 +99,19 @@ class Checkpoint:
             detail = []
             if wrong:
                 k = wrong[0]
-                detail.append(f"{len(wrong)} tensor(s) of another shape (e.g. {k}: stored "
-                              f"{tuple(self.weights[k].shape)}, the config's model needs {tuple(expected[k].shape)})")
+                detail.append(
+                    f"{len(wrong)} tensor(s) of another shape (e.g. {k}: stored "
+                    f"{tuple(self.weights[k].shape)}, the config's model needs {tuple(expected[k].shape)})"
+                )
             if missing:
                 detail.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
             if unexpected:
                 detail.append(f"{len(unexpected)} tensor(s) the model does not have (e.g. {unexpected[0]})")
+            model_cfg = self.config.model
             raise CheckpointError(
                 f"{self.path or 'checkpoint'}: the stored weights do not fit the stored model config "
-                f"({self.config.model.name}, {self.config.model.spatial_dims}D, features {self.config.model.features}): "
-                f"{'; '.join(detail)}; the file was edited or assembled from two runs, use one written by `medseg train`"
+                f"({model_cfg.name}, {model_cfg.spatial_dims}D, features {model_cfg.features}): {'; '.join(detail)}; "
+                "the file was edited or assembled from two runs, use one written by `medseg train`"
             )
         model.load_state_dict(self.weights)
         return model
@@ -124,14 +134,21 @@ class Checkpoint:
         """Validate a loaded dict of schema 1 or 2 into a Checkpoint; every problem names the file."""
         if not isinstance(payload, dict) or payload.get("format") not in _READABLE:
             shown = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-            raise CheckpointError(f"{path}: not a medseg checkpoint (format {shown!r}); use one written by `medseg train`")
+            raise CheckpointError(
+                f"{path}: not a medseg checkpoint (format {shown!r}); use one written by `medseg train`"
+            )
         schema = _READABLE[payload["format"]]
         raw = payload.get("config")
         weights = payload.get("model")
-        if not isinstance(raw, dict) or not isinstance(weights, dict) or \
-                not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-            raise CheckpointError(f"{path}: a medseg checkpoint without a config or weights; it is damaged, "
-                                  "use one written by `medseg train`")
+        if (
+            not isinstance(raw, dict)
+            or not isinstance(weights, dict)
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+        ):
+            raise CheckpointError(
+                f"{path}: a medseg checkpoint without a config or weights; it is damaged, "
+                "use one written by `medseg train`"
+            )
         try:
             config = config_from_dict(raw, source=f"{path} (stored config)")
         except ConfigError as exc:
@@ -146,8 +163,9 @@ class Checkpoint:
             try:
                 training = TrainingState(**stored)
             except TypeError as exc:
-                raise CheckpointError(f"{path}: its training state is incomplete ({exc}); "
-                                      "it can predict but not resume, start a new run") from None
+                raise CheckpointError(
+                    f"{path}: its training state is incomplete ({exc}); it can predict but not resume, start a new run"
+                ) from None
         return cls(config, weights, training, str(payload.get("medseg_version", "")), SCHEMA, path)
 
 
@@ -155,12 +173,16 @@ def _check_v1_copies(payload: dict[str, Any], config: Config, path: Path) -> Non
     """Schema 1 kept classes and preprocessing beside the config; they must say the same."""
     classes = payload.get("classes")
     if classes is not None and dict(classes) != dict(config.data.classes):
-        raise CheckpointError(f"{path}: its classes {dict(classes)} differ from its config's data.classes "
-                              f"{dict(config.data.classes)}; the file was edited, use one written by `medseg train`")
+        raise CheckpointError(
+            f"{path}: its classes {dict(classes)} differ from its config's data.classes "
+            f"{dict(config.data.classes)}; the file was edited, use one written by `medseg train`"
+        )
     preprocess = payload.get("preprocess")
     if preprocess is not None and preprocess != config.preprocess.model_dump(mode="json"):
-        raise CheckpointError(f"{path}: its preprocessing differs from its config's preprocess section; "
-                              "the file was edited, use one written by `medseg train`")
+        raise CheckpointError(
+            f"{path}: its preprocessing differs from its config's preprocess section; "
+            "the file was edited, use one written by `medseg train`"
+        )
 
 
 def checkpoint_file(path: Path | str) -> Path:
@@ -171,8 +193,10 @@ def checkpoint_file(path: Path | str) -> Path:
             if (path / name).is_file():
                 return path / name
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; pass a run folder (with best.pt) or a .pt file "
-                              "that `medseg train` wrote (train one with `medseg train --config CONFIG`)")
+        raise CheckpointError(
+            f"{path}: checkpoint not found; pass a run folder (with best.pt) or a .pt file "
+            "that `medseg train` wrote (train one with `medseg train --config CONFIG`)"
+        )
     return path
 
 
@@ -194,5 +218,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             "medseg checkpoints hold only tensors and plain values; use a checkpoint written by `medseg train`"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); it may be truncated, retrain or copy it again") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({exc}); it may be truncated, retrain or copy it again"
+        ) from None
     return Checkpoint.from_payload(payload, path)

@@ -9,7 +9,7 @@ in a viewer is an error here rather than a surprise in 3D Slicer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -182,8 +182,11 @@ def export_mask(
     output_dir: Path,
     classes: Mapping[str, int],
     formats: Sequence[str] | None = None,
+    coding: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``mask`` (label values, scan grid) for ``scan`` under ``output_dir`` in each format.
+
+    ``coding`` is the config's ``data.classes_coding`` (plain data), for DICOM SEG segments.
 
     File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.tif``, ``<id>/`` (PNGs).
     """
@@ -196,7 +199,8 @@ def export_mask(
             if fmt == "nifti":
                 written.append(write_nifti_mask(mask, scan, contained_path(output_dir, case, ".nii.gz")))
             elif fmt == "dicom-seg":
-                written.append(write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes))
+                written.append(write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes,
+                                               coding=coding))
             elif fmt == "tiff":
                 written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
             elif fmt == "png":

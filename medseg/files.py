@@ -72,8 +72,9 @@ def safe_part(name: str) -> str:
     """One path component made harmless: no separators, control characters, ``.``/``..`` or leading dot.
 
     Bytes of a file name that were not UTF-8 (surrogate escapes) become ``_`` too, so the
-    name can be written into JSON reports and shown in a page. Characters Windows shares and shells trip over become ``_``; the part is cut to a length
-    every filesystem accepts. An empty result becomes ``_``.
+    name can be written into JSON reports and shown in a page. Characters Windows shares
+    and shells trip over become ``_``; the part is cut to a length every filesystem
+    accepts. An empty result becomes ``_``.
     """
     text = "".join("_" if 0xD800 <= ord(c) <= 0xDFFF else c for c in str(name))  # undecodable bytes of a name
     text = unicodedata.normalize("NFC", text).replace("/", "_")

@@ -117,6 +117,8 @@ def orphans(output_dir: Path, cases: Sequence[str]) -> list[dict[str, Any]]:
         record = _read(path)
         if record is None or not isinstance(record.get("case"), str) or record["case"] in current:
             continue
-        outputs = [e["path"] for e in record.get("outputs", []) if isinstance(e, dict) and isinstance(e.get("path"), str)]
+        outputs = [
+            e["path"] for e in record.get("outputs", []) if isinstance(e, dict) and isinstance(e.get("path"), str)
+        ]
         found.append({"case": record["case"], "input": str(record.get("input", "")), "outputs": outputs})
     return found

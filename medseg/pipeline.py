@@ -46,6 +46,7 @@ __all__ = [
     "OutputUnwritable",
     "SKIP_REASON",
     "check_disjoint",
+    "coding_of",
     "failure_reason",
     "prepare_output",
     "problem_record",
@@ -56,8 +57,19 @@ __all__ = [
 ]
 
 SKIP_REASON = "unchanged input content, checkpoint and settings; masks intact (no model work)"
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR, errno.EBUSY,
-                              errno.ECONNRESET, errno.ENETRESET, errno.EHOSTUNREACH})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.ECONNRESET,
+        errno.ENETRESET,
+        errno.EHOSTUNREACH,
+    }
+)
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 RETRY_DELAYS = (2.0, 10.0)  # seconds before the 1st and 2nd retry of a transient input read
 PROBE_MARGIN_BYTES = 16 * 2**20  # predictions.json, metrics and the review page
@@ -115,12 +127,19 @@ class Job:
     formats: tuple[str, ...] | None = None
     overwrite: bool = False
     device: str = "auto"  # where a worker loads its model (the CLI passes its Predictor instead)
-    retry_delays: tuple[float, ...] = RETRY_DELAYS
+    coding: dict[str, Any] | None = None  # data.classes_coding of the checkpoint's config, for DICOM SEG
+    retry_delays: tuple[float, ...] = field(default_factory=lambda: RETRY_DELAYS)
 
     def formats_for(self, ref: ScanRef) -> tuple[str, ...]:
         from medseg.export import default_formats
 
         return tuple(self.formats or default_formats(ref.kind))
+
+
+def coding_of(config: Any) -> dict[str, Any] | None:
+    """The config's ``data.classes_coding`` as plain data (it travels in a Job to worker processes)."""
+    coding = config.data.classes_coding
+    return None if coding is None else {name: entry.model_dump(mode="json") for name, entry in coding.items()}
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -163,16 +182,19 @@ def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] =
     """
     check_disjoint(input_path, output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise OutputUnwritable(f"--output {output_dir} is an existing file, not a folder; "
-                               "name a folder (it is created if missing)")
+        raise OutputUnwritable(
+            f"--output {output_dir} is an existing file, not a folder; name a folder (it is created if missing)"
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(output_dir / ".medseg" / "probe", root=output_dir) as probe:
             probe.write_bytes(b"medseg write probe\n")
         (output_dir / ".medseg" / "probe").unlink(missing_ok=True)
     except OSError as exc:
-        raise OutputUnwritable(f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
-                               "check its permissions and that the disk is mounted read-write") from None
+        raise OutputUnwritable(
+            f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
+            "check its permissions and that the disk is mounted read-write"
+        ) from None
     needed = PROBE_MARGIN_BYTES + sum(_size(p) for ref in refs for p in ref.paths)
     _check_room(output_dir, needed)
     return remove_own_temporaries(output_dir)
@@ -229,7 +251,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
                 return record
         scan = _load_with_retries(ref, job)
         prediction = predictor().predict(scan)
-        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref))
+        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding)
         ledger.remember(job.output_dir, ref.id, key, outputs, str(ref.path))
         record.outputs = [str(p) for p in outputs]
         record.notes = list(scan.notes) + list(scan.geometry.notes)
@@ -239,9 +261,11 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
         record.status, record.reason = "failed", str(exc)
     except OSError as exc:
         if exc.errno in OUTPUT_ERRNOS and _is_under(exc.filename, job.output_dir):
-            raise OutputUnwritable(f"output folder {job.output_dir}: {exc.strerror} while writing {exc.filename}; "
-                                   "the batch stopped, masks written so far are kept; free space or fix "
-                                   "permissions, then rerun the same command to resume") from None
+            raise OutputUnwritable(
+                f"output folder {job.output_dir}: {exc.strerror} while writing {exc.filename}; "
+                "the batch stopped, masks written so far are kept; free space or fix "
+                "permissions, then rerun the same command to resume"
+            ) from None
         record.status, record.reason = "failed", failure_reason(exc)
     except Exception as exc:  # noqa: BLE001 - one scan's surprise must not stop the batch
         log = _log_traceback(job.output_dir, ref.id, exc)
@@ -279,14 +303,25 @@ def segment_folder(
 
     found = discover(input_path)
     if not found.scans and not found.problems:
-        raise ScanError(input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files")
+        raise ScanError(
+            input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files"
+        )
     prepare_output(input_path, output_dir, found.scans)
-    job = Job(output_dir, predictor.checkpoint_file, sha256_file(predictor.checkpoint_file), dict(predictor.classes),
-              predictor.config.data.color, bool(predictor.tta), tuple(formats) if formats else None, overwrite)
+    job = Job(
+        output_dir,
+        predictor.checkpoint_file,
+        sha256_file(predictor.checkpoint_file),
+        dict(predictor.classes),
+        predictor.config.data.color,
+        bool(predictor.tta),
+        tuple(formats) if formats else None,
+        overwrite,
+        coding=coding_of(predictor.config),
+    )
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
     root = input_path if input_path.is_dir() else input_path.parent
     report.records += [problem_record(problem, root) for problem in found.problems]
-    show = (os.isatty(2) if progress is None else progress)
+    show = os.isatty(2) if progress is None else progress
     for ref in tqdm(found.scans, desc="predict", unit="scan", disable=not show):
         try:
             report.records.append(segment_scan(ref, job, lambda: predictor))
@@ -329,14 +364,16 @@ def write_batch_reports(
     try:
         written.append(write_batch_manifest(report, output_dir))
     except OSError as exc:
-        report.stopped = (report.stopped + "; " if report.stopped else "") + \
-            f"predictions.json not written ({exc.strerror or exc})"
+        report.stopped = (
+            report.stopped + "; " if report.stopped else ""
+        ) + f"predictions.json not written ({exc.strerror or exc})"
         return written
     try:
         from medseg.review import write_review  # the page people open before they trust the masks
 
         written.append(write_review(output_dir, reference_dir=reference_dir, progress=False))
     except (MedsegError, OSError, ValueError) as exc:
-        report.stopped = (report.stopped + "; " if report.stopped else "") + \
-            f"review page not written ({failure_reason(exc)})"
+        report.stopped = (
+            report.stopped + "; " if report.stopped else ""
+        ) + f"review page not written ({failure_reason(exc)})"
     return written

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import medseg.device
-import medseg.infer
+import medseg.checkpoint
 import medseg.train
 from medseg import phantoms
 from medseg.config import config_from_dict
@@ -86,7 +86,7 @@ def test_training_runs_the_model_in_its_precision_and_keeps_fp32_weights(em_root
 
 def test_bf16_inference_matches_fp32(em_root, tmp_path, monkeypatch):
     run = train(_em_config(em_root, tmp_path, "fp32"), progress=False).run_dir
-    seen = _spy_dtypes(monkeypatch, medseg.infer)
+    seen = _spy_dtypes(monkeypatch, medseg.checkpoint)  # Predictor builds its model from the checkpoint
     scan = load(discover(em_root / "test").scans[0])
     masks = {}
     for precision in ("fp32", "bf16"):

@@ -93,7 +93,7 @@ def test_mixed_dtypes_and_float_labels_just_work(tmp_path):
     phantoms.write_nifti(a.label, a.affine, tmp_path / "lb" / "b.nii.gz")
     config = config_from_dict({
         "data": {"images": str(tmp_path / "im"), "labels": str(tmp_path / "lb"), "classes": {"background": 0, "liver": 1, "kidney": 2, "spine": 3}},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4},
+        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "depth": 3},  # sizes divisible by 4
         "train": {"patch_size": [16, 16, 8]},
     })
     items = prepare_items(find_cases(config.data), config, with_weights=False)

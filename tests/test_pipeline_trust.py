@@ -1,0 +1,365 @@
+"""The per-scan pipeline at the trust boundary: containment, only our own litter, output checked first,
+one scan's failure is that scan's, umask, checkpoints that do not fit (issue #15 items 1-4, 8, 11)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import medseg.pipeline
+from medseg import phantoms
+from medseg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from medseg.cli import main
+from medseg.files import JOURNAL_DIR, TMP_MARKER, contained_path, remove_own_temporaries, safe_part
+from medseg.infer import Predictor
+from medseg.io import discover
+from medseg.pipeline import segment_folder
+from medseg.train import train
+
+from conftest import snapshot, tiny_em_config, write_em_pairs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    write_em_pairs(root, slices=5)
+    return train(tiny_em_config(root, root / "runs", "tiny", epochs=1, steps_per_epoch=2), progress=False).run_dir
+
+
+def _files_outside(root: Path, allowed: Path, before: set[Path]) -> list[Path]:
+    """Files under ``root`` that are new since ``before`` and not inside ``allowed``."""
+    now = {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    return sorted(p for p in now - before if allowed not in p.parents)
+
+
+def _nifti_scans(folder: Path, names: list[str]) -> None:
+    em = phantoms.em_phantom(shape=(40, 40, 2), cells=6, seed=2)
+    for name in names:
+        phantoms.write_nifti(em.image, em.affine, folder / f"{name}.nii.gz")
+
+
+def _series_with_numbers(folder: Path, numbers: list[str]) -> None:
+    """Several CT series in one folder, each SeriesNumber as given (untrusted text)."""
+    for k, number in enumerate(numbers):
+        paths = phantoms.write_dicom_series(
+            phantoms.ct_phantom(shape=(16, 16, 3), seed=k), folder / f"tmp{k}", series_description=f"s{k}", seed=k
+        )
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds[0x00200011] = pydicom.DataElement(0x00200011, "LO", number)  # crafted: text where IS belongs
+            ds.save_as(path)
+            shutil.move(path, folder / f"s{k}_{path.name}")
+        (folder / f"tmp{k}").rmdir()
+
+
+@pytest.mark.parametrize(
+    "numbers",
+    [
+        ["1/../../..", "2"],
+        ["../../../../tmp/evil", "..\\..\\x"],
+        ["1/x", "1_x"],  # different tags, the same name once sanitised: distinct ids
+        [".", ".."],
+    ],
+)
+def test_dicom_metadata_never_becomes_a_path_outside_the_output(model, tmp_path, numbers):
+    _series_with_numbers(tmp_path / "in" / "study", numbers)
+    before_inputs = snapshot(tmp_path / "in")
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "work" / "out"
+    report = segment_folder(Predictor(model), tmp_path / "in", out, formats=["nifti"], progress=False)
+    assert report.counts()["written"] == len(numbers), report.records
+    assert not _files_outside(tmp_path, out, before)
+    assert snapshot(tmp_path / "in") == before_inputs
+    written = [Path(o) for r in report.records for o in r.outputs]
+    assert len(set(written)) == len(numbers)  # no case overwrote another
+    assert all(out.resolve() in p.resolve().parents for p in written)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/../../b", "\x00x", "x\x1fy", "/etc/passwd", "\udcff\udcfe", "é" * 200])
+def test_safe_part_and_contained_path_keep_every_name_inside(tmp_path, name):
+    part = safe_part(name)
+    assert part not in ("", ".", "..") and "/" not in part and "\x00" not in part and not part.startswith(".")
+    assert len(part.encode()) <= 200
+    path = contained_path(tmp_path, name, ".nii.gz")
+    assert tmp_path.resolve() in path.resolve().parents
+
+
+def test_a_link_in_the_output_that_points_away_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "case").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(medseg.files.OutsideRootError, match="outside the output folder"):
+        contained_path(tmp_path / "out", "case/scan", ".nii.gz")
+
+
+@pytest.mark.parametrize("layout", ["equal", "inside", "holding", "linked-in", "linked-holding"])
+def test_overlapping_input_and_output_are_refused_before_anything_is_written(model, tmp_path, capsys, layout):
+    inputs = tmp_path / "data" / "in"
+    _nifti_scans(inputs, ["a"])
+    output = {
+        "equal": inputs,
+        "inside": inputs / "masks",
+        "holding": tmp_path / "data",
+        "linked-in": tmp_path / "link",
+        "linked-holding": tmp_path / "link2",
+    }[layout]
+    if layout == "linked-in":
+        output.symlink_to(inputs)
+    if layout == "linked-holding":
+        output.symlink_to(tmp_path / "data")
+    before = snapshot(tmp_path / "data")
+    code = main(["predict", "--checkpoint", str(model), "--input", str(inputs), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 1 and "overlap" in err and str(inputs) in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one sentence
+    assert snapshot(tmp_path / "data") == before
+    assert not (inputs / "masks").exists()
+
+
+def test_output_that_is_a_file_is_refused_naming_it(model, tmp_path, capsys):
+    _nifti_scans(tmp_path / "in", ["a"])
+    (tmp_path / "out.txt").write_text("not a folder")
+    code = main(
+        ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out.txt")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "out.txt is an existing file" in err and "Traceback" not in err
+    assert (tmp_path / "out.txt").read_text() == "not a folder"
+
+
+def test_output_without_room_is_refused_before_the_batch(model, tmp_path, monkeypatch, capsys):
+    _nifti_scans(tmp_path / "in", ["a", "b"])
+    monkeypatch.setattr(medseg.pipeline.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    code = main(
+        ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "0 MB free" in err and "may need up to" in err
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_user_files_survive_and_only_journalled_litter_of_dead_runs_goes(model, tmp_path):
+    _nifti_scans(tmp_path / "in", ["a"])
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    users = {
+        out / ".thesis.partial.docx": b"thesis",
+        out / ".a.nii.gz.x.part.nii.gz": b"looks like litter",
+        out / f"notes{TMP_MARKER}.txt": b"a user's file with our marker, in no journal",
+    }
+    for path, data in users.items():
+        path.write_bytes(data)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    ours = out / f".a.deadbeef{TMP_MARKER}.nii.gz"
+    ours.write_bytes(b"half")
+    live = out / f".b.cafe{TMP_MARKER}.nii.gz"
+    live.write_bytes(b"being written by a live process")
+    journal = out / JOURNAL_DIR
+    journal.mkdir(parents=True)
+    host = socket.gethostname()
+    entries = {
+        "dead": {"tmp": ours.name, "pid": proc.pid, "host": host},
+        "live": {"tmp": live.name, "pid": os.getpid(), "host": host},
+        "escape": {"tmp": "../victim.txt", "pid": proc.pid, "host": host},
+        "user": {"tmp": ".thesis.partial.docx", "pid": proc.pid, "host": host},
+    }
+    for name, entry in entries.items():
+        (journal / f"{name}.json").write_text(json.dumps(entry))
+    (journal / "garbage.json").write_text("{not json")
+    report = segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+    assert report.counts()["written"] == 1
+    assert not ours.exists() and live.exists() and victim.read_text() == "outside"
+    assert all(path.read_bytes() == data for path, data in users.items())
+    assert sorted(p.name for p in journal.iterdir()) == ["garbage.json", "live.json"]
+    assert remove_own_temporaries(out) == []
+
+
+def test_an_unexpected_error_fails_its_scan_logs_a_traceback_and_the_batch_goes_on(model, tmp_path, monkeypatch):
+    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    real = Predictor.predict
+
+    def predict(self, scan, probabilities=False):
+        if scan.ref.id == "b":
+            raise KeyError("something nobody planned for")
+        return real(self, scan, probabilities)
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    out = tmp_path / "out"
+    report = segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+    status = {r.case: (r.status, r.reason) for r in report.records}
+    assert status["a"][0] == status["c"][0] == "written"
+    assert status["b"][0] == "failed" and status["b"][1].startswith("unexpected KeyError")
+    log = out / "logs" / "b.traceback.txt"
+    assert str(log) in status["b"][1] and "something nobody planned for" in log.read_text()
+    assert "Traceback" in log.read_text()
+    manifest = json.loads((out / "predictions.json").read_text())
+    assert manifest["counts"] == {"written": 2, "skipped": 0, "failed": 1}
+    assert (out / "review.html").is_file()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_full_or_read_only_output_stops_the_batch_cleanly(model, tmp_path, monkeypatch, capsys, code):
+    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    out = tmp_path / "out"
+    real_save, calls = nib.save, []
+
+    def save(img, filename):
+        calls.append(filename)
+        if len(calls) == 2:  # the second mask: the disk is full now
+            raise OSError(code, os.strerror(code), str(filename))
+        return real_save(img, filename)
+
+    monkeypatch.setattr(nib, "save", save)
+    before = snapshot(tmp_path / "in")
+    result = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert result == 1 and "stopped early" in captured.err and os.strerror(code) in captured.err
+    assert "rerun the same command to resume" in captured.err and "Traceback" not in captured.err + captured.out
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz"]
+    assert not list(out.rglob(f"*{TMP_MARKER}*")) and not list((out / JOURNAL_DIR).iterdir())
+    manifest = json.loads((out / "predictions.json").read_text())
+    assert manifest["stopped"] and manifest["counts"]["written"] == 1
+    assert snapshot(tmp_path / "in") == before
+    monkeypatch.setattr(nib, "save", real_save)
+    assert main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
+    assert "2 written, 1 skipped" in capsys.readouterr().out  # resumed
+
+
+def test_transient_input_errors_are_retried_and_permanent_ones_fail_the_scan(model, tmp_path, monkeypatch):
+    _nifti_scans(tmp_path / "in", ["flaky", "gone"])
+    real, attempts = medseg.pipeline.load, []
+
+    def load(ref, options):
+        attempts.append(ref.id)
+        if ref.id == "flaky" and attempts.count("flaky") == 1:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        if ref.id == "gone":
+            raise OSError(errno.ENOENT, "No such file or directory", str(ref.path))
+        return real(ref, options)
+
+    monkeypatch.setattr(medseg.pipeline, "load", load)
+    monkeypatch.setattr(medseg.pipeline, "RETRY_DELAYS", (0.0, 0.0))
+    report = segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", progress=False)
+    status = {r.case: r for r in report.records}
+    assert status["flaky"].status == "written" and attempts.count("flaky") == 2
+    assert status["gone"].status == "failed" and "No such file" in status["gone"].reason and attempts.count("gone") == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_masks_and_reports_honour_the_umask(model, tmp_path, umask, mode):
+    _nifti_scans(tmp_path / "in", ["a"])
+    old = os.umask(umask)
+    try:
+        segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    for name in ("a.nii.gz", "predictions.json", "review.html"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_checkpoint_weights_that_do_not_fit_their_config_are_one_sentence(model, tmp_path):
+    state = load_checkpoint(model)
+    wider = state.config.model_copy(deep=True)
+    wider.model.features = 16
+    save_checkpoint(Checkpoint(wider, state.weights), tmp_path / "wider.pt")
+    with pytest.raises(CheckpointError, match=r"weights do not fit the stored model config.*another shape.*stored"):
+        Predictor(tmp_path / "wider.pt")
+    trimmed = dict(state.weights)
+    trimmed.pop(next(iter(trimmed)))
+    save_checkpoint(Checkpoint(state.config, trimmed), tmp_path / "trimmed.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        Predictor(tmp_path / "trimmed.pt")
+
+
+def _v1(state: Checkpoint, **changes) -> dict:
+    """The dict medseg wrote before schema 2: classes and preprocessing beside the config."""
+    payload = {
+        "format": "medseg-checkpoint/1",
+        "medseg_version": "0.1.0",
+        "config": state.config.dump(),
+        "classes": state.classes,
+        "preprocess": state.config.preprocess.model_dump(mode="json"),
+        "model": state.weights,
+    }
+    payload.update(changes)
+    return payload
+
+
+def test_schema_1_checkpoints_still_load_and_are_checked_against_their_config(model, tmp_path):
+    state = load_checkpoint(model)
+    torch.save(_v1(state), tmp_path / "old.pt")
+    old = Predictor(tmp_path / "old.pt")
+    assert old.classes == state.classes and old.config.model == state.config.model
+    torch.save(_v1(state, classes={"membrane": 0}), tmp_path / "fewer.pt")
+    with pytest.raises(CheckpointError, match="differ from its config's data.classes"):
+        load_checkpoint(tmp_path / "fewer.pt")
+    bad = state.config.dump()
+    bad["data"]["classes"] = {"membrane": 0}  # fewer class names than outputs
+    torch.save({**_v1(state), "config": bad, "classes": {"membrane": 0}}, tmp_path / "one_class.pt")
+    with pytest.raises(CheckpointError, match="stored config is not valid"):
+        load_checkpoint(tmp_path / "one_class.pt")
+    torch.save(
+        {"format": "medseg-checkpoint/2", "config": state.config.dump(), "model": {"w": "not a tensor"}},
+        tmp_path / "strings.pt",
+    )
+    with pytest.raises(CheckpointError, match="without a config or weights"):
+        load_checkpoint(tmp_path / "strings.pt")
+
+
+def test_a_scan_with_other_channels_than_the_model_fails_alone(model, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in" / "colour.png")
+    _nifti_scans(tmp_path / "in", ["grey"])
+    ckpt = load_checkpoint(model)
+    ckpt.config.data.color = "channels"  # the scans load with 3 channels; the model takes 1
+    save_checkpoint(ckpt, tmp_path / "m.pt")
+    report = segment_folder(Predictor(tmp_path / "m.pt"), tmp_path / "in", tmp_path / "out", progress=False)
+    status = {r.case: r for r in report.records}
+    assert status["colour"].status == "failed" and "3 channel(s) but the model takes 1" in status["colour"].reason
+    assert status["grey"].status == "written"
+
+
+def test_cli_run_as_a_subprocess_prints_no_traceback_for_a_hostile_batch(model, tmp_path):
+    _series_with_numbers(tmp_path / "in", ["1/../../..", "2"])
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medseg",
+            "predict",
+            "--checkpoint",
+            str(model),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--format",
+            "nifti",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert "2 written, 0 skipped (up to date), 1 failed" in done.stdout
+    assert all((tmp_path / "out").resolve() in p.resolve().parents for p in (tmp_path / "out").rglob("*.nii.gz"))
+    assert len(discover(tmp_path / "out").scans) == 2
