@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from medseg.checkpoint import checkpoint_file
-from medseg.config import ConfigPath, Section, describe_validation_error, load_config
+from medseg.config import ConfigPath, Section, describe_validation_error, load_config, read_yaml_file
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -100,14 +99,9 @@ class NightlyConfig(Section):
 def load_nightly_config(path: Path | str) -> NightlyConfig:
     """Read and validate a nightly config; errors name the file and the dotted key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: nightly config not found; pass --config PATH (see configs/nightly.yaml)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: nightly config not found; pass --config PATH (see configs/nightly.yaml)")
+    raw = read_yaml_file(path)  # bounded like every medseg config: no alias bomb, no endless file
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with 'schedule' and 'parameters'")
     try:

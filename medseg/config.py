@@ -41,6 +41,7 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "load_yaml",
+    "read_yaml_file",
 ]
 
 # --- limits: a config is untrusted input, so what it can ask for is bounded --------------------------------
@@ -706,9 +707,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: 
     return config
 
 
-def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:
-    """Read, override and validate a YAML config file."""
-    path = Path(path)
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file read within the limits (size, depth, aliases); every problem is a ConfigError naming it.
+
+    Used for experiment configs and the nightly config alike, so neither can be a bomb.
+    """
     try:
         with path.open("rb") as stream:
             data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: a config path may name /dev/zero or a huge file
@@ -721,13 +724,19 @@ def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
     try:
-        raw = load_yaml(text) or {}
+        return load_yaml(text) or {}
     except YamlLimitError as exc:
         raise ConfigError(f"{path}: {exc.key or '(top level)'}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
     apply_overrides(raw, overrides, source=f"{path} (--set)")

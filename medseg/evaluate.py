@@ -32,10 +32,8 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +43,25 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
+from medseg.files import atomic_write_text, natural_key
 from medseg.grids import RESAMPLE_MODES, align_to_reference
-from medseg.io import Discovery, LoadOptions, Scan, ScanRef, discover, load, validate_label
+from medseg.io import (
+    Discovery,
+    LoadOptions,
+    Scan,
+    ScanRef,
+    discover,
+    load,
+    validate_label,
+)
 from medseg.io.sniff import suffix_of
-from medseg.metrics import class_overlap, hausdorff95, pixel_accuracy, summarize, surface_dice
+from medseg.metrics import (
+    class_overlap,
+    hausdorff95,
+    pixel_accuracy,
+    summarize,
+    surface_dice,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -281,7 +294,7 @@ def evaluate_folders(
             report.failures.append(Failure(ref_ref.id, _shown(pred_ref, ref_ref), f"{type(exc).__name__}: {exc}"))
     if mapping is None:
         report.classes = _union_of_found_classes(report.cases, metrics)
-    report.failures.sort(key=lambda f: _natural(f.case))
+    report.failures.sort(key=lambda f: natural_key(f.case))
     return report
 
 
@@ -354,7 +367,7 @@ def _pair(preds: Discovery, refs: Discovery, report: EvaluationReport) -> list[t
             reason = f"{role} {problem.paths[0]}: {problem.reason}"
             report.failures.append(Failure(case, tuple(str(p) for p in problem.paths), reason))
     pairs = []
-    for case in sorted(set(pred_by_id) | set(ref_by_id), key=_natural):
+    for case in sorted(set(pred_by_id) | set(ref_by_id), key=natural_key):
         if case in failed:
             continue  # its other mask is accounted for by the failure
         if case in pred_by_id and case in ref_by_id:
@@ -407,10 +420,6 @@ def _examples(ids: Sequence[str]) -> str:
     return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "") if ids else "none"
 
 
-def _natural(text: str) -> list[Any]:
-    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text)]
-
-
 def _csv_text(report: EvaluationReport) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -447,15 +456,8 @@ def _strict_json(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    """Write beside ``path`` and rename, so a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # not mkstemp: keep umask permissions
-    try:
-        with open(tmp, "x", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write beside ``path`` and rename (medseg's one atomic writer), so a reader never sees half a report."""
+    return atomic_write_text(path, text)
 
 
 def _fmt(value: float) -> str:

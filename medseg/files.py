@@ -16,12 +16,14 @@ resolving links, to lie inside its output root.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import socket
+import time
 import unicodedata
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,6 +40,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "contained_path",
+    "ensure_inside",
     "journal_root",
     "natural_key",
     "remove_own_temporaries",
@@ -90,37 +93,72 @@ def safe_part(name: str) -> str:
     return text
 
 
-def contained_path(root: Path, relative: str, suffix: str = "") -> Path:
-    """``root / relative + suffix`` with every component sanitised, checked to resolve inside ``root``.
+def ensure_inside(root: Path, path: Path) -> Path:
+    """``path`` itself, after checking that it resolves inside ``root`` (links followed, loops caught).
 
-    ``relative`` may hold ``/`` (a case id mirrors the input tree); each part is passed
-    through `safe_part`. Links inside the output tree that point elsewhere are caught by
-    resolving: the result must still lie under the resolved root.
+    Raises OutsideRootError naming both; a link loop is the same error, not a RuntimeError.
     """
-    parts = [safe_part(p) for p in str(relative).split("/") if p not in ("",)]
-    if not parts:
-        parts = ["_"]
-    parts[-1] = safe_part(parts[-1] + suffix) if suffix else parts[-1]
-    path = Path(root).joinpath(*parts)
-    resolved_root = Path(root).resolve()
-    resolved = path.resolve()
+    try:
+        resolved_root = Path(root).resolve()
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise OutsideRootError(f"{path}: cannot be resolved ({exc}); remove the link loop or choose another "
+                               "output folder") from None
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise OutsideRootError(
             f"{path}: resolves to {resolved}, outside the output folder {resolved_root}; "
             "a link inside the output folder points elsewhere, remove it or choose another output folder"
         )
-    return path
+    return Path(path)
+
+
+def contained_path(root: Path, relative: str, suffix: str = "", folder: str = "") -> Path:
+    """``root / folder / relative + suffix``, every part of ``relative`` sanitised, checked to resolve inside ``root``.
+
+    ``relative`` may hold ``/`` (a case id mirrors the input tree); each part is passed
+    through `safe_part`. ``folder`` is medseg's own, trusted sub-folder (``.medseg/ledger``,
+    ``logs``), not sanitised but checked too: a link there that points elsewhere is caught
+    by resolving against ``root`` itself.
+    """
+    parts = [safe_part(p) for p in str(relative).split("/") if p not in ("",)]
+    if not parts:
+        parts = ["_"]
+    parts[-1] = safe_part(parts[-1] + suffix) if suffix else parts[-1]
+    base = Path(root) / folder if folder else Path(root)
+    return ensure_inside(root, base.joinpath(*parts))
 
 
 def _journal_entry(root: Path, token: str, tmp: Path) -> Path:
+    """Write ``ROOT/.medseg/journal/TOKEN.json`` naming ``tmp``; the folder must lie inside ``root``."""
     folder = root / JOURNAL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     entry = folder / f"{token}.json"
-    payload = {"tmp": os.path.relpath(tmp, root), "pid": os.getpid(), "host": socket.gethostname()}
-    fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle)
-    return entry
+    payload = json.dumps({"tmp": os.path.relpath(tmp, root), "pid": os.getpid(), "host": socket.gethostname()})
+    for _ in range(3):  # another writer may remove the emptied folder between our mkdir and open
+        ensure_inside(root, folder)  # before mkdir: a linked .medseg must not get folders made elsewhere
+        folder.mkdir(parents=True, exist_ok=True)
+        ensure_inside(root, folder)
+        try:
+            fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileNotFoundError:
+            continue
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+        except BaseException:
+            entry.unlink(missing_ok=True)  # a full disk must not leave an empty entry behind
+            _tidy_journal(root)
+            raise
+        return entry
+    raise FileNotFoundError(errno.ENOENT, "journal folder keeps disappearing", str(folder))
+
+
+def _tidy_journal(root: Path) -> None:
+    """Remove the journal folder (and ``.medseg``) once empty, so a plain report folder stays plain."""
+    for folder in (root / JOURNAL_DIR, root / JOURNAL_DIR.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (another writer, the ledger) or already gone
 
 
 @contextmanager
@@ -169,6 +207,7 @@ def atomic_path(target: Path, root: Path | None = None, durable: bool = False) -
     finally:
         tmp.unlink(missing_ok=True)
         entry.unlink(missing_ok=True)
+        _tidy_journal(root)
 
 
 def atomic_write_bytes(target: Path, data: bytes, root: Path | None = None) -> Path:
@@ -198,6 +237,13 @@ def _alive(pid: int, host: str) -> bool:
     return True
 
 
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def remove_own_temporaries(root: Path) -> list[Path]:
     """Delete the temporary files that medseg's journal under ``root`` says a dead run left.
 
@@ -210,16 +256,27 @@ def remove_own_temporaries(root: Path) -> list[Path]:
         return removed
     resolved_root = Path(root).resolve()
     for entry in sorted(folder.glob("*.json")):
+        if entry.is_symlink() or not entry.is_file():
+            continue
         try:
             record = json.loads(entry.read_text())
             tmp = Path(root) / str(record["tmp"])
             pid, host = int(record["pid"]), str(record["host"])
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # not an entry we can read: leave it rather than guess
+            # Empty or torn: a writer died (or the disk filled) while writing it. It names nothing
+            # we could delete; once surely not being written any more, the entry itself goes.
+            if _older_than(entry, 3600):
+                entry.unlink(missing_ok=True)
+            continue
         if _alive(pid, host):
             continue
-        inside = resolved_root in tmp.resolve().parents
-        if inside and TMP_MARKER in tmp.name and (tmp.is_file() or tmp.is_symlink()):
+        # Only the temporary file this entry's token names: .NAME.TOKEN.medseg-tmp[.SUFFIX], beside its target.
+        ours = re.fullmatch(rf"\..*\.{re.escape(entry.stem)}{re.escape(TMP_MARKER)}(\.[^/]*)?", tmp.name)
+        try:
+            inside = resolved_root in tmp.parent.resolve().parents or tmp.parent.resolve() == resolved_root
+        except (OSError, RuntimeError):
+            inside = False
+        if ours and inside and (tmp.is_file() or tmp.is_symlink()):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
         entry.unlink(missing_ok=True)

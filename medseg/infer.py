@@ -52,6 +52,8 @@ class Predictor:
         overlap, sw_batch_size, roi_size: override the checkpoint's inference settings.
         keep_largest: class names whose mask keeps only its largest connected component.
         fill_holes: class names whose mask has its holes filled.
+        memory_budget_mb: the most one scan may take in model space (MB); None: the default
+            of ``medseg.io.budget`` (a quarter of the available memory, at most 4 GB).
 
     Example::
 
@@ -71,10 +73,12 @@ class Predictor:
         roi_size: Sequence[int] | None = None,
         keep_largest: Sequence[str] = (),
         fill_holes: Sequence[str] = (),
+        memory_budget_mb: float | None = None,
     ) -> None:
         state = load_checkpoint(checkpoint)
         self.checkpoint_path = Path(checkpoint)
         self.checkpoint_file: Path = state.path or Path(checkpoint)
+        self.memory_budget_mb = memory_budget_mb
         self.config: Config = state.config
         self.classes: dict[str, int] = state.classes
         self.device = choose_device(device)
@@ -139,6 +143,8 @@ class Predictor:
                 f"has {scan.channels} channel(s) but the model takes {self.config.model.in_channels}",
                 "load it with the colour setting used in training (data.color) or use a matching model",
             )
+        # input, running probability sum, one softmax pass and the stitched logits, all float32
+        self.preprocessor.check_budget(scan, 4 * (scan.channels + 3 * len(self.classes)), self.memory_budget_mb)
         data = self.preprocessor(scan)
         image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
         spatial = image.ndim - 1

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medseg import __version__
-from medseg.files import atomic_write_text, contained_path, sha256_file
+from medseg.errors import MedsegError
+from medseg.files import atomic_write_text, contained_path, ensure_inside, sha256_file
 from medseg.io.scan import ScanRef
 
 __all__ = ["LEDGER_DIR", "ScanKey", "scan_key", "find_outputs", "remember", "orphans"]
@@ -59,7 +60,7 @@ def scan_key(ref: ScanRef, checkpoint_sha256: str, tta: bool, formats: Sequence[
 
 
 def _record_path(output_dir: Path, case: str) -> Path:
-    return contained_path(output_dir / LEDGER_DIR, case, ".json")
+    return contained_path(output_dir, case, ".json", folder=LEDGER_DIR)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -79,7 +80,7 @@ def _intact(output_dir: Path, entry: Any) -> Path | None:
         if not path.is_file() or path.stat().st_size != entry.get("size"):
             return None
         return path if sha256_file(path) == entry.get("sha256") else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, MedsegError):  # a path through a link out of the folder is not intact either
         return None
 
 
@@ -109,11 +110,20 @@ def remember(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path],
 def orphans(output_dir: Path, cases: Sequence[str]) -> list[dict[str, Any]]:
     """Recorded results whose scan is not among ``cases`` (its input has gone): case, input and outputs."""
     folder = output_dir / LEDGER_DIR
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        ensure_inside(output_dir, folder)
+    except MedsegError:
         return []
     current = set(cases)
     found = []
     for path in sorted(folder.rglob("*.json")):
+        try:
+            if path.is_symlink() or not ensure_inside(output_dir, path).is_file():
+                continue  # only records medseg wrote, never a file a link points at
+        except MedsegError:
+            continue
         record = _read(path)
         if record is None or not isinstance(record.get("case"), str) or record["case"] in current:
             continue

@@ -21,7 +21,6 @@ import os
 import re
 import ssl
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 import medseg
 from medseg.errors import ManifestError
+from medseg.files import atomic_path, natural_key, sha256_file
 
 __all__ = [
     "COLUMNS",
@@ -295,15 +295,6 @@ def _entries_for(dataset: str, manifest: Path | None) -> list[ManifestEntry]:
 # --------------------------------------------------------------------------- checksums and copying
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _safe_target(folder: Path, entry: ManifestEntry) -> Path:
     """The destination of an entry, refusing one that a symlink would carry out of the folder."""
     target = folder / entry.path
@@ -342,21 +333,16 @@ def _write_verified(
     announced = headers.get("Content-Length", "") if headers is not None else ""
     if announced.isdigit() and int(announced) > limit:
         raise _too_big(origin, entry, limit, manifest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target, durable=True) as tmp, open(tmp, "wb") as out:  # a mismatch leaves nothing
         digest = hashlib.sha256()
         total = 0
-        with os.fdopen(fd, "wb") as out:
-            while chunk := source.read(min(_CHUNK, limit + 1 - total)):
-                total += len(chunk)
-                if total > limit:
-                    raise _too_big(origin, entry, limit, manifest)
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        while chunk := source.read(min(_CHUNK, limit + 1 - total)):
+            total += len(chunk)
+            if total > limit:
+                raise _too_big(origin, entry, limit, manifest)
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
         actual = digest.hexdigest()
         if actual != entry.sha256:
             raise ManifestError(
@@ -364,10 +350,6 @@ def _write_verified(
                 f"{entry.sha256}, got {actual}; the file was not saved. Check the source "
                 "(a corrupt mirror or a changed upstream file) or fix the manifest"
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _HttpsOnlyRedirect(urllib.request.HTTPRedirectHandler):
@@ -586,11 +568,6 @@ def dataset_status(dest: Path | None = None, manifest: Path | None = None) -> li
     return statuses
 
 
-def _natural_key(text: str) -> list[str | int]:
-    """'train_10' after 'train_9': digit runs compare as numbers."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
 def dataset_files(
     dataset: str,
     root: Path | None = None,
@@ -630,5 +607,5 @@ def dataset_files(
             images[case].local_path(root),
             labels[case].local_path(root) if case in labels else None,
         )
-        for case in sorted(images, key=_natural_key)
+        for case in sorted(images, key=natural_key)
     ]

@@ -46,6 +46,7 @@ __all__ = [
     "OutputUnwritable",
     "SKIP_REASON",
     "check_disjoint",
+    "check_reads_outside",
     "coding_of",
     "failure_reason",
     "prepare_output",
@@ -128,6 +129,7 @@ class Job:
     overwrite: bool = False
     device: str = "auto"  # where a worker loads its model (the CLI passes its Predictor instead)
     coding: dict[str, Any] | None = None  # data.classes_coding of the checkpoint's config, for DICOM SEG
+    memory_budget_mb: float | None = None  # per scan, checked from headers before decoding (None: default)
     retry_delays: tuple[float, ...] = field(default_factory=lambda: RETRY_DELAYS)
 
     def formats_for(self, ref: ScanRef) -> tuple[str, ...]:
@@ -143,8 +145,12 @@ def coding_of(config: Any) -> dict[str, Any] | None:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """A medseg error already names file, problem and fix; anything else gets its type."""
-    return str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
+    """A medseg error already names file, problem and fix; an OSError its file and what the system said."""
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc} (the file changed or went away while the batch ran?)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def problem_record(problem: Problem, input_root: Path) -> CaseRecord:
@@ -153,17 +159,70 @@ def problem_record(problem: Problem, input_root: Path) -> CaseRecord:
     return CaseRecord(case_id(path, input_root), "unknown", str(path), "failed", reason=problem.reason)
 
 
+def _identities(path: Path) -> list[tuple[int, int]]:
+    """(device, inode) of ``path`` (or its nearest existing ancestor) and of every ancestor above it."""
+    found = []
+    current = Path(os.path.abspath(path))
+    for folder in [current, *current.parents]:
+        try:
+            info = folder.stat()
+        except OSError:
+            continue  # not created yet
+        found.append((info.st_dev, info.st_ino))
+    return found
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def check_disjoint(input_path: Path, output_dir: Path) -> None:
-    """Inputs are never written: the output tree and the input tree must not overlap, even through links."""
-    inputs = Path(input_path).resolve()
-    input_tree = inputs.parent if inputs.is_file() else inputs
-    output = Path(output_dir).resolve()
-    if output == input_tree or input_tree in output.parents or output in input_tree.parents:
+    """Inputs are never written: the output tree and the input tree must not overlap, even through links.
+
+    Paths are compared resolved, and folders by (device, inode) too, so a bind mount or a
+    link of either tree onto the other is caught; a link loop is refused with its sentence.
+    """
+    try:
+        inputs = Path(input_path).resolve()
+        input_tree = inputs.parent if inputs.is_file() else inputs
+        output = Path(output_dir).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise OutputUnwritable(f"--input {input_path} or --output {output_dir} cannot be resolved ({exc}); "
+                               "remove the link loop or choose other folders") from None
+    same_path = output == input_tree or input_tree in output.parents or output in input_tree.parents
+    tree_id, out_id = _identity(input_tree), _identity(output)
+    same_inode = (tree_id is not None and tree_id in _identities(output)) or (
+        out_id is not None and out_id in _identities(input_tree))
+    if same_path or same_inode:
         raise OutputUnwritable(
-            f"output folder {output_dir} (resolved {output}) and input {input_path} (resolved {input_tree}) overlap; "
+            f"output folder {output_dir} (resolved {output}) and input {input_path} (resolved {input_tree}) overlap"
+            f"{' through a bind mount or hard link' if same_inode and not same_path else ''}; "
             "medseg never writes into the input tree nor reads its own outputs as inputs: "
             "choose an output folder outside the input folder"
         )
+
+
+def check_reads_outside(ref: ScanRef, output_dir: Path) -> None:
+    """A scan whose files lead into the output folder (a link to a mask) would be overwritten: refused."""
+    try:
+        root = output_dir.resolve()
+        out_id = _identity(root)
+        for path in ref.paths:
+            real = path.resolve()
+            if root in real.parents or (out_id is not None and out_id in _identities(real.parent)):
+                raise ScanError(path, f"is a link into the output folder {output_dir} ({real})",
+                                "medseg never reads its own outputs as inputs nor writes over an input; replace the "
+                                "link with the file itself or remove it")
+    except (OSError, RuntimeError) as exc:
+        raise ScanError(ref.paths, f"cannot be resolved ({exc})", "remove the link loop") from None
+
+
+class _Discard(Exception):
+    """Leaves an `atomic_path` block without committing its file (the write probe)."""
 
 
 def _check_room(output_dir: Path, needed: int) -> None:
@@ -187,9 +246,12 @@ def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] =
         )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output_dir / ".medseg" / "probe", root=output_dir) as probe:
-            probe.write_bytes(b"medseg write probe\n")
-        (output_dir / ".medseg" / "probe").unlink(missing_ok=True)
+        try:
+            with atomic_path(output_dir / "medseg-probe", root=output_dir) as probe:
+                probe.write_bytes(b"medseg write probe\n")
+                raise _Discard  # the temporary file and its journal entry go; nothing is renamed
+        except _Discard:
+            pass
     except OSError as exc:
         raise OutputUnwritable(
             f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
@@ -211,7 +273,7 @@ def _log_traceback(output_dir: Path, case: str, exc: BaseException) -> Path | No
     """OUTPUT/logs/<case>.traceback.txt for an error medseg did not expect (None if that cannot be written)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        path = contained_path(output_dir / "logs", safe_part(case.replace("/", "__")), ".traceback.txt")
+        path = contained_path(output_dir, safe_part(case.replace("/", "__")), ".traceback.txt", folder="logs")
         return atomic_write_text(path, f"medseg {__version__}, case {case}\n\n{text}", root=output_dir)
     except (OSError, MedsegError):
         return None
@@ -221,7 +283,7 @@ def _load_with_retries(ref: ScanRef, job: Job) -> Any:
     attempt = 0
     while True:
         try:
-            return load(ref, LoadOptions(color=job.color))
+            return load(ref, LoadOptions(color=job.color, memory_budget_mb=job.memory_budget_mb))
         except OSError as exc:
             if exc.errno not in TRANSIENT_ERRNOS or attempt >= len(job.retry_delays):
                 raise
@@ -249,6 +311,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
                 record.status, record.reason = "skipped", SKIP_REASON
                 record.outputs = [str(p) for p in outputs]
                 return record
+        check_reads_outside(ref, job.output_dir)
         scan = _load_with_retries(ref, job)
         prediction = predictor().predict(scan)
         outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding)
@@ -262,7 +325,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
     except OSError as exc:
         if exc.errno in OUTPUT_ERRNOS and _is_under(exc.filename, job.output_dir):
             raise OutputUnwritable(
-                f"output folder {job.output_dir}: {exc.strerror} while writing {exc.filename}; "
+                f"output folder {job.output_dir}: {exc.strerror} while writing {exc.filename or 'into it'}; "
                 "the batch stopped, masks written so far are kept; free space or fix "
                 "permissions, then rerun the same command to resume"
             ) from None
@@ -317,6 +380,7 @@ def segment_folder(
         tuple(formats) if formats else None,
         overwrite,
         coding=coding_of(predictor.config),
+        memory_budget_mb=predictor.memory_budget_mb,
     )
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
     root = input_path if input_path.is_dir() else input_path.parent

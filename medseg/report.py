@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from medseg.files import atomic_path, atomic_write_bytes
+
 __all__ = ["plot_dice_distribution", "plot_learning_curves"]
 
 
@@ -34,10 +36,9 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: Path) -> 
     if keys:
         ax_dice.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -80,7 +81,5 @@ def plot_dice_distribution(
     fig.savefig(buffer, format="png")
     data = buffer.getvalue()
     if path is not None:
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_write_bytes(path, data)
     return data

@@ -29,6 +29,7 @@ folder: malformed ones get 400, missing ones (and links out) 404, and no traceba
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime as _dt
 import functools
 import html
@@ -43,7 +44,6 @@ import string
 import sys
 import threading
 import urllib.parse
-import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +60,7 @@ from tqdm import tqdm
 from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.export import CLASS_COLOURS
+from medseg.files import atomic_write_text, journal_root
 from medseg.io import LoadOptions, Scan, ScanRef, discover, load, ref_for_path
 
 if TYPE_CHECKING:
@@ -548,6 +549,13 @@ def write_review(
     progress: show a progress bar (default: when stderr is a terminal).
     """
     output_dir = Path(output_dir)
+    with journal_root(output_dir):  # temporary files under review/ are journalled where cleanup looks
+        return _write_review(output_dir, reference_dir, learning_curves, progress)
+
+
+def _write_review(
+    output_dir: Path, reference_dir: Path | str | None, learning_curves: Path | str | None, progress: bool | None
+) -> Path:
     batch = read_batch(output_dir)
     classes: dict[str, int] = batch["classes"]
     legend = class_legend(classes)
@@ -597,7 +605,9 @@ def write_review(
     show = progress if progress is not None else sys.stderr.isatty()
     # Threads: reading (gzip) and compressing (zlib) release the GIL; a few scans in memory at once.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        for _ in tqdm(pool.map(build, cases), total=len(cases), desc="review", unit="case", disable=not show):
+        context = contextvars.copy_context()  # the journal root travels into the worker threads
+        built = pool.map(lambda case: context.copy().run(build, case), cases)
+        for _ in tqdm(built, total=len(cases), desc="review", unit="case", disable=not show):
             pass
     _remove_stale(data_dir, {Path(c.file).name for c in cases if c.file})
     notes.extend(problem for c in cases for problem in c.problems)  # in case order, after the threads
@@ -782,13 +792,7 @@ def _score_cell(value: Any) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- the server

@@ -35,6 +35,7 @@ from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, MedsegError
+from medseg.files import atomic_path
 from medseg.io import LoadOptions, load, validate_label
 from medseg.metrics import confusion_counts, mean_scores, overlap_scores
 from medseg.models import build_model
@@ -481,9 +482,7 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, run_dir / "metrics.csv")

@@ -91,6 +91,18 @@ class Preprocessor:
     def _is_volume(scan: Scan) -> bool:
         return scan.geometry.ndim == 3 and scan.geometry.spacing_known
 
+    def check_budget(self, scan: Scan, bytes_per_voxel: int, budget_mb: float | None = None) -> None:
+        """Refuse (BudgetError) a scan whose model-space grid would not fit the memory budget, before resampling.
+
+        A header claiming 100 mm voxels for a model trained at 1 mm multiplies the voxel
+        count a million times; MONAI would resample for minutes or die inside.
+        """
+        from medseg.io.budget import check_resample_budget
+
+        if self._is_volume(scan) and self.config.spacing:
+            check_resample_budget(scan.ref.path, scan.geometry, self.config.spacing, orientation=self.config.orientation,
+                                  bytes_per_voxel=bytes_per_voxel, budget=budget_mb)
+
     def pipeline(self, scan: Scan, with_label: bool) -> Compose:
         keys, modes = (["image", "label"], ["bilinear", "nearest"]) if with_label else (["image"], ["bilinear"])
         return Compose(self._geometric(keys, modes, self._is_volume(scan)) + self._intensity())

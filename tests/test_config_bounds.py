@@ -131,15 +131,25 @@ def test_hostile_override_is_refused_naming_the_key(tmp_path, override, key, pro
     assert str(path) in message and key in message and problem in message, message
 
 
-def test_alias_bomb_is_refused_before_it_expands(tmp_path):
-    """Before: `medseg config` on this file grew to 3.8 GB. Now loading allocates well under a megabyte."""
+def _nightly(path):
+    from flows.settings import load_nightly_config
+
+    return load_nightly_config(path)
+
+
+@pytest.mark.parametrize("loader", [load_config, _nightly], ids=["experiment", "nightly"])
+def test_alias_bomb_is_refused_before_it_expands(tmp_path, loader):
+    """Before: `medseg config` on this file grew to 3.8 GB. Now loading allocates well under a megabyte.
+    `medseg serve --config` reads the nightly config through the same bounded loader."""
     path = tmp_path / "bomb.yaml"
     path.write_text(billion_laughs())
     load_config(_write(tmp_path / "warm.yaml", UNET))  # imports and the model registry, outside the measurement
+    import flows.settings  # noqa: F401  (imported outside the measurement too)
+
     tracemalloc.start()
     try:
         with pytest.raises(ConfigError, match="alias bomb"):
-            load_config(path)
+            loader(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -18,6 +18,8 @@ import pydicom
 import pytest
 import torch
 
+import medseg.errors
+import medseg.files
 import medseg.pipeline
 from medseg import phantoms
 from medseg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -173,10 +175,11 @@ def test_user_files_survive_and_only_journalled_litter_of_dead_runs_goes(model, 
     journal.mkdir(parents=True)
     host = socket.gethostname()
     entries = {
-        "dead": {"tmp": ours.name, "pid": proc.pid, "host": host},
-        "live": {"tmp": live.name, "pid": os.getpid(), "host": host},
+        "deadbeef": {"tmp": ours.name, "pid": proc.pid, "host": host},
+        "cafe": {"tmp": live.name, "pid": os.getpid(), "host": host},
         "escape": {"tmp": "../victim.txt", "pid": proc.pid, "host": host},
         "user": {"tmp": ".thesis.partial.docx", "pid": proc.pid, "host": host},
+        "forged": {"tmp": f"notes{TMP_MARKER}.txt", "pid": proc.pid, "host": host},  # our marker, not its token
     }
     for name, entry in entries.items():
         (journal / f"{name}.json").write_text(json.dumps(entry))
@@ -185,7 +188,7 @@ def test_user_files_survive_and_only_journalled_litter_of_dead_runs_goes(model, 
     assert report.counts()["written"] == 1
     assert not ours.exists() and live.exists() and victim.read_text() == "outside"
     assert all(path.read_bytes() == data for path, data in users.items())
-    assert sorted(p.name for p in journal.iterdir()) == ["garbage.json", "live.json"]
+    assert sorted(p.name for p in journal.iterdir()) == ["cafe.json", "garbage.json"]  # torn entries age out
     assert remove_own_temporaries(out) == []
 
 
@@ -231,7 +234,7 @@ def test_a_full_or_read_only_output_stops_the_batch_cleanly(model, tmp_path, mon
     assert result == 1 and "stopped early" in captured.err and os.strerror(code) in captured.err
     assert "rerun the same command to resume" in captured.err and "Traceback" not in captured.err + captured.out
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz"]
-    assert not list(out.rglob(f"*{TMP_MARKER}*")) and not list((out / JOURNAL_DIR).iterdir())
+    assert not list(out.rglob(f"*{TMP_MARKER}*")) and not list((out / JOURNAL_DIR).glob("*"))
     manifest = json.loads((out / "predictions.json").read_text())
     assert manifest["stopped"] and manifest["counts"]["written"] == 1
     assert snapshot(tmp_path / "in") == before
@@ -363,3 +366,114 @@ def test_cli_run_as_a_subprocess_prints_no_traceback_for_a_hostile_batch(model, 
     assert "2 written, 0 skipped (up to date), 1 failed" in done.stdout
     assert all((tmp_path / "out").resolve() in p.resolve().parents for p in (tmp_path / "out").rglob("*.nii.gz"))
     assert len(discover(tmp_path / "out").scans) == 2
+
+
+def test_a_scan_that_would_resample_past_the_budget_fails_alone_before_resampling(tmp_path, capsys):
+    """Voxels of 40 mm for a model at 0.5 mm: 80^3 times the voxels; refused from the header, the others go on."""
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+
+    config = config_from_dict({
+        "data": {"classes": {"background": 0, "organ": 1}},
+        "preprocess": {"orientation": "RAS", "spacing": [0.5, 0.5, 0.5]},
+        "model": {"name": "unet", "spatial_dims": 3, "features": 4, "depth": 2},
+        "train": {"patch_size": [16, 16, 16]},
+    })
+    save_checkpoint(Checkpoint(config, build_model(config.model).state_dict()), tmp_path / "m.pt")
+    volume = np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32)
+    phantoms.write_nifti(volume, np.diag([40.0, 40.0, 40.0, 1.0]), tmp_path / "in" / "coarse.nii.gz")
+    phantoms.write_nifti(volume, np.diag([0.5, 0.5, 0.5, 1.0]), tmp_path / "in" / "fine.nii.gz")
+    args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"),
+            "--output", str(tmp_path / "out"), "--memory-budget", "256"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAILED coarse:" in out and "256" in out and "--memory-budget" in out
+    assert "1 written, 0 skipped (up to date), 1 failed" in out
+
+
+def test_a_bind_mounted_output_is_the_input_and_is_refused(model, tmp_path, capsys):
+    """A bind mount has another path but the same folder: compared by device and inode, refused."""
+    _nifti_scans(tmp_path / "in", ["a"])
+    (tmp_path / "out").mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"bind mounts need root and mount(8): {mounted.stderr.decode().strip()}")
+    try:
+        before = snapshot(tmp_path / "in")
+        code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 1 and "through a bind mount" in err and "Traceback" not in err
+        assert snapshot(tmp_path / "in") == before
+    finally:
+        subprocess.run(["umount", str(tmp_path / "out")], check=True)
+
+
+def test_an_input_that_links_into_the_output_fails_alone_and_is_not_overwritten(model, tmp_path):
+    _nifti_scans(tmp_path / "out" / "data", ["scan"])  # a file already in the output folder
+    _nifti_scans(tmp_path / "in", ["plain"])
+    (tmp_path / "in" / "data").mkdir()
+    (tmp_path / "in" / "data" / "scan.nii.gz").symlink_to(tmp_path / "out" / "data" / "scan.nii.gz")
+    before = (tmp_path / "out" / "data" / "scan.nii.gz").read_bytes()
+    report = segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", progress=False)
+    status = {r.case: r for r in report.records}
+    assert status["data/scan"].status == "failed" and "is a link into the output folder" in status["data/scan"].reason
+    assert status["plain"].status == "written"
+    assert (tmp_path / "out" / "data" / "scan.nii.gz").read_bytes() == before
+
+
+@pytest.mark.parametrize("linked", [".medseg", ".medseg/journal", ".medseg/ledger", "logs"])
+def test_medsegs_own_folders_linked_elsewhere_never_write_or_delete_outside(model, tmp_path, monkeypatch, linked):
+    _nifti_scans(tmp_path / "in", ["a"])
+    out, user = tmp_path / "out", tmp_path / "user"
+    user.mkdir()
+    (user / "probe").write_text("precious")
+    link = out / linked
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(user)
+    real = Predictor.predict
+
+    def predict(self, scan, probabilities=False):
+        if linked == "logs":
+            raise RuntimeError("unplanned")  # so a traceback would be logged
+        return real(self, scan, probabilities)
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    try:
+        report = segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+        reason = report.records[0].reason
+        assert report.records[0].status == "failed" and ("outside the output folder" in reason or "unplanned" in reason)
+    except medseg.errors.MedsegError as exc:  # refused before the batch: the journal itself would leave the folder
+        assert "outside the output folder" in str(exc)
+    assert sorted(p.name for p in user.iterdir()) == ["probe"] and (user / "probe").read_text() == "precious"
+
+
+def test_an_output_behind_a_link_loop_is_one_sentence(model, tmp_path, capsys):
+    _nifti_scans(tmp_path / "in", ["a"])
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "loop" / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot be resolved" in err and "Traceback" not in err
+
+
+def test_a_journal_entry_torn_by_a_full_disk_is_removed_at_once(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd):
+            self.handle = real_fdopen(fd, "w")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, _text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(medseg.files.os, "fdopen", lambda fd, mode="r": Full(fd))
+    with pytest.raises(OSError, match="No space"):
+        with medseg.files.atomic_path(tmp_path / "mask.nii.gz") as tmp:
+            tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # no entry, no temporary file, no empty journal

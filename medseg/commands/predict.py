@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's, 0.5)")
     parser.add_argument("--keep-largest", nargs="*", default=[], metavar="CLASS", help="keep only the largest component of these classes")
     parser.add_argument("--fill-holes", nargs="*", default=[], metavar="CLASS", help="fill holes in these classes")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                        help="the most one scan may take once decoded and in model space, in MB; larger scans are "
+                        "refused from their headers before decoding (default: a quarter of the available memory, "
+                        "at most 4096)")
     parser.set_defaults(func=run)
 
 
@@ -35,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     check_disjoint(args.input, args.output)  # before the model loads: a wrong --output fails at once
     predictor = Predictor(args.checkpoint, device=args.device, tta=args.tta or None, precision=args.precision,
                           overlap=args.overlap,
-                          keep_largest=args.keep_largest, fill_holes=args.fill_holes)
+                          keep_largest=args.keep_largest, fill_holes=args.fill_holes,
+                          memory_budget_mb=args.memory_budget)
     report = segment_folder(predictor, args.input, args.output, args.formats, args.overwrite)
     counts = report.counts()
     for record in report.records:

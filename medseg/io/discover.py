@@ -18,9 +18,9 @@ from typing import Any, Iterable
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanError
-from medseg.files import safe_part
+from medseg.files import natural_key, safe_part
 from medseg.io import dicom
-from medseg.io.microscopy import natural_key, tiff_pages
+from medseg.io.microscopy import tiff_pages
 from medseg.io.scan import Problem, ScanRef
 from medseg.io.sniff import sniff, suffix_of
 
@@ -86,7 +86,7 @@ def discover(folder: Path | str, stack_sequences: bool = True) -> Discovery:
     for folder_path, planes in planes_by_folder.items():
         _add_planes(folder_path, planes, base, result, stack_sequences)
     _make_ids_unique(result)
-    result.scans.sort(key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s.id)])
+    result.scans.sort(key=lambda s: natural_key(s.id))
     return result
 
 

@@ -8,7 +8,6 @@ file carries none, the pixel size is 1 and the geometry says it is unknown.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 from xml.etree import ElementTree
@@ -18,6 +17,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from medseg.errors import ScanError
+from medseg.files import natural_key
 from medseg.geometry import Geometry, check_geometry, check_values
 from medseg.io.budget import check_budget, format_size, pil_nbytes, tiff_nbytes
 from medseg.io.scan import LoadOptions, Scan, ScanRef
@@ -48,11 +48,6 @@ _UNITS = {
 }
 
 _GREY = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
-
-
-def natural_key(path: Path) -> list:
-    """Sort key that puts 2.png before 10.png."""
-    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path.name)]
 
 
 def tiff_pages(path: Path) -> int:
