@@ -19,16 +19,15 @@ from PIL import Image
 from medseg import __version__
 from medseg.dicom_seg import write_dicom_seg
 from medseg.errors import MedsegError
-from medseg.files import atomic_path, contained_path, journal_root, safe_part
+from medseg.files import atomic_path, contained_path, journal_root, unique_names
 from medseg.geometry import Geometry
-from medseg.io.scan import Scan, ScanRef
+from medseg.io.scan import Scan
 
 __all__ = [
     "ExportError",
     "atomic_path",
     "check_output_outside_inputs",
     "default_formats",
-    "output_paths",
     "write_nifti_mask",
     "write_dicom_seg",
     "write_tiff_mask",
@@ -67,20 +66,6 @@ def default_formats(kind: str) -> tuple[str, ...]:
         "tiff": ("tiff",),
         "image-sequence": ("tiff", "png"),
     }.get(kind, ("png",))
-
-
-def output_paths(ref: ScanRef, output_dir: Path, formats: Sequence[str] | None = None) -> list[Path]:
-    """The files ``export_mask`` writes for a scan (before it is loaded: for skip-if-done)."""
-    paths = []
-    for fmt in formats or default_formats(ref.kind):
-        if fmt == "png":
-            if ref.kind == "image-sequence":
-                paths.extend(contained_path(output_dir, f"{ref.id}/{Path(p).stem}", ".png") for p in ref.paths)
-            else:
-                paths.append(contained_path(output_dir, ref.id, ".png"))
-        else:
-            paths.append(contained_path(output_dir, ref.id, _SUFFIX[fmt]))
-    return paths
 
 
 _SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "tiff": ".tif"}
@@ -163,8 +148,9 @@ def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[
     if mask.ndim == 2:
         targets = [(folder_or_file, mask)]
     else:
-        names = [Path(p).stem for p in scan.ref.paths] if len(scan.ref.paths) == mask.shape[2] else [str(k) for k in range(mask.shape[2])]
-        targets = [(folder_or_file / safe_part(f"{name}.png"), mask[:, :, k]) for k, name in enumerate(names)]
+        stems = [Path(p).stem for p in scan.ref.paths] if len(scan.ref.paths) == mask.shape[2] else None
+        names = unique_names(stems) if stems else [str(k) for k in range(mask.shape[2])]  # 1.png, 1.PNG: two masks
+        targets = [(folder_or_file / f"{name}.png", mask[:, :, k]) for k, name in enumerate(names)]
     written = []
     for path, plane in targets:
         with atomic_path(path) as tmp:

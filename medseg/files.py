@@ -45,6 +45,7 @@ __all__ = [
     "natural_key",
     "remove_own_temporaries",
     "safe_part",
+    "unique_names",
     "sha256_file",
 ]
 
@@ -91,6 +92,30 @@ def safe_part(name: str) -> str:
         digest = hashlib.sha256(encoded).hexdigest()[:8]
         text = encoded[: _MAX_PART_BYTES - 9].decode("utf-8", "ignore") + "~" + digest
     return text
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` made harmless (`safe_part`) and distinct ignoring case: later twins get ``_2``, ``_3``.
+
+    Case is ignored because output folders live on SMB/NTFS/APFS shares too, where ``1.png``
+    and ``1.PNG`` are the same file.
+    """
+    safe = [safe_part(name) for name in names]
+    taken = {name.casefold() for name in safe}
+    seen: set[str] = set()
+    out = []
+    for name in safe:
+        candidate, n = name, 2
+        while candidate.casefold() in seen:
+            candidate = f"{name}_{n}"
+            while candidate.casefold() in taken:
+                n += 1
+                candidate = f"{name}_{n}"
+            n += 1
+        seen.add(candidate.casefold())
+        taken.add(candidate.casefold())
+        out.append(candidate)
+    return out
 
 
 def ensure_inside(root: Path, path: Path) -> Path:

@@ -650,10 +650,26 @@ def _evaluate_in_memory(output_dir: Path, reference_dir: Path, classes: Mapping[
     return report.to_dict()
 
 
+WRITTEN_INDEX = ".medseg/review-files.json"  # (in the output folder) the case files the page wrote
+
+
 def _remove_stale(data_dir: Path, keep: set[str]) -> None:
-    for path in data_dir.glob("case-*.js"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
+    """Delete case files an earlier page wrote and this one did not; a user's files there are never touched.
+
+    Only names in the previous page's own index (``OUTPUT/.medseg/review-files.json``) that
+    have the exact form medseg gives them are removed; then the index lists this page's files.
+    """
+    index = data_dir.parent / WRITTEN_INDEX
+    try:
+        previous = json.loads(index.read_text())
+    except (OSError, ValueError):
+        previous = []
+    for name in previous if isinstance(previous, list) else []:
+        if isinstance(name, str) and name not in keep and re.fullmatch(r"case-\d{4,}\.js", name):
+            path = data_dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+    _write_atomic(index, json.dumps(sorted(keep)))
 
 
 def _asset(name: str) -> str:
@@ -857,6 +873,9 @@ class _Handler(SimpleHTTPRequestHandler):
             parts, wants_folder = _request_segments(words[1] if len(words) >= 2 else self.path)
         except ValueError as exc:
             self.send_error(400, "Bad request path", f"{exc}; ask for /{PAGE_NAME}")
+            return None
+        if any(part.startswith(".") for part in parts):  # .medseg/ (ledger, journal): input paths, not for the page
+            self.send_error(404, "File not found")
             return None
         root = Path(self.directory).resolve()
         try:

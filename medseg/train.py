@@ -283,12 +283,28 @@ def _run_dir(config: Config, resume: Path | None, overwrite: bool) -> Path:
             raise MedsegError(f"{resume}: no latest.pt to resume from; pass the run folder a previous `medseg train` wrote")
         return resume
     run_dir = config.output_dir / config.name
+    _check_outside_data(run_dir, config)
     if (run_dir / "latest.pt").exists() and not overwrite:
         raise MedsegError(
             f"{run_dir} already holds a training run; resume it with --resume {run_dir}, "
             f"start over with --overwrite, or choose another name (--set name=...)"
         )
     return run_dir
+
+
+def _check_outside_data(run_dir: Path, config: Config) -> None:
+    """Training never writes into its data: the run folder and every data folder must be disjoint."""
+    from medseg.pipeline import OutputUnwritable, check_disjoint
+
+    for key in ("images", "labels", "root"):
+        folder = getattr(config.data, key)
+        if folder is None or not Path(folder).exists():
+            continue
+        try:
+            check_disjoint(Path(folder), run_dir)
+        except OutputUnwritable:
+            raise ConfigError(f"the run folder {run_dir} (output_dir/name) and data.{key} {folder} overlap; "
+                              "training never writes into its data: set output_dir to a folder outside it") from None
 
 
 class RunClock:

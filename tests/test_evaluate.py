@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import snapshot
+from medseg import phantoms
 from medseg.cli import main
 from medseg.errors import ConfigError, LabelError, ScanError
 from medseg.evaluate import EvaluationReport, evaluate_case, evaluate_folders, parse_classes, write_reports
@@ -300,3 +301,23 @@ def test_nothing_to_pair_and_bad_inputs_are_errors_a_user_can_act_on(tmp_path, c
         main(["evaluate", "--pred", "p", "--ref", "r", "--classes", "cell"])
     assert info.value.code == 2
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["ref", "inside-ref", "ref-file", "other-file", "same-folders"])
+def test_evaluate_never_writes_into_the_reference_tree_nor_over_a_file(tmp_path, capsys, where):
+    """Reports go to --output or the prediction folder; the references are an input, never written."""
+    mask = np.zeros((8, 8, 4), np.uint8)
+    mask[2:5, 2:6, 1:3] = 1
+    for folder in ("pred", "ref"):
+        phantoms.write_nifti(mask, np.eye(4), tmp_path / folder / "c0.nii.gz")
+    (tmp_path / "notes.txt").write_text("mine")
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    output = {"ref": ref, "inside-ref": ref / "metrics", "ref-file": ref / "c0.nii.gz",
+              "other-file": tmp_path / "notes.txt", "same-folders": None}[where]
+    args = ["evaluate", "--pred", str(ref if where == "same-folders" else pred), "--ref", str(ref)]
+    before = (snapshot(ref), (tmp_path / "notes.txt").read_text())
+    assert main(args + (["--output", str(output)] if output is not None else [])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medseg evaluate: error:") and "Traceback" not in err
+    assert (snapshot(ref), (tmp_path / "notes.txt").read_text()) == before
+    assert not (ref / "metrics").exists()

@@ -477,3 +477,47 @@ def test_a_journal_entry_torn_by_a_full_disk_is_removed_at_once(tmp_path, monkey
         with medseg.files.atomic_path(tmp_path / "mask.nii.gz") as tmp:
             tmp.write_bytes(b"x")
     assert sorted(p.name for p in tmp_path.rglob("*")) == []  # no entry, no temporary file, no empty journal
+
+
+def _png(path: Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 40), value, np.uint8)).save(path)
+
+
+def test_no_two_cases_or_slices_write_the_same_mask(model, tmp_path):
+    """A stack a/s (slices s1, s2) claims a/s/s1.png for its PNG masks; a lone image a/s/s1.png gets another
+    id. Slices 1.png and 1.PNG of one stack get two masks. Ids differing only in case stay apart on any share."""
+    _png(tmp_path / "in" / "a" / "s1.png", 1)
+    _png(tmp_path / "in" / "a" / "s2.png", 2)
+    _png(tmp_path / "in" / "a" / "s" / "s1.png", 3)
+    for name in ("1.png", "1.PNG", "2.png"):
+        _png(tmp_path / "in" / "x" / name, 4)
+    _png(tmp_path / "in" / "C.png", 5)
+    _png(tmp_path / "in" / "c.png", 6)
+    out = tmp_path / "out"
+    report = segment_folder(Predictor(model), tmp_path / "in", out, formats=["png"], progress=False)
+    assert report.counts() == {"written": 5, "skipped": 0, "failed": 0}, report.records
+    outputs = [o.casefold() for r in report.records for o in r.outputs]
+    assert len(outputs) == len(set(outputs)) == 2 + 1 + 3 + 2
+    again = segment_folder(Predictor(model), tmp_path / "in", out, formats=["png"], progress=False)
+    assert again.counts() == {"written": 0, "skipped": 5, "failed": 0}  # the batch settles: nothing overwrote anything
+
+
+def test_rewriting_the_review_page_removes_only_its_own_old_case_files(model, tmp_path):
+    from medseg.review import DATA_FOLDER
+
+    _nifti_scans(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+    data = out / DATA_FOLDER
+    own = sorted(p.name for p in data.glob("case-*.js"))
+    assert len(own) == 2
+    users = {data / "case-notes.js": b"// mine", data / "case-9999.js": b"// mine too"}
+    for path, content in users.items():
+        path.write_bytes(content)
+    (tmp_path / "in" / "b.nii.gz").unlink()  # the next page shows one case (b's mask is an orphan now)
+    segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+    assert sorted(p.name for p in data.glob("case-0*.js")) == own[:1]
+    assert all(path.read_bytes() == content for path, content in users.items())

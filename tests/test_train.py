@@ -17,7 +17,7 @@ from medseg import phantoms
 from medseg.checkpoint import load_checkpoint
 from medseg.cli import main
 from medseg.config import config_from_dict
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 from medseg.models import build_model
 from medseg.train import Loss, ema_update, train
 
@@ -237,3 +237,12 @@ def test_early_stopping_and_time_budget(em_folders, tmp_path):
     result = train(budget, progress=False)
     assert result.epochs_run == 1 and len(result.step_losses) == 1
     assert (result.run_dir / "best.pt").is_file()  # validated and saved on the way out
+
+
+@pytest.mark.parametrize("inside", ["images", "labels"])
+def test_a_run_folder_inside_the_data_is_refused(em_folders, tmp_path, inside):
+    config = _config(em_folders, tmp_path, epochs=1, steps_per_epoch=1)
+    config.output_dir = getattr(config.data, inside)
+    with pytest.raises(ConfigError, match=f"data.{inside} .* overlap"):
+        train(config, progress=False)
+    assert not (config.output_dir / config.name).exists()

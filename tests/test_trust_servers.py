@@ -67,6 +67,8 @@ def served(tmp_path: Path) -> dict[str, Path]:
     (folder / "review").mkdir(parents=True)
     (folder / PAGE_NAME).write_text("<!DOCTYPE html><title>review</title>the page")
     (folder / "review" / "case-0001.js").write_text("medsegReview.receive({});\n")
+    (folder / ".medseg" / "ledger").mkdir(parents=True)
+    (folder / ".medseg" / "ledger" / "case.json").write_bytes(b'{"input": "' + CANARY + b'"}')
     secret = tmp_path / "secret.txt"
     secret.write_bytes(CANARY)
     (folder / "link.txt").symlink_to(secret)  # a file link out of the folder
@@ -122,6 +124,9 @@ HOSTILE = [
     (b"/%252e%252e/secret.txt", 404),
     (b"/review.html/", 404),
     (b"/review/case-9999.js", 404),
+    # medseg's own hidden records (the ledger names every input path), though inside the folder
+    (b"/.medseg/ledger/case.json", 404),
+    (b"/%2emedseg/ledger/case.json", 404),
 ]
 
 

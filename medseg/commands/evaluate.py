@@ -67,7 +67,22 @@ def _classes(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _check_folders(args: argparse.Namespace) -> None:
+    """Reports never land in the reference tree (an input), nor replace a file named as --output."""
+    from medseg.pipeline import check_disjoint
+
+    if Path(args.pred).resolve() == Path(args.ref).resolve():
+        raise ConfigError(f"--pred {args.pred} and --ref {args.ref} are the same folder; "
+                          "point --pred at the predicted masks and --ref at the reference masks")
+    pred_folder = Path(args.pred).parent if Path(args.pred).is_file() else Path(args.pred)
+    out = Path(args.output) if args.output is not None else pred_folder
+    if out.is_file():
+        raise ConfigError(f"--output {out} is an existing file; name a folder for metrics.csv and metrics.json")
+    check_disjoint(args.ref, out)
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_folders(args)
     report = evaluate_folders(
         args.pred,
         args.ref,

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from pydicom.dataset import Dataset
 
 from medseg.errors import ScanError
-from medseg.files import natural_key, safe_part
+from medseg.files import natural_key, safe_part, unique_names
 from medseg.io import dicom
 from medseg.io.microscopy import tiff_pages
 from medseg.io.scan import Problem, ScanRef
@@ -260,18 +260,26 @@ def _make_ids_unique(result: Discovery) -> None:
                 scan_id = folder
         wanted.append(scan_id)
     # Reserve every id first, so a suffix never takes the id of a real file (x.png, x_2.png).
-    taken = set(wanted)
+    # Ids compare ignoring case (masks land on case-insensitive shares too), and a stack's PNG
+    # masks claim ID/<slice name>, so a lone image there (a/s/s1.png beside stack a/s) gets another id.
+    taken = {w.casefold() for w in wanted}
+    claimed = {
+        f"{scan_id}/{name}".casefold(): k
+        for k, (scan, scan_id) in enumerate(zip(result.scans, wanted))
+        if scan.kind == "image-sequence"
+        for name in unique_names([Path(p).stem for p in scan.paths])
+    }
     seen: set[str] = set()
     renamed = []
-    for scan, scan_id in zip(result.scans, wanted):
+    for k, (scan, scan_id) in enumerate(zip(result.scans, wanted)):
         candidate, n = scan_id, 2
-        while candidate in seen:
+        while candidate.casefold() in seen or claimed.get(candidate.casefold(), k) != k:
             candidate = f"{scan_id}_{n}"
-            while candidate in taken:
+            while candidate.casefold() in taken:
                 n += 1
                 candidate = f"{scan_id}_{n}"
             n += 1
-        seen.add(candidate)
-        taken.add(candidate)
+        seen.add(candidate.casefold())
+        taken.add(candidate.casefold())
         renamed.append(ScanRef(candidate, scan.kind, scan.paths))
     result.scans[:] = renamed
