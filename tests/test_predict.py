@@ -147,7 +147,8 @@ def test_export_failure_leaves_no_partial_file(ct_model, tmp_path, monkeypatch):
     report = segment_folder(Predictor(ct_model), tmp_path / "in", tmp_path / "out", progress=False)
     assert report.records[0].status == "failed" and "disk full" in report.records[0].reason
     leftovers = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert leftovers == ["predictions.json", "review", "review.html"]  # reports, no mask debris, no empty journal
+    assert leftovers == [".medseg", "predictions.json", "review", "review.html"]  # reports, no mask debris
+    assert [p.name for p in (tmp_path / "out" / ".medseg").iterdir()] == ["review-files.json"]  # no journal left
     assert not list((tmp_path / "out").rglob(f"*{TMP_MARKER}*")) and not (tmp_path / "out" / JOURNAL_DIR).exists()
     assert snapshot(tmp_path / "in") == before
 
