@@ -66,7 +66,9 @@ def write_dicom_seg(
     """
     from medseg.export import atomic_path
 
-    mask = _spatial(mask, scan, path)
+    from medseg.export import spatial_mask  # medseg.export imports this module: resolve at call time
+
+    mask = spatial_mask(mask, scan, path)
     if scan.ref.kind != "dicom" or mask.ndim != 3:
         raise _error(f"{path}: DICOM SEG needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
                      "write NIfTI or TIFF masks for it instead")
@@ -99,15 +101,6 @@ def write_dicom_seg(
             raise _error(f"{path}: pydicom could not encode the DICOM SEG ({type(exc).__name__}: {exc})") from exc
         _check_seg(tmp, numbers, scan, path)
     return path
-
-
-def _spatial(mask: np.ndarray, scan: Scan, path: Path) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.shape == (1,) + scan.geometry.shape:
-        mask = mask[0]
-    if mask.shape != scan.geometry.shape:
-        raise _error(f"{path}: mask shape {mask.shape} does not match the grid {scan.geometry.shape} of {scan.ref.path}")
-    return mask
 
 
 def _build(

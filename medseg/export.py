@@ -29,6 +29,7 @@ __all__ = [
     "check_output_outside_inputs",
     "default_formats",
     "write_nifti_mask",
+    "spatial_mask",
     "write_dicom_seg",
     "write_tiff_mask",
     "write_png_masks",
@@ -71,18 +72,21 @@ def default_formats(kind: str) -> tuple[str, ...]:
 _SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "tiff": ".tif"}
 
 
-def _spatial(mask: np.ndarray, scan: Scan) -> np.ndarray:
+def spatial_mask(mask: np.ndarray, scan: Scan, target: Path | None = None) -> np.ndarray:
+    """``mask`` on the scan's spatial grid (a leading channel of 1 dropped); ExportError if it is not."""
     mask = np.asarray(mask)
     if mask.shape == (1,) + scan.geometry.shape:
         mask = mask[0]
     if mask.shape != scan.geometry.shape:
-        raise ExportError(f"{scan.ref.path}: mask shape {mask.shape} does not match the scan's grid {scan.geometry.shape}")
+        where = f"{target}: " if target is not None else ""
+        raise ExportError(f"{where}mask shape {mask.shape} does not match the grid {scan.geometry.shape} of "
+                          f"{scan.ref.path}")
     return mask
 
 
 def write_nifti_mask(mask: np.ndarray, scan: Scan, path: Path) -> Path:
     """NIfTI with the scan's affine exactly (sform and qform), for NIfTI and DICOM inputs alike."""
-    mask = _spatial(mask, scan)
+    mask = spatial_mask(mask, scan)
     data = mask if mask.ndim == 3 else mask[..., None]
     img = nib.Nifti1Image(data, scan.geometry.affine)
     img.set_sform(scan.geometry.affine, code=2)  # aligned to the scan
@@ -110,7 +114,7 @@ def _check_nifti(path: Path, mask: np.ndarray, geometry: Geometry, shown: Path) 
 
 def write_tiff_mask(mask: np.ndarray, scan: Scan, path: Path) -> Path:
     """TIFF with the scan's shape (pages = z) and pixel size tags (ImageJ, µm)."""
-    mask = _spatial(mask, scan)
+    mask = spatial_mask(mask, scan)
     pages = np.ascontiguousarray(mask.T if mask.ndim == 2 else np.transpose(mask, (2, 1, 0)))
     options: dict = {"imagej": True, "metadata": {"axes": "YX" if mask.ndim == 2 else "ZYX"}}
     if scan.geometry.spacing_known:
@@ -143,7 +147,7 @@ def _check_tiff_spacing(tmp: Path, scan: Scan, shown: Path) -> None:
 
 def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[Path]:
     """PNG per 2D slice (a single PNG for a 2D image), named like the input images."""
-    mask = _spatial(mask, scan)
+    mask = spatial_mask(mask, scan)
     dtype = np.uint8 if mask.max() <= 255 and mask.min() >= 0 else np.uint16
     if mask.ndim == 2:
         targets = [(folder_or_file, mask)]
@@ -190,7 +194,7 @@ def export_mask(
             elif fmt == "tiff":
                 written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
             elif fmt == "png":
-                flat = _spatial(mask, scan).ndim == 2
+                flat = spatial_mask(mask, scan).ndim == 2
                 written.extend(write_png_masks(mask, scan, contained_path(output_dir, case, ".png" if flat else "")))
             else:
                 raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, tiff or png")

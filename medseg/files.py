@@ -28,7 +28,7 @@ import unicodedata
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from medseg.errors import MedsegError
 
@@ -94,19 +94,23 @@ def safe_part(name: str) -> str:
     return text
 
 
-def unique_names(names: list[str]) -> list[str]:
-    """``names`` made harmless (`safe_part`) and distinct ignoring case: later twins get ``_2``, ``_3``.
+def unique_names(
+    names: list[str], sanitise: bool = True, blocked: Callable[[int, str], bool] | None = None
+) -> list[str]:
+    """``names`` made distinct ignoring case: later twins get ``_2``, ``_3`` (never another name's own).
 
     Case is ignored because output folders live on SMB/NTFS/APFS shares too, where ``1.png``
-    and ``1.PNG`` are the same file.
+    and ``1.PNG`` are the same file. ``sanitise`` passes each name through `safe_part` first;
+    ``blocked(index, casefolded candidate)`` rejects candidates for other reasons (a name
+    another entry claims).
     """
-    safe = [safe_part(name) for name in names]
+    safe = [safe_part(name) for name in names] if sanitise else list(names)
     taken = {name.casefold() for name in safe}
     seen: set[str] = set()
     out = []
-    for name in safe:
+    for index, name in enumerate(safe):
         candidate, n = name, 2
-        while candidate.casefold() in seen:
+        while candidate.casefold() in seen or (blocked is not None and blocked(index, candidate.casefold())):
             candidate = f"{name}_{n}"
             while candidate.casefold() in taken:
                 n += 1

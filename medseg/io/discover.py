@@ -262,24 +262,12 @@ def _make_ids_unique(result: Discovery) -> None:
     # Reserve every id first, so a suffix never takes the id of a real file (x.png, x_2.png).
     # Ids compare ignoring case (masks land on case-insensitive shares too), and a stack's PNG
     # masks claim ID/<slice name>, so a lone image there (a/s/s1.png beside stack a/s) gets another id.
-    taken = {w.casefold() for w in wanted}
     claimed = {
         f"{scan_id}/{name}".casefold(): k
         for k, (scan, scan_id) in enumerate(zip(result.scans, wanted))
         if scan.kind == "image-sequence"
         for name in unique_names([Path(p).stem for p in scan.paths])
     }
-    seen: set[str] = set()
-    renamed = []
-    for k, (scan, scan_id) in enumerate(zip(result.scans, wanted)):
-        candidate, n = scan_id, 2
-        while candidate.casefold() in seen or claimed.get(candidate.casefold(), k) != k:
-            candidate = f"{scan_id}_{n}"
-            while candidate.casefold() in taken:
-                n += 1
-                candidate = f"{scan_id}_{n}"
-            n += 1
-        seen.add(candidate.casefold())
-        taken.add(candidate.casefold())
-        renamed.append(ScanRef(candidate, scan.kind, scan.paths))
+    ids = unique_names(wanted, sanitise=False, blocked=lambda k, folded: claimed.get(folded, k) != k)
+    renamed = [ScanRef(scan_id, scan.kind, scan.paths) for scan, scan_id in zip(result.scans, ids)]
     result.scans[:] = renamed
