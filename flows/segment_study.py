@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from medseg.config import describe_validation_error
 from medseg.errors import ConfigError, MedsegError
 from medseg.io import ScanRef
-from medseg.pipeline import CaseRecord, check_disjoint, problem_record
+from medseg.pipeline import CaseRecord, check_disjoint, output_lock, problem_record
 
 from flows.reporting import Batch, Outcome, Summary, publish_reports
 from flows.runners import build_task_runner
@@ -89,10 +89,11 @@ def segment_study(
     runner = build_task_runner(params.task_runner, params.workers, params.dask_address)  # fails here without prefect-dask
     checkpoint_file = resolve_checkpoint(params)
     _check_folders(params)
-    job = prepare_job(checkpoint_file, params.input_dir, params.output_dir, params.device, params.tta, params.formats,
-                      params.overwrite)
-    batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
-    summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
+    with output_lock(params.output_dir):  # one run per output folder, flows and `medseg predict` alike
+        job = prepare_job(checkpoint_file, params.input_dir, params.output_dir, params.device, params.tta,
+                          params.formats, params.overwrite)
+        batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
+        summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
     if summary.ok:
         return summary
     message = f"{summary.headline()}; reasons in the summary artifact and {Path(summary.output_dir) / 'predictions.json'}"

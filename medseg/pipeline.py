@@ -28,22 +28,26 @@ import errno
 import json
 import os
 import shutil
+import socket
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError, ScanError
 from medseg.files import atomic_path, atomic_write_text, contained_path, remove_own_temporaries, safe_part, sha256_file
-from medseg.io import LoadOptions, Problem, ScanRef, case_id, discover, load
+from medseg.io import Discovery, LoadOptions, Problem, ScanRef, case_id, discover, load
 
 __all__ = [
     "BatchReport",
     "CaseRecord",
     "Job",
+    "OutputBusy",
     "OutputUnwritable",
+    "output_lock",
     "SKIP_REASON",
     "check_disjoint",
     "check_reads_outside",
@@ -78,6 +82,73 @@ PROBE_MARGIN_BYTES = 16 * 2**20  # predictions.json, metrics and the review page
 
 class OutputUnwritable(MedsegError):
     """The output folder cannot take more: the batch stops (what was done is kept and reported)."""
+
+
+class OutputBusy(MedsegError):
+    """Another medseg run (CLI or flow) is writing this output folder now."""
+
+
+LOCK_FILE = ".medseg/lock"
+
+
+@contextmanager
+def output_lock(output_dir: Path) -> Iterator[Path]:
+    """Hold ``OUTPUT/.medseg/lock`` (PID, host, start time) while a batch writes the folder.
+
+    Why: two runs on one folder (a manual `medseg predict` while the nightly flow runs, two
+    workers) would compute every scan twice and race on the reports. The lock is created
+    with O_EXCL, so exactly one run gets it; a lock whose process is gone (same host, PID
+    not running) is stale and taken over; a lock of another host is respected, and the
+    message says how to remove it if that run is gone.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputUnwritable(f"--output {output_dir} is an existing file, not a folder; name a folder")
+    path = contained_path(output_dir, "lock", folder=".medseg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None or _holder_alive(holder):
+                shown = "an unreadable lock" if holder is None else (
+                    f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
+                raise OutputBusy(f"output folder {output_dir} is being written by {shown}; wait for that run to "
+                                 f"finish, or if it is gone, remove {path}") from None
+            path.unlink(missing_ok=True)  # stale: its process has ended
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(mine)
+        break
+    else:
+        raise OutputBusy(f"output folder {output_dir}: could not take {path} (another run keeps taking it)")
+    try:
+        yield path
+    finally:
+        if _lock_holder(path) == json.loads(mine):
+            path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine sharing the folder: not ours to judge
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
 
 
 @dataclass
@@ -360,16 +431,25 @@ def segment_folder(
     """Segment every scan under ``input_path`` with one Predictor; problems found by discovery are failures too.
 
     The reports (predictions.json, review page) are written whatever happened to the scans;
-    if the output folder stopped taking writes, the report says so in ``stopped``.
+    if the output folder stopped taking writes, the report says so in ``stopped``. The
+    folder is locked for the run (`output_lock`): a second run on it is refused at once.
     """
-    from tqdm import tqdm
-
     found = discover(input_path)
     if not found.scans and not found.problems:
         raise ScanError(
             input_path, "holds no scan medseg can read", "point --input at DICOM series, NIfTI, TIFF or image files"
         )
     prepare_output(input_path, output_dir, found.scans)
+    with output_lock(output_dir):
+        return _segment_locked(predictor, input_path, output_dir, found, formats, overwrite, progress)
+
+
+def _segment_locked(
+    predictor: Any, input_path: Path, output_dir: Path, found: Discovery, formats: Sequence[str] | None,
+    overwrite: bool, progress: bool | None,
+) -> BatchReport:
+    from tqdm import tqdm
+
     job = Job(
         output_dir,
         predictor.checkpoint_file,

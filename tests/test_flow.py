@@ -371,3 +371,25 @@ def test_nightly_deployment_served_and_run_by_name(model, tmp_path):
             _stop(process)
         for handle in logs.values():
             handle.close()
+
+
+def test_one_run_per_output_folder(prefect_server, model, tmp_path):
+    """A folder a live run holds is refused before any scan (flow and CLI share the lock); a stale lock of a
+    process that has gone is taken over, and released at the end."""
+    from medseg.pipeline import LOCK_FILE, output_lock
+
+    images, _ = write_study(tmp_path)
+    out = tmp_path / "out"
+    with output_lock(out):
+        state = segment_study(input_dir=images, output_dir=out, checkpoint=model, return_state=True)
+        assert state.is_failed() and "is being written by process" in state.message
+        assert not list(out.glob("*.nii.gz")) and not (out / "predictions.json").exists()
+        done = subprocess.run([sys.executable, "-m", "medseg", "predict", "--checkpoint", str(model), "--input",
+                               str(images), "--output", str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "is being written by process" in done.stderr, done.stderr
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    state = segment_study(input_dir=images, output_dir=out, checkpoint=model, return_state=True)
+    assert "is being written" not in (state.message or "") and records(out)
+    assert not (out / LOCK_FILE).exists()

@@ -521,3 +521,22 @@ def test_rewriting_the_review_page_removes_only_its_own_old_case_files(model, tm
     segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
     assert sorted(p.name for p in data.glob("case-0*.js")) == own[:1]
     assert all(path.read_bytes() == content for path, content in users.items())
+
+
+def test_an_output_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_over(model, tmp_path):
+    from medseg.pipeline import LOCK_FILE, OutputBusy, output_lock
+
+    _nifti_scans(tmp_path / "in", ["a"])
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(OutputBusy, match=rf"being written by process {os.getpid()} on {socket.gethostname()}"):
+            segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+        assert not (out / "a.nii.gz").exists()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "now"}))
+    with pytest.raises(OutputBusy, match=r"elsewhere.example.*if it is gone, remove .*lock"):
+        segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "then"}))
+    report = segment_folder(Predictor(model), tmp_path / "in", out, progress=False)  # stale: taken over
+    assert report.counts()["written"] == 1 and not (out / LOCK_FILE).exists()
