@@ -18,7 +18,16 @@ import numpy as np
 
 from medseg.errors import ScanError
 
-__all__ = ["LPS_TO_RAS", "Geometry", "check_geometry", "check_values", "lps_to_ras"]
+__all__ = [
+    "LPS_TO_RAS",
+    "OBLIQUE_TOLERANCE_DEG",
+    "Geometry",
+    "check_geometry",
+    "check_values",
+    "grid_notes",
+    "lps_to_ras",
+    "obliquity_degrees",
+]
 
 # Flipping the first two world axes turns DICOM's LPS into RAS (and back).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -29,12 +38,50 @@ def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
     return LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)
 
 
+# Axes closer than this to a patient axis count as aligned: direction cosines stored with six
+# decimals (DICOM) or in float32 (NIfTI) sit a few thousandths of a degree off the axes.
+OBLIQUE_TOLERANCE_DEG = 0.05
+# Every note the grid derives from its own affine starts with one of these (so it is recomputed,
+# never carried over stale, when a Geometry is rebuilt with another affine).
+_DERIVED_PREFIXES = ("oblique: ",)
+
+
+def obliquity_degrees(affine: np.ndarray) -> float:
+    """The largest angle, in degrees, between an axis of the grid and the patient axis nearest to it.
+
+    Why: an oblique scan (a tilted MR plane, a reformatted CT) is shown resampled by viewers
+    that display patient axes, and a mask on its grid is oblique too; a person comparing them
+    slice by slice should know. 0 for a grid along the patient axes (in any order or
+    direction). Same measure as ``nibabel.affines.obliquity`` (per axis: the arccos of its
+    largest direction cosine), with the cosines clipped to 1 so rounding never gives NaN.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    cosines = np.abs(matrix / np.where(norms == 0, 1.0, norms)).max(axis=0)
+    cosines = np.where(norms == 0, 1.0, cosines)  # a zero-length axis has no direction (check_geometry refuses it)
+    return float(np.degrees(np.arccos(np.clip(cosines, 0.0, 1.0))).max())
+
+
+def grid_notes(affine: np.ndarray) -> tuple[str, ...]:
+    """What a person should know about a grid from its affine alone (today: that it is oblique).
+
+    Every Geometry carries these in ``notes``, so `medseg info`, predictions.json and the
+    review page show them for every reader (DICOM, NIfTI, ...) without each reader repeating them.
+    """
+    angle = obliquity_degrees(affine)
+    if not np.isfinite(angle) or angle < OBLIQUE_TOLERANCE_DEG:
+        return ()
+    return (f"oblique: axes {angle:.1f} degrees from the patient axes",)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel grid of a scan: spatial shape plus the 4x4 voxel→RAS affine.
 
     ``spacing_known`` is False where the file carried no physical pixel size (a plain PNG):
-    such a grid matches any other grid of the same shape.
+    such a grid matches any other grid of the same shape. ``notes`` are the reader's notes
+    about the grid followed by those derived from the affine (``grid_notes``), which are
+    recomputed on construction so that a rebuilt grid never carries a stale one.
     """
 
     affine: np.ndarray
@@ -50,6 +97,8 @@ class Geometry:
             raise ValueError(f"a scan has 2 or 3 spatial dimensions, got shape {self.shape}")
         object.__setattr__(self, "affine", affine)
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        given = tuple(n for n in self.notes if not n.startswith(_DERIVED_PREFIXES))
+        object.__setattr__(self, "notes", given + grid_notes(affine))
 
     @classmethod
     def from_spacing(

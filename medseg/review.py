@@ -591,6 +591,7 @@ def _write_review(
                      str(record.get("status", "")), str(record.get("input", "")), str(record.get("reason", "")),
                      float(record.get("seconds") or 0.0))
         case.scores = scores.get(case.id, {}).get("classes", {})
+        case.notes.extend(_record_notes(record))
         cases.append(case)
 
     def build(case: _Case) -> None:
@@ -613,6 +614,23 @@ def _write_review(
     notes.extend(problem for c in cases for problem in c.problems)  # in case order, after the threads
     page = _page(output_dir, batch, legend, cases, metrics, curves, notes)
     return _write_atomic(output_dir / PAGE_NAME, page)
+
+
+MAX_RECORD_NOTES = 50  # notes per case taken from predictions.json
+MAX_NOTE_CHARS = 1000
+
+
+def _record_notes(record: Mapping[str, Any]) -> list[str]:
+    """The reader's notes on a case's scan (slice gaps, obliquity, compression, generated UIDs) in predictions.json.
+
+    Why: the page is where a person decides whether to trust a mask, so what the reader noticed
+    or assumed about the scan belongs beside it. predictions.json is a file like any other: only
+    strings are kept, at most MAX_RECORD_NOTES of them, each cut to MAX_NOTE_CHARS characters.
+    """
+    notes = record.get("notes")
+    if not isinstance(notes, list):
+        return []
+    return [note[:MAX_NOTE_CHARS] for note in notes[:MAX_RECORD_NOTES] if isinstance(note, str)]
 
 
 def _read_metrics(output_dir: Path, notes: list[str]) -> dict[str, Any] | None:

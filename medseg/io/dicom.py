@@ -9,6 +9,7 @@ is an error that names the series and its files.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -77,6 +78,8 @@ NON_IMAGE_MODALITIES = {
 
 # Relative tolerance on slice spacing; a missing slice doubles one gap.
 SPACING_TOLERANCE = 0.02
+# SliceThickness within this (mm, plus SPACING_TOLERANCE of the spacing) of the slice spacing: no note.
+THICKNESS_TOLERANCE_MM = 0.01
 # Largest angle (radians) between the stacking direction and the slice normal before
 # the series counts as gantry-tilted.
 TILT_TOLERANCE = 1e-3
@@ -417,6 +420,96 @@ def _single_slice_thickness(ds: Dataset) -> float | None:
     return None
 
 
+def _header_notes(plan: DicomSeries, datasets: Sequence[Dataset]) -> list[str]:
+    """What the headers say about the voxels that the grid does not show: slice overlap or gaps,
+    compression, a detector pixel size taken for the patient's.
+
+    Why: each changes what the voxels mean without changing where they lie, so the mask
+    overlays the scan exactly and a reviewer would still be misled without the note.
+    ``datasets`` in slice order (one for a multi-frame file).
+    """
+    first = datasets[0]
+    notes = []
+    if plan.has_geometry and plan.geometry.shape[2] > 1:
+        notes.append(_thickness_note(first, plan.geometry.spacing[2]))
+    enhanced = "PerFrameFunctionalGroupsSequence" in first  # pixel measures in functional groups, never Imager*
+    if "PixelSpacing" not in first and "ImagerPixelSpacing" in first and not enhanced:
+        notes.append("no PixelSpacing in the header: ImagerPixelSpacing (measured at the detector) taken as the pixel "
+                     "size, so sizes in the patient are overstated by the X-ray geometric magnification")
+    return [note for note in notes if note] + _compression_notes(datasets)
+
+
+def _thickness_note(ds: Dataset, spacing: float) -> str | None:
+    """SliceThickness against the slice positions' spacing: overlap, gaps, or an unusable value; None if they agree.
+
+    The grid takes its slice spacing from the positions; SliceThickness is the depth each
+    slice averages over. Thick slices close together overlap (neighbours share signal);
+    thin slices far apart leave tissue between them unimaged, where a small structure can
+    hide and a mask is only interpolation. No SliceThickness: nothing to compare, no note.
+    """
+    try:
+        with warnings.catch_warnings():  # pydicom warns about the very values this reports
+            warnings.simplefilter("ignore")
+            raw = ds.get("SliceThickness")
+            if _blank(raw):  # enhanced multi-frame: in the pixel measures of the functional groups
+                per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [Dataset()]
+                shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+                raw = _functional(per_frame[0], shared, "PixelMeasuresSequence", "SliceThickness")
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as exc:
+        raw = f"(unreadable: {exc})"
+    if _blank(raw):
+        return None
+    try:
+        thickness = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        thickness = math.nan
+    if not (math.isfinite(thickness) and thickness > 0):
+        return (f"SliceThickness {str(raw).strip()[:40]!r} is unusable (not a positive number), so whether slices "
+                f"overlap or leave gaps is unknown; the {_mm(spacing)} mm slice spacing comes from the slice positions")
+    excess = thickness - spacing
+    if abs(excess) <= THICKNESS_TOLERANCE_MM + SPACING_TOLERANCE * spacing:
+        return None
+    if excess > 0:
+        return f"slices {_mm(thickness)} mm thick every {_mm(spacing)} mm: they overlap by {_mm(excess)} mm"
+    return f"slices {_mm(thickness)} mm thick every {_mm(spacing)} mm: {_mm(-excess)} mm gaps between them"
+
+
+def _mm(value: float) -> str:
+    """A length for a note: 3.0, 2.5, 0.625 (at most three decimals, at least one); huge values in g format."""
+    if not abs(value) < 1e6:
+        return f"{value:.4g}"
+    text = f"{value:.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _compression_notes(datasets: Sequence[Dataset]) -> list[str]:
+    """One note per compressed transfer syntax in the series, named from pydicom's UID dictionary.
+
+    Why: lossy syntaxes (JPEG baseline, JPEG 2000 irreversible) change pixel values, and
+    even lossless ones tell a reviewer the files are not as the scanner wrote them.
+    A syntax pydicom does not know gets no note: decoding it fails with its own error.
+    """
+    counts: Counter[str] = Counter()
+    for ds in datasets:
+        meta = getattr(ds, "file_meta", None)
+        value = _text(meta, "TransferSyntaxUID") if meta is not None else ""
+        if value:
+            counts[value] += 1
+    notes = []
+    for value, count in counts.items():
+        try:
+            with warnings.catch_warnings():  # pydicom warns about a malformed UID, which is then simply unknown
+                warnings.simplefilter("ignore")
+                uid = pydicom.uid.UID(value)
+                compressed = uid.is_transfer_syntax and uid.is_compressed
+        except ValueError:
+            continue
+        if compressed:
+            share = "" if count == len(datasets) else f" in {count} of {len(datasets)} files"
+            notes.append(f"pixels compressed: {uid.name} ({value}){share}")
+    return notes
+
+
 def _plan_without_geometry(paths: Sequence[Path], ds: Dataset, frames: tuple[int, ...]) -> DicomSeries:
     spacing = _pixel_spacing(ds, paths[0])
     known = not np.isnan(spacing).any()
@@ -604,7 +697,8 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         geometry=plan.geometry,
         modality=str(first.get("Modality", "") or "OT"),
         metadata={**_metadata(first, sop_uids, plan.frame_order), **identifiers},
-        notes=list(plan.notes) + sorted(n for n in shown if n is not None) + color_notes + id_notes,
+        notes=list(plan.notes) + _header_notes(plan, [headers[p] for p in plan.paths])
+        + sorted(n for n in shown if n is not None) + color_notes + id_notes,
     )
 
 
