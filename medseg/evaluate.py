@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
-from medseg.files import atomic_write_text, natural_key
+from medseg.files import atomic_write_text, natural_key, tidy_journal
 from medseg.grids import RESAMPLE_MODES, align_to_reference
 from medseg.io import (
     Discovery,
@@ -308,6 +308,7 @@ def write_reports(report: EvaluationReport, out_dir: Path | str | None = None) -
         csv_path = _write_atomic(folder / "metrics.csv", _csv_text(report))
         json_text = json.dumps(_strict_json(report.to_dict()), indent=2, allow_nan=False)
         json_path = _write_atomic(folder / "metrics.json", json_text + "\n")
+        tidy_journal(folder)
     except OSError as exc:
         raise ScanError(folder, f"cannot write the metrics reports ({exc.strerror or exc})",
                         "choose a writable folder with --output") from exc

@@ -45,6 +45,7 @@ __all__ = [
     "natural_key",
     "remove_own_temporaries",
     "safe_part",
+    "tidy_journal",
     "unique_names",
     "sha256_file",
 ]
@@ -162,11 +163,11 @@ def _journal_entry(root: Path, token: str, tmp: Path) -> Path:
     folder = root / JOURNAL_DIR
     entry = folder / f"{token}.json"
     payload = json.dumps({"tmp": os.path.relpath(tmp, root), "pid": os.getpid(), "host": socket.gethostname()})
-    for _ in range(3):  # another writer may remove the emptied folder between our mkdir and open
+    for _ in range(5):  # another process's tidy_journal may remove the emptied folders meanwhile
         ensure_inside(root, folder)  # before mkdir: a linked .medseg must not get folders made elsewhere
-        folder.mkdir(parents=True, exist_ok=True)
-        ensure_inside(root, folder)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ensure_inside(root, folder)
             fd = os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         except FileNotFoundError:
             continue
@@ -175,14 +176,17 @@ def _journal_entry(root: Path, token: str, tmp: Path) -> Path:
                 handle.write(payload)
         except BaseException:
             entry.unlink(missing_ok=True)  # a full disk must not leave an empty entry behind
-            _tidy_journal(root)
             raise
         return entry
     raise FileNotFoundError(errno.ENOENT, "journal folder keeps disappearing", str(folder))
 
 
-def _tidy_journal(root: Path) -> None:
-    """Remove the journal folder (and ``.medseg``) once empty, so a plain report folder stays plain."""
+def tidy_journal(root: Path) -> None:
+    """Remove the journal folder (and ``.medseg``) if empty, so a plain report folder stays plain.
+
+    Called once a command's writes under ``root`` are done (never after each write: threads
+    writing in parallel would race to recreate what another just removed).
+    """
     for folder in (root / JOURNAL_DIR, root / JOURNAL_DIR.parent):
         try:
             folder.rmdir()
@@ -236,7 +240,6 @@ def atomic_path(target: Path, root: Path | None = None, durable: bool = False) -
     finally:
         tmp.unlink(missing_ok=True)
         entry.unlink(missing_ok=True)
-        _tidy_journal(root)
 
 
 def atomic_write_bytes(target: Path, data: bytes, root: Path | None = None) -> Path:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import medseg
 from medseg.errors import ManifestError
-from medseg.files import atomic_path, natural_key, sha256_file
+from medseg.files import atomic_path, natural_key, sha256_file, tidy_journal
 
 __all__ = [
     "COLUMNS",
@@ -333,23 +333,26 @@ def _write_verified(
     announced = headers.get("Content-Length", "") if headers is not None else ""
     if announced.isdigit() and int(announced) > limit:
         raise _too_big(origin, entry, limit, manifest)
-    with atomic_path(target, durable=True) as tmp, open(tmp, "wb") as out:  # a mismatch leaves nothing
-        digest = hashlib.sha256()
-        total = 0
-        while chunk := source.read(min(_CHUNK, limit + 1 - total)):
-            total += len(chunk)
-            if total > limit:
-                raise _too_big(origin, entry, limit, manifest)
-            digest.update(chunk)
-            out.write(chunk)
-        out.flush()
-        actual = digest.hexdigest()
-        if actual != entry.sha256:
-            raise ManifestError(
-                f"{origin}: checksum mismatch for {entry.dataset}/{entry.path}: expected sha256 "
-                f"{entry.sha256}, got {actual}; the file was not saved. Check the source "
-                "(a corrupt mirror or a changed upstream file) or fix the manifest"
-            )
+    try:
+        with atomic_path(target, durable=True) as tmp, open(tmp, "wb") as out:  # a mismatch leaves nothing
+            digest = hashlib.sha256()
+            total = 0
+            while chunk := source.read(min(_CHUNK, limit + 1 - total)):
+                total += len(chunk)
+                if total > limit:
+                    raise _too_big(origin, entry, limit, manifest)
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            actual = digest.hexdigest()
+            if actual != entry.sha256:
+                raise ManifestError(
+                    f"{origin}: checksum mismatch for {entry.dataset}/{entry.path}: expected sha256 "
+                    f"{entry.sha256}, got {actual}; the file was not saved. Check the source "
+                    "(a corrupt mirror or a changed upstream file) or fix the manifest"
+                )
+    finally:
+        tidy_journal(target.parent)  # the data folder keeps no empty .medseg/
 
 
 class _HttpsOnlyRedirect(urllib.request.HTTPRedirectHandler):

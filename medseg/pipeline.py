@@ -38,7 +38,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError, ScanError
-from medseg.files import atomic_path, atomic_write_text, contained_path, remove_own_temporaries, safe_part, sha256_file
+from medseg.files import (
+    atomic_path,
+    atomic_write_text,
+    contained_path,
+    remove_own_temporaries,
+    safe_part,
+    sha256_file,
+    tidy_journal,
+)
 from medseg.io import Discovery, LoadOptions, Problem, ScanRef, case_id, discover, load
 
 __all__ = [
@@ -296,13 +304,27 @@ class _Discard(Exception):
     """Leaves an `atomic_path` block without committing its file (the write probe)."""
 
 
-def _check_room(output_dir: Path, needed: int) -> None:
+def _check_room(output_dir: Path, needed: int, what: str = "this batch") -> None:
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise OutputUnwritable(
-            f"output folder {output_dir}: {free / 2**20:.0f} MB free, but this batch may need up to "
+            f"output folder {output_dir}: {free / 2**20:.0f} MB free, but {what} may need up to "
             f"{needed / 2**20:.0f} MB (the size of its inputs); free some space or choose another output folder"
         )
+
+
+def _check_still_writable(job: Job, ref: ScanRef) -> None:
+    """Before a scan's model work: the folder still takes writes and has room for this scan's masks.
+
+    Why: once a disk is full or remounted read-only mid-batch, every further scan would
+    compute its prediction only to fail at export; in the flow the scans run in parallel,
+    so each stops here instead, cheaply, with the same sentence.
+    """
+    if not os.access(job.output_dir, os.W_OK):
+        raise OutputUnwritable(f"output folder {job.output_dir}: no longer writable (read-only or permission "
+                               "withdrawn); the batch stopped, masks written so far are kept; fix it, then rerun the "
+                               "same command to resume")
+    _check_room(job.output_dir, sum(_size(p) for p in ref.paths) + PROBE_MARGIN_BYTES // 4, f"scan {ref.id}")
 
 
 def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] = ()) -> list[Path]:
@@ -383,6 +405,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
                 record.outputs = [str(p) for p in outputs]
                 return record
         check_reads_outside(ref, job.output_dir)
+        _check_still_writable(job, ref)
         scan = _load_with_retries(ref, job)
         prediction = predictor().predict(scan)
         outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding)
@@ -520,4 +543,5 @@ def write_batch_reports(
         report.stopped = (
             report.stopped + "; " if report.stopped else ""
         ) + f"review page not written ({failure_reason(exc)})"
+    tidy_journal(output_dir)
     return written

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.export import CLASS_COLOURS
-from medseg.files import atomic_write_text, journal_root
+from medseg.files import atomic_write_text, journal_root, tidy_journal
 from medseg.io import LoadOptions, Scan, ScanRef, discover, load, ref_for_path
 
 if TYPE_CHECKING:
@@ -550,7 +550,9 @@ def write_review(
     """
     output_dir = Path(output_dir)
     with journal_root(output_dir):  # temporary files under review/ are journalled where cleanup looks
-        return _write_review(output_dir, reference_dir, learning_curves, progress)
+        page = _write_review(output_dir, reference_dir, learning_curves, progress)
+    tidy_journal(output_dir)
+    return page
 
 
 def _write_review(

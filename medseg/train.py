@@ -35,7 +35,7 @@ from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, MedsegError
-from medseg.files import atomic_path
+from medseg.files import atomic_path, tidy_journal
 from medseg.io import LoadOptions, load, validate_label
 from medseg.metrics import confusion_counts, mean_scores, overlap_scores
 from medseg.models import build_model
@@ -489,6 +489,7 @@ def train(
         from medseg.report import plot_learning_curves
 
         plot_learning_curves(history, run_dir / "learning_curves.png")
+        tidy_journal(run_dir)
     if world > 1:
         dist.barrier()
     return TrainResult(run_dir, best_epoch, best_metrics, epoch, history, all_losses, judged)

@@ -476,7 +476,7 @@ def test_a_journal_entry_torn_by_a_full_disk_is_removed_at_once(tmp_path, monkey
     with pytest.raises(OSError, match="No space"):
         with medseg.files.atomic_path(tmp_path / "mask.nii.gz") as tmp:
             tmp.write_bytes(b"x")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # no entry, no temporary file, no empty journal
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []  # no entry, no temporary file
 
 
 def _png(path: Path, value: int) -> None:
@@ -540,3 +540,24 @@ def test_an_output_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_o
     (out / LOCK_FILE).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "then"}))
     report = segment_folder(Predictor(model), tmp_path / "in", out, progress=False)  # stale: taken over
     assert report.counts()["written"] == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_once_the_disk_is_full_no_further_scan_does_model_work(model, tmp_path, monkeypatch, capsys):
+    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    predicted = []
+    real_predict, real_usage = Predictor.predict, shutil.disk_usage
+
+    def predict(self, scan, probabilities=False):
+        predicted.append(scan.ref.id)
+        return real_predict(self, scan, probabilities)
+
+    def usage(path):
+        total = real_usage(path)
+        return total._replace(free=1000) if predicted else total  # full once the first scan ran
+
+    monkeypatch.setattr(Predictor, "predict", predict)
+    monkeypatch.setattr(medseg.pipeline.shutil, "disk_usage", usage)
+    code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "stopped early" in err and "scan b may need up to" in err
+    assert predicted == ["a"]
