@@ -44,7 +44,7 @@ from flows.tasks import Job, discover_scans, evaluate_scan, failure_reason, prep
 
 __all__ = ["ScansFailed", "segment_study", "segment_scans"]
 
-MaskFormat = Literal["nifti", "dicom-seg", "tiff", "png"]
+MaskFormat = Literal["nifti", "dicom-seg", "rtstruct", "tiff", "png"]
 
 
 class ScansFailed(MedsegError):

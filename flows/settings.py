@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 DEPLOYMENT_NAME = "nightly"
-MaskFormat = Literal["nifti", "dicom-seg", "tiff", "png"]
+MaskFormat = Literal["nifti", "dicom-seg", "rtstruct", "tiff", "png"]
 
 
 class FlowParameters(Section):

@@ -22,6 +22,7 @@ from medseg.errors import MedsegError
 from medseg.files import atomic_path, contained_path, journal_root, unique_names
 from medseg.geometry import Geometry
 from medseg.io.scan import Scan
+from medseg.rtstruct import write_rtstruct
 
 __all__ = [
     "ExportError",
@@ -31,6 +32,7 @@ __all__ = [
     "write_nifti_mask",
     "spatial_mask",
     "write_dicom_seg",
+    "write_rtstruct",
     "write_tiff_mask",
     "write_png_masks",
     "export_mask",
@@ -176,9 +178,10 @@ def export_mask(
 ) -> list[Path]:
     """Write ``mask`` (label values, scan grid) for ``scan`` under ``output_dir`` in each format.
 
-    ``coding`` is the config's ``data.classes_coding`` (plain data), for DICOM SEG segments.
+    ``coding`` is the config's ``data.classes_coding`` (plain data), for DICOM SEG segments and RTSTRUCT ROIs.
 
-    File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.tif``, ``<id>/`` (PNGs).
+    File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.rtstruct.dcm``, ``<id>.tif``,
+    ``<id>/`` (PNGs).
     """
     check_output_outside_inputs(output_dir, scan)
     formats = tuple(formats or default_formats(scan.ref.kind))
@@ -191,11 +194,14 @@ def export_mask(
             elif fmt == "dicom-seg":
                 written.append(write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes,
                                                coding=coding))
+            elif fmt == "rtstruct":
+                written.append(write_rtstruct(mask, scan, contained_path(output_dir, case, ".rtstruct.dcm"), classes,
+                                              coding=coding))
             elif fmt == "tiff":
                 written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
             elif fmt == "png":
                 flat = spatial_mask(mask, scan).ndim == 2
                 written.extend(write_png_masks(mask, scan, contained_path(output_dir, case, ".png" if flat else "")))
             else:
-                raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, tiff or png")
+                raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, rtstruct, tiff or png")
     return written

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,21 @@ def open_files() -> set[str]:
         except OSError:
             continue
     return found
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's (dicom3tools) warnings for ``path``; fails the test on any error; skips without dciodvfy.
+
+    Call it after a test's own read-back checks, so those still run where dciodvfy is absent.
+    """
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; `make dicomtools` installs it)")
+    # check=False: dciodvfy's exit code says nothing; its Error/Warning lines do
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=300, check=False)
+    lines = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+    return [line for line in lines if line.startswith("Warning")]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -36,6 +35,8 @@ from medseg.export import ExportError
 from medseg.io import discover, load, ref_for_path
 from medseg.io.dicom import PATIENT_STUDY_ATTRIBUTES
 from medseg.seg_coding import known_names, normalise_name, segment_coding
+
+from conftest import dciodvfy as _dciodvfy
 
 CT_CLASSES = phantoms.CT_CLASSES  # background 0, liver 1, kidney 2, spine 3
 # dciodvfy warns (never errs) when a Type 2 attribute is empty that a DICOMDIR would index.
@@ -160,17 +161,6 @@ def _pydicom_label_map(path: Path, scan) -> np.ndarray:
             k = slice_of_uid[source.ReferencedSOPInstanceUID]
         label[k][frames[i] > 0] = segment
     return label
-
-
-def _dciodvfy(path: Path) -> list[str]:
-    """dciodvfy's warnings for ``path``; fails on any error; skips (after the other checks) without dciodvfy."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; `make dicomtools` installs it)")
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=300, check=False)  # exit code: unused
-    lines = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error")]
-    assert not errors, "\n".join(errors)
-    return [line for line in lines if line.startswith("Warning")]
 
 
 def _write_and_verify(scan, mask, out: Path, classes=CT_CLASSES, **kw) -> pydicom.Dataset:

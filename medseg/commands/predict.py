@@ -19,9 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="arithmetic of the forward passes (default: the checkpoint's infer.precision, auto)")
     parser.add_argument("--overwrite", action="store_true", help="redo scans whose masks are already up to date")
-    parser.add_argument("--format", dest="formats", action="append", choices=("nifti", "dicom-seg", "tiff", "png"),
+    parser.add_argument("--format", dest="formats", action="append",
+                        choices=("nifti", "dicom-seg", "rtstruct", "tiff", "png"),
                         help="mask format (repeatable); default per input: DICOM → NIfTI + DICOM SEG, "
-                        "NIfTI → NIfTI, TIFF → TIFF, PNG sequence → TIFF + PNGs, image → PNG")
+                        "NIfTI → NIfTI, TIFF → TIFF, PNG sequence → TIFF + PNGs, image → PNG; "
+                        "rtstruct (DICOM input only): RT Structure Set contours for radiotherapy planning")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap (default: the checkpoint's, 0.5)")
     parser.add_argument("--keep-largest", nargs="*", default=[], metavar="CLASS", help="keep only the largest component of these classes")
     parser.add_argument("--fill-holes", nargs="*", default=[], metavar="CLASS", help="fill holes in these classes")
