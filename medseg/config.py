@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from medseg.constants import PRECISIONS, Precision  # noqa: F401  (PRECISIONS: also exported from here)
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -405,11 +406,6 @@ class ModelConfig(Section):
     features: int = Field(32, ge=1, le=1024)
     depth: int | None = Field(None, ge=1, le=8)  # 2^8 = 256: every patch side a multiple of 256 already
     options: dict[str, Any] = Field(default_factory=dict)
-
-
-# Arithmetic of the forward passes; medseg.device.choose_precision says what each means on a device.
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class AugmentConfig(Section):

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from medseg.constants import CONVENTIONS
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
 from medseg.files import atomic_write_text, natural_key, tidy_journal
 from medseg.grids import RESAMPLE_MODES, align_to_reference
@@ -74,13 +75,6 @@ __all__ = [
     "read_prediction_classes",
     "write_reports",
 ]
-
-CONVENTIONS = """\
-Empty classes: a class absent from both prediction and reference scores NaN (Dice, IoU,
-HD95, surface Dice) and is left out of the means; a class present in only one of them
-scores Dice = IoU = surface Dice = 0 and HD95 = inf (a missed or invented structure is
-the worst boundary error, and stays visible: the HD95 mean becomes inf, median and n
-stay usable). metrics.json writes NaN as null and inf as "inf"."""
 
 MASK_OPTIONS = LoadOptions(color="channels", palette="indices")
 SUMMARY_STATISTICS = ("mean", "std", "median", "n")

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 
+from medseg.constants import RESAMPLE_MODES
 from medseg.errors import LabelError
 from medseg.geometry import Geometry
 from medseg.io import Scan
 
 __all__ = ["RESAMPLE_MODES", "Alignment", "align_to_reference", "match_axes", "reoriented", "world_offset"]
-
-RESAMPLE_MODES = ("nearest",)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medseg import __version__
+from medseg.constants import DEFAULT_HOST
 from medseg.errors import MedsegError
 from medseg.export import CLASS_COLOURS
 from medseg.files import atomic_write_text, journal_root, tidy_journal
@@ -88,7 +89,6 @@ DATA_FOLDER = "review"
 MAX_EDGE = 256  # pixels kept per in-plane axis (x, y); z keeps up to this many slices too
 MAX_VOXELS = 2**22  # per case (4.2 M): 256 x 256 x 64; thinner z sampling beyond that
 THUMB_EDGE = 96
-DEFAULT_HOST = "127.0.0.1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MASK_OPTIONS = LoadOptions(color="channels", palette="indices")
 _MASK_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png")

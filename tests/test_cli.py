@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -62,3 +63,48 @@ def test_info_text_lists_problems_and_exits_nonzero(tmp_path, capsys, ct):
 def test_info_on_missing_path(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+HEAVY = ("torch", "monai", "numpy", "nibabel", "pydicom", "prefect", "scipy", "skimage")
+
+
+def test_parser_imports_no_heavy_library():
+    """`medseg --help` answers at once: building the parser imports none of the heavy libraries (a fresh
+    process, so modules this test run already imported cannot hide one)."""
+    code = ("import medseg.cli, sys; medseg.cli.build_parser(); "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command, and every action of a command that has actions (`data fetch`), as argv prefixes."""
+    from medseg.cli import build_parser
+
+    def subcommands(parser) -> dict:
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    paths = []
+    for name, command in subcommands(build_parser()).items():
+        paths.append((name,))
+        paths += [(name, action) for action in subcommands(command)]
+    return paths
+
+
+def test_command_paths_cover_every_command():
+    names = {path[0] for path in _command_paths()}
+    assert names == {"info", "data", "config", "train", "predict", "evaluate", "demo", "serve", "view"}
+    assert ("data", "fetch") in _command_paths()
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_every_command_help_works(path):
+    result = subprocess.run([sys.executable, "-m", "medseg", *path, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: medseg {' '.join(path)}" in result.stdout
+    assert result.stderr == ""
+
+
+def test_version_in_fresh_process_names_the_command():
+    result = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"medseg {__version__}"

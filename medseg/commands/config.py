@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
-from medseg.config import load_config
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,6 +29,10 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medseg.config import load_config
+
     config = load_config(args.config, args.overrides)
     print(yaml.safe_dump(config.dump(), sort_keys=False).rstrip())
     return 0

@@ -6,9 +6,8 @@ import argparse
 import textwrap
 from pathlib import Path
 
+from medseg.constants import CONVENTIONS, RESAMPLE_MODES
 from medseg.errors import ConfigError
-from medseg.evaluate import CONVENTIONS, evaluate_folders, format_report, parse_classes, write_reports
-from medseg.grids import RESAMPLE_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classes(text: str) -> dict[str, int]:
+    from medseg.evaluate import parse_classes
+
     try:
         return parse_classes(text)
     except ConfigError as exc:
@@ -82,6 +83,8 @@ def _check_folders(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.evaluate import evaluate_folders, format_report, write_reports
+
     _check_folders(args)
     report = evaluate_folders(
         args.pred,

@@ -6,9 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from medseg.inspect import format_report, inspect_path
-from medseg.io import LoadOptions
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -31,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.inspect import format_report, inspect_path
+    from medseg.io import LoadOptions
+
     report = inspect_path(args.path, LoadOptions(color=args.color, memory_budget_mb=args.memory_budget))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     failed = report["problems"] or any(s["problems"] for s in report["scans"])

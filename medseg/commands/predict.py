@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medseg.config import PRECISIONS
+from medseg.constants import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from medseg.commands.config import add_override_argument
-from medseg.config import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
     from medseg.train import train
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])

@@ -7,7 +7,7 @@ import textwrap
 import webbrowser
 from pathlib import Path
 
-from medseg.review import DEFAULT_HOST, LOOPBACK, PAGE_NAME, ReviewServer, review_is_stale, write_review
+from medseg.constants import DEFAULT_HOST
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +43,8 @@ def _port(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.review import LOOPBACK, PAGE_NAME, ReviewServer, review_is_stale, write_review
+
     output: Path = args.output
     if args.rebuild or args.reference or args.learning_curves or review_is_stale(output):
         page = write_review(output, args.reference, args.learning_curves)
