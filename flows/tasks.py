@@ -109,7 +109,7 @@ def segment_scan(ref: ScanRef, job: Job) -> CaseRecord | State:
 @task(name="evaluate-scan", task_run_name="evaluate {record.case}", cache_policy=NO_CACHE)
 def evaluate_scan(record: CaseRecord, reference: ScanRef, classes: dict[str, int]) -> dict[str, Any] | State:
     """Dice and IoU of the mask as written on disk against its reference (what `medseg evaluate` scores)."""
-    mask = next((Path(p) for p in record.outputs if not str(p).endswith(".seg.dcm")), None)
+    mask = next((Path(p) for p in record.outputs if not str(p).endswith(".dcm")), None)  # not SEG or RTSTRUCT
     try:
         if mask is None:
             raise MedsegError(f"{record.case}: no NIfTI/TIFF/PNG mask to score (only {record.outputs})")

@@ -345,3 +345,21 @@ def test_rtstruct_is_a_format_of_predict_and_of_the_flow(tmp_path, tiny_3d_check
             "--output", str(tmp_path / "out"), "--format", "rtstruct"]
     assert main(args) == 0, capsys.readouterr().out
     assert [p.name for p in (tmp_path / "out").glob("*.dcm")] == ["cli.rtstruct.dcm"]
+
+
+def test_the_flow_scores_the_nifti_mask_when_rtstruct_comes_first(tmp_path):
+    """evaluate-scan scores the first mask that is not a DICOM object (SEG or RTSTRUCT)."""
+    import flows  # noqa: F401  (Prefect defaults before Prefect)
+    from flows import tasks
+    from medseg.io import ref_for_path
+    from medseg.pipeline import CaseRecord
+
+    mask = np.zeros((6, 6, 3), np.uint8)
+    mask[1:4, 2:5, 1] = 1
+    phantoms.write_nifti(mask, np.eye(4), tmp_path / "out" / "ct.nii.gz")
+    phantoms.write_nifti(mask, np.eye(4), tmp_path / "ref" / "ct.nii.gz")
+    (tmp_path / "out" / "ct.rtstruct.dcm").write_bytes(b"not a mask")
+    outputs = [str(tmp_path / "out" / name) for name in ("ct.rtstruct.dcm", "ct.seg.dcm", "ct.nii.gz")]
+    record = CaseRecord("ct", "dicom", "in/ct", "written", outputs)
+    scores = tasks.evaluate_scan.fn(record, ref_for_path(tmp_path / "ref" / "ct.nii.gz"), {"bg": 0, "fg": 1})
+    assert scores["classes"]["fg"]["dice"] == 1.0
