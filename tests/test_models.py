@@ -381,3 +381,16 @@ def test_summary_of_registered_models(name: str) -> None:
     assert info["output_shape"] == (1, 2, 64, 64)
     assert info["macs"] > 0 and info["flops"] == 2 * info["macs"]
     assert all(1 < r <= 64 for r in info["receptive_field"])
+
+
+def test_a_model_built_on_the_meta_device_draws_no_weights():
+    """The config check builds each model on the meta device for its shapes; drawing weights there would
+    import torch._dynamo (about a second of start-up) for values that do not exist."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom medseg.models import build_model\n"
+            "with torch.device('meta'):\n    build_model({'name': 'unet', 'spatial_dims': 3, 'in_channels': 1, 'out_channels': 2})\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -79,11 +79,13 @@ def he_init(module: nn.Module, skip: Sequence[nn.Module] = ()) -> None:
     *output* channels, so its std is computed from the inputs that actually reach one
     output voxel (in_channels x kernel volume / stride volume). Modules in ``skip`` (and
     everything inside them) keep their own initialisation, e.g. FCN's bilinear kernels.
+    On the meta device nothing is drawn: drawing there imports torch._dynamo (a second of
+    `medseg predict` start-up, measured by bench/cli_startup.py) for values that do not exist.
     """
     skipped = {id(m) for s in skip for m in s.modules()}
     for m in module.modules():
-        if id(m) in skipped:
-            continue
+        if id(m) in skipped or getattr(getattr(m, "weight", None), "is_meta", False):
+            continue  # a meta tensor (a config check builds the model for its shapes) has no values to draw
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             fan = m.in_channels // m.groups * math.prod(m.kernel_size) / math.prod(m.stride)
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
