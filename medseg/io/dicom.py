@@ -23,7 +23,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut
+from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -45,6 +45,7 @@ from pydicom.valuerep import validate_value
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, check_geometry, check_values, lps_to_ras
 from medseg.io.budget import check_budget, check_frame_count, dicom_nbytes
+from medseg.io.dicom_pixels import read_volume
 from medseg.io.scan import LoadOptions, Scan, ScanRef
 
 __all__ = [
@@ -592,7 +593,7 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds.pixel_array
+            return pixel_array(ds)  # what ds.pixel_array decodes, without caching it on the dataset
     except Exception as exc:  # pydicom raises many types for bad pixel data
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
         name = getattr(syntax, "name", str(syntax))
@@ -643,11 +644,10 @@ def _as_displayed(path: Path, ds: Dataset, pixels: np.ndarray, options: LoadOpti
     return pixels, None
 
 
-def _to_channels_first(pixels: np.ndarray, samples: int) -> np.ndarray:
-    """(rows, cols[, samples]) → (channels, cols, rows)."""
-    if samples > 1:
-        return np.transpose(pixels, (2, 1, 0))
-    return pixels.T[None]
+def _read_slice(path: Path, options: LoadOptions) -> tuple[np.ndarray, str | None]:
+    """One file of a series, header and pixels in one read: its pixels as displayed, and the conversion note."""
+    ds = read_dataset(path)
+    return _as_displayed(path, ds, _decode(path, ds), options)
 
 
 def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
@@ -663,31 +663,23 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     slices_declared = len(plan.frame_order) or len(plan.paths)
     what = f"the decoded DICOM pixel data ({slices_declared} slice(s) of {first.get('Rows')} x {first.get('Columns')})"
     check_budget(ref.path, dicom_nbytes(plan.paths[0], first, slices_declared, samples), what, options.memory_budget_mb)
-    slopes: list[tuple[float, float]] = []
-    slices: list[np.ndarray] = []
-    shown: set[str | None] = set()  # each slice's conversion note (None: kept as stored)
+    # Each slice is decoded straight into the volume, a file per thread (medseg.io.dicom_pixels);
+    # ``shown`` collects the slices' conversion notes (None: kept as stored).
     if plan.frame_order:
         ds = read_dataset(plan.paths[0])
         pixels, note = _as_displayed(plan.paths[0], ds, _decode(plan.paths[0], ds), options)
-        shown.add(note)
         if pixels.ndim == (3 if samples > 1 else 2):
             pixels = pixels[None]
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
         per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
-        for f in plan.frame_order:
-            slices.append(_to_channels_first(pixels[f], samples))
-            slopes.append(_rescale(ds, per_frame[f] if per_frame else None, shared, plan.paths[0]))
+        slopes = [_rescale(ds, per_frame[f] if per_frame else None, shared, plan.paths[0]) for f in plan.frame_order]
         sop_uids = [str(ds.get("SOPInstanceUID", "") or "")]
-    else:
-        sop_uids = []
-        for path in plan.paths:
-            ds = read_dataset(path)
-            pixels, note = _as_displayed(path, ds, _decode(path, ds), options)
-            shown.add(note)
-            slices.append(_to_channels_first(pixels, samples))
-            slopes.append(_rescale(ds, None, None, path))
-            sop_uids.append(str(ds.get("SOPInstanceUID", "") or ""))
-    array = _apply_rescale(np.stack(slices, axis=-1), slopes)
+        frames = plan.frame_order
+        array, shown = read_volume(lambda k: (pixels[frames[k]], note), plan.paths * len(frames), slopes, samples)
+    else:  # rescale and UIDs from the headers already read: each worker reads its file once
+        slopes = [_rescale(headers[p], None, None, p) for p in plan.paths]
+        sop_uids = [str(headers[p].get("SOPInstanceUID", "") or "") for p in plan.paths]
+        array, shown = read_volume(lambda k: _read_slice(plan.paths[k], options), plan.paths, slopes, samples)
     array, color_notes = _color(array, options, samples)
     files = list(plan.paths[:1]) if plan.frame_order else list(plan.paths)
     identifiers, id_notes = source_identifiers(files, [headers[p] for p in files], sop_uids, plan)
@@ -848,20 +840,6 @@ def _infer_sop_class(ds: Dataset, multiframe: bool, has_geometry: bool) -> tuple
             return MultiFrameGrayscaleByteSecondaryCaptureImageStorage, "assumed: a multi-frame 8-bit image of no known modality"
         return MultiFrameGrayscaleWordSecondaryCaptureImageStorage, "assumed: a multi-frame image of no known modality"
     return SecondaryCaptureImageStorage, "assumed: the header matches no modality-specific image IOD"
-
-
-def _apply_rescale(stack: np.ndarray, slopes: list[tuple[float, float]]) -> np.ndarray:
-    """Apply per-slice RescaleSlope/Intercept; stay integer when that loses nothing."""
-    params = np.asarray(slopes)
-    if np.all(params[:, 0] == 1.0) and np.all(params[:, 1] == np.round(params[:, 1])):
-        if np.all(params[:, 1] == 0):
-            return stack
-        out = stack.astype(np.int32) + params[:, 1].astype(np.int32)
-        lo, hi = out.min(), out.max()
-        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
-            out = out.astype(np.int16)
-        return out
-    return (stack.astype(np.float32) * params[:, 0].astype(np.float32) + params[:, 1].astype(np.float32))
 
 
 def _color(array: np.ndarray, options: LoadOptions, samples: int) -> tuple[np.ndarray, list[str]]:
