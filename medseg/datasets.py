@@ -34,6 +34,7 @@ class Case:
     images: tuple[ScanRef, ...]
     label: ScanRef | None
     split: str = ""  # the manifest's split, when the source has one
+    fold: int | None = None  # the manifest's fixed cross-validation fold, when it declares one
 
 
 def find_cases(data: DataConfig) -> list[Case]:
@@ -49,13 +50,15 @@ def find_cases(data: DataConfig) -> list[Case]:
 
 def _manifest_cases(data: DataConfig) -> list[Case]:
     root = data.root or manifest.default_data_root()
-    splits = {e.case: e.split for e in manifest.read_manifest() if e.dataset == data.dataset}
+    rows = [e for e in manifest.read_manifest() if e.dataset == data.dataset]
+    splits = {e.case: e.split for e in rows}
+    folds = {e.case: e.fold for e in rows if e.role == "image"}
     cases = []
     for entry in manifest.dataset_files(data.dataset, root):
         split = splits.get(entry.case, "")
         image = ScanRef(entry.case, _kind_of(entry.image), (entry.image,))
         label = ScanRef(entry.case, _kind_of(entry.label), (entry.label,)) if entry.label else None
-        cases.append(Case(entry.case, (image,), label, split))
+        cases.append(Case(entry.case, (image,), label, split, folds.get(entry.case)))
     return cases
 
 
@@ -157,7 +160,13 @@ def split_cases(cases: Sequence[Case], split: SplitConfig) -> tuple[list[Case], 
     if split.mode == "fraction":
         n_val = max(1, int(round(split.val_fraction * len(shuffled)))) if len(shuffled) > 1 else 0
         val_ids = {c.id for c in shuffled[:n_val]}
-    else:  # kfold
+    elif all(c.fold is not None for c in labelled):  # kfold with the manifest's fixed folds
+        declared = sorted({c.fold for c in labelled})
+        if declared != list(range(split.folds)):
+            raise ConfigError(f"data.split.folds: {split.folds}, but the manifest fixes folds {declared} for these "
+                              f"cases; set data.split.folds: {len(declared)}")
+        val_ids = {c.id for c in labelled if c.fold == split.fold}
+    else:  # kfold drawn with split.seed
         if len(shuffled) < split.folds:
             raise ConfigError(f"data.split.folds: {split.folds} folds need at least {split.folds} labelled cases, found {len(shuffled)}")
         val_ids = {c.id for i, c in enumerate(shuffled) if i % split.folds == split.fold}

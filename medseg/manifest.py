@@ -56,7 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COLUMNS = ("dataset", "case", "role", "path", "sha256", "split", "source_url", "licence")
-OPTIONAL_COLUMNS = ("size",)  # bytes; a download is cut off as soon as it grows past it
+# size: bytes, a download is cut off as soon as it grows past it; fold: a fixed cross-validation
+# fold (0, 1, ...) that `data.split.mode: kfold` uses instead of drawing one, so runs compare.
+OPTIONAL_COLUMNS = ("size", "fold")
 MAX_UNDECLARED_BYTES = 4 * 2**30  # cap per file where the manifest declares no size (a CT volume is < 1 GiB)
 ROLES = ("image", "label")
 SPLITS = ("train", "val", "test")
@@ -83,6 +85,7 @@ class ManifestEntry:
     licence: str
     line: int = field(default=0, compare=False)  # line in the manifest, for error messages
     size: int | None = None  # bytes, where the manifest declares it (the optional size column)
+    fold: int | None = None  # the fixed cross-validation fold, where the manifest declares one
 
     def local_path(self, root: Path) -> Path:
         """Where this file lives under a data root: ``root/<dataset>/<path>``."""
@@ -204,6 +207,8 @@ def _row_problems(row: dict[str, str]) -> list[str]:
         problems.append(f"path {row['path']!r} {why}")
     if row.get("size") and not _SIZE.fullmatch(row["size"]):
         problems.append(f"size {row['size']!r} must be the file's size in bytes (digits only) or empty")
+    if row.get("fold") and not re.fullmatch(r"[0-9]{1,2}", row["fold"]):
+        problems.append(f"fold {row['fold']!r} must be a fold number 0-99 or empty")
     return problems
 
 
@@ -234,9 +239,10 @@ def read_manifest(path: Path | None = None) -> list[ManifestEntry]:
         row_problems = _row_problems(row)
         problems += [f"{path}: line {line}: {p}" for p in row_problems]
         if not row_problems:
-            size_text = row.pop("size", "")
+            size_text, fold_text = row.pop("size", ""), row.pop("fold", "")
             size = int(size_text) if size_text else None
-            entries.append(ManifestEntry(**{**row, "sha256": row["sha256"].lower()}, line=line, size=size))
+            fold = int(fold_text) if fold_text else None
+            entries.append(ManifestEntry(**{**row, "sha256": row["sha256"].lower()}, line=line, size=size, fold=fold))
     problems += _consistency_problems(entries, path)
     if problems:
         shown = "\n  ".join(problems[:20])
