@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from medseg.config import Config
 from medseg.datasets import Case, find_cases, split_cases
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, MedsegError
-from medseg.files import atomic_path, tidy_journal
+from medseg.files import atomic_path, atomic_write_text, tidy_journal
 from medseg.io import LoadOptions, load, validate_label
 from medseg.metrics import confusion_counts, mean_scores, overlap_scores
 from medseg.models import build_model
@@ -392,6 +393,8 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
+    if rank == 0:
+        _write_split(run_dir, config, train_cases, val_cases)
     weighted = config.train.loss == "weighted_ce"
     train_items = prepare_items(train_cases, config, with_weights=weighted)
     val_items = prepare_items(val_cases, config, with_weights=False) if rank == 0 else []
@@ -493,6 +496,20 @@ def train(
     if world > 1:
         dist.barrier()
     return TrainResult(run_dir, best_epoch, best_metrics, epoch, history, all_losses, judged)
+
+
+def _write_split(run_dir: Path, config: Config, train_cases: Sequence[Any], val_cases: Sequence[Any]) -> Path:
+    """split.json in the run folder: which cases trained and which validated, so a run says what it did."""
+    split = config.data.split
+    payload = {
+        "mode": split.mode,
+        "fold": split.fold if split.mode == "kfold" else None,
+        "folds": split.folds if split.mode == "kfold" else None,
+        "seed": split.seed,
+        "train": [c.id for c in train_cases],
+        "val": [c.id for c in val_cases],
+    }
+    return atomic_write_text(run_dir / "split.json", json.dumps(payload, indent=2) + "\n")
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -64,8 +65,10 @@ def test_short_training_learns_and_checkpoint_loads_safely(em_folders, tmp_path)
     assert state.config.model.name == "unet" and state.config.preprocess.intensity == "zscore"
     model = build_model(state.config.model)
     model.load_state_dict(state.weights)
-    for name in ("latest.pt", "best.pt", "metrics.csv", "learning_curves.png"):
+    for name in ("latest.pt", "best.pt", "metrics.csv", "learning_curves.png", "split.json"):
         assert (result.run_dir / name).is_file(), name
+    split = json.loads((result.run_dir / "split.json").read_text())  # the run records which cases did what
+    assert (split["mode"], split["train"], split["val"]) == ("cases", [f"case{i}" for i in range(6)], ["case6", "case7"])
     header = (result.run_dir / "metrics.csv").read_text().splitlines()[0]
     assert "dice_membrane" in header and "pixel_error" in header
 
