@@ -26,7 +26,15 @@ from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.io.scan import Scan
 
-__all__ = ["segment_descriptions", "series_description", "source_datasets", "write_dicom_seg"]
+__all__ = [
+    "dicom_text",
+    "segment_descriptions",
+    "series_description",
+    "series_number_of",
+    "source_datasets",
+    "sources_and_placement",
+    "write_dicom_seg",
+]
 
 # A SEG's SeriesNumber: the source's plus this, so it sorts after its source in a viewer.
 SERIES_NUMBER_OFFSET = 1000
@@ -43,7 +51,7 @@ def _error(message: str) -> MedsegError:
     return ExportError(message)
 
 
-def _text(value: Any, limit: int = 64) -> str:
+def dicom_text(value: Any, limit: int = 64) -> str:
     """A value fit for a DICOM LO attribute: no backslash or control characters, at most ``limit`` characters."""
     return " ".join(_NOT_TEXT.sub(" ", str(value)).split())[:limit].strip()
 
@@ -81,7 +89,7 @@ def write_dicom_seg(
     if stray:
         raise _error(f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
                      "the mask and the class list do not belong together")
-    sources, placed = _sources(scan, path)
+    sources, placed = sources_and_placement(scan, path)
     if not placed and mask.shape[2] > 1:
         raise _error(f"{path}: a DICOM SEG of {mask.shape[2]} frames needs patient geometry (ImagePositionPatient and "
                      f"ImageOrientationPatient) to place them, and {scan.ref.path} has none; only other mask formats can be written")
@@ -126,16 +134,16 @@ def _build(
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=pydicom.uid.generate_uid(),
-            series_number=_series_number(scan.metadata.get("series_number")),
+            series_number=series_number_of(scan.metadata.get("series_number")),
             sop_instance_uid=pydicom.uid.generate_uid(),
             instance_number=1,
             manufacturer="medseg",
-            manufacturer_model_name=_text(algorithm) or "medseg",
+            manufacturer_model_name=dicom_text(algorithm) or "medseg",
             software_versions=__version__,
             device_serial_number="0",
             series_description=series_description([name for name, _ in segments], scan.metadata.get("series_description", "")),
             content_label="MEDSEG",
-            content_description=_text(f"medseg {algorithm} automatic segmentation"),
+            content_description=dicom_text(f"medseg {algorithm} automatic segmentation"),
             omit_empty_frames=False,
         )
     except _LIBRARY_ERRORS as exc:
@@ -158,7 +166,7 @@ def _patient_orientation(ds: Dataset) -> list[str] | str:
     return ""
 
 
-def _series_number(value: Any) -> int:
+def series_number_of(value: Any) -> int:
     """The source's SeriesNumber (untrusted text) plus the offset, inside the IS range."""
     try:
         number = int(float(str(value).strip()))
@@ -173,9 +181,9 @@ def series_description(names: Sequence[str], source: str) -> str:
     A PACS lists series by this line; it says what was segmented and from which series
     even where the viewer does not resolve the referenced series.
     """
-    what = ", ".join(_text(n) for n in names)
-    source = _text(source)
-    return _text(f"medseg: {what} on {source}" if source else f"medseg: {what}")
+    what = ", ".join(dicom_text(n) for n in names)
+    source = dicom_text(source)
+    return dicom_text(f"medseg: {what} on {source}" if source else f"medseg: {what}")
 
 
 def segment_descriptions(names: Sequence[str], algorithm: str, coding: Mapping[str, Any] | None = None) -> list[Any]:
@@ -191,14 +199,14 @@ def segment_descriptions(names: Sequence[str], algorithm: str, coding: Mapping[s
     from medseg.seg_coding import segment_coding
 
     algorithm_id = hd.AlgorithmIdentificationSequence(
-        name=_text(algorithm) or "medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__
+        name=dicom_text(algorithm) or "medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__
     )
     descriptions = []
     for number, name in enumerate(names, start=1):
         coded = segment_coding(name, coding)
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=_text(coded.label) or f"segment {number}",
+            segment_label=dicom_text(coded.label) or f"segment {number}",
             segmented_property_category=coded.category,
             segmented_property_type=coded.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -213,11 +221,11 @@ def segment_descriptions(names: Sequence[str], algorithm: str, coding: Mapping[s
 
 
 def source_datasets(scan: Scan, shown: Path | None = None) -> list[Dataset]:
-    """The source headers in the scan's slice order, identifiers filled in (see ``_sources``)."""
-    return _sources(scan, shown)[0]
+    """The source headers in the scan's slice order, identifiers filled in (see `sources_and_placement`)."""
+    return sources_and_placement(scan, shown)[0]
 
 
-def _sources(scan: Scan, shown: Path | None = None) -> tuple[list[Dataset], bool]:
+def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[Dataset], bool]:
     """The source headers in the scan's slice order, with the identifiers the loader generated filled in.
 
     The files are planned again (headers only) to get the slice order the loader used;

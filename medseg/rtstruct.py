@@ -46,8 +46,15 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from medseg import __version__
+
 # Shared with the DICOM SEG writer, so both objects reference a series the same way (generated UIDs included).
-from medseg.dicom_seg import SERIES_NUMBER_OFFSET, _series_number, _sources, _text, series_description
+from medseg.dicom_seg import (
+    SERIES_NUMBER_OFFSET,
+    dicom_text,
+    series_description,
+    series_number_of,
+    sources_and_placement,
+)
 from medseg.geometry import LPS_TO_RAS
 from medseg.io.scan import Scan
 
@@ -92,22 +99,30 @@ def write_rtstruct(
 
     mask = spatial_mask(mask, scan, path)
     if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise _error(f"{path}: an RTSTRUCT needs a DICOM source series and {scan.ref.path} is {scan.ref.kind}, "
-                     "so write NIfTI or TIFF masks for it instead")
+        raise _error(
+            f"{path}: an RTSTRUCT needs a DICOM source series and {scan.ref.path} is {scan.ref.kind}, "
+            "so write NIfTI or TIFF masks for it instead"
+        )
     rois = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
     if not rois:
-        raise _error(f"{path}: no class other than background (label value 0) to write as an ROI; "
-                     f"check the checkpoint's classes {dict(classes)}")
+        raise _error(
+            f"{path}: no class other than background (label value 0) to write as an ROI; "
+            f"check the checkpoint's classes {dict(classes)}"
+        )
     known = {value for _, value in rois} | {0}
     stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
     if stray:
-        raise _error(f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
-                     "the mask and the class list do not belong together")
-    sources, placed = _sources(scan, path)
+        raise _error(
+            f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
+            "the mask and the class list do not belong together"
+        )
+    sources, placed = sources_and_placement(scan, path)
     if not placed or not scan.metadata.get("frame_of_reference_uid"):
-        raise _error(f"{path}: RTSTRUCT contours are patient coordinates, and {scan.ref.path} has no patient "
-                     "geometry (ImagePositionPatient and ImageOrientationPatient); write NIfTI or DICOM SEG masks for "
-                     "it instead")
+        raise _error(
+            f"{path}: RTSTRUCT contours are patient coordinates, and {scan.ref.path} has no patient "
+            "geometry (ImagePositionPatient and ImageOrientationPatient); write NIfTI or DICOM SEG masks for "
+            "it instead"
+        )
     contours = [_trace(mask == value, scan.geometry.affine) for _, value in rois]
     ds = _build(sources, rois, contours, scan, path, algorithm, coding)
     with atomic_path(path) as tmp:
@@ -135,7 +150,7 @@ def _trace(binary: np.ndarray, affine: np.ndarray) -> dict[int, list[np.ndarray]
         plane = binary[:, :, k]
         rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
         i0, j0 = rows[0], cols[0]
-        crop = np.pad(plane[i0:rows[-1] + 1, j0:cols[-1] + 1], 1).astype(np.float32)
+        crop = np.pad(plane[i0 : rows[-1] + 1, j0 : cols[-1] + 1], 1).astype(np.float32)
         polygons = []
         for loop in find_contours(crop, 0.5):
             vertices = _drop_collinear(loop[:-1]) + [i0 - 1, j0 - 1]  # closed: first == last; back to plane indices
@@ -177,24 +192,24 @@ def _build(
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    for name in PATIENT_STUDY_ATTRIBUTES:  # filled (empty where missing) and cleaned by _sources
+    for name in PATIENT_STUDY_ATTRIBUTES:  # filled (empty where missing) and cleaned by sources_and_placement
         setattr(ds, name, first.get(name, ""))
     ds.StudyInstanceUID = meta["study_instance_uid"]
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = min(_series_number(meta.get("series_number")) + SERIES_NUMBER_OFFSET, _IS_MAX)
+    ds.SeriesNumber = min(series_number_of(meta.get("series_number")) + SERIES_NUMBER_OFFSET, _IS_MAX)
     ds.SeriesDate, ds.SeriesTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     names = [name for name, _ in rois]
     ds.SeriesDescription = series_description(names, meta.get("series_description", ""))
     ds.OperatorsName = ""
     ds.Manufacturer = "medseg"
-    ds.ManufacturerModelName = _text(algorithm) or "medseg"
+    ds.ManufacturerModelName = dicom_text(algorithm) or "medseg"
     ds.SoftwareVersions = __version__
     ds.FrameOfReferenceUID = meta["frame_of_reference_uid"]
-    ds.PositionReferenceIndicator = _text(first.get("PositionReferenceIndicator", "") or "")
+    ds.PositionReferenceIndicator = dicom_text(first.get("PositionReferenceIndicator", "") or "")
     ds.StructureSetLabel = "MEDSEG"
-    ds.StructureSetName = _text(algorithm) or "medseg"
-    ds.StructureSetDescription = _text(f"medseg {__version__} {algorithm} automatic segmentation", 1024)
+    ds.StructureSetName = dicom_text(algorithm) or "medseg"
+    ds.StructureSetDescription = dicom_text(f"medseg {__version__} {algorithm} automatic segmentation", 1024)
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     images = _image_references(sources, meta)
@@ -251,7 +266,7 @@ def _roi_names(names: list[str]) -> list[str]:
     """ROI Names (LO): class names cleaned of backslashes and control characters, distinct ignoring case."""
     from medseg.files import unique_names
 
-    cleaned = [_text(name, 60) or f"ROI {number}" for number, name in enumerate(names, start=1)]
+    cleaned = [dicom_text(name, 60) or f"ROI {number}" for number, name in enumerate(names, start=1)]
     return unique_names(cleaned, sanitise=False)
 
 
@@ -261,7 +276,7 @@ def _structure_set_roi(number: int, label: str, meta: Mapping[str, Any], algorit
     item.ReferencedFrameOfReferenceUID = meta["frame_of_reference_uid"]
     item.ROIName = label
     item.ROIGenerationAlgorithm = "AUTOMATIC"
-    item.ROIGenerationDescription = _text(f"medseg {__version__} {algorithm}")
+    item.ROIGenerationDescription = dicom_text(f"medseg {__version__} {algorithm}")
     return item
 
 
@@ -317,7 +332,7 @@ def _observation(number: int, name: str, label: str, coding: Mapping[str, Any] |
     item = Dataset()
     item.ObservationNumber = number
     item.ReferencedROINumber = number
-    item.ROIObservationLabel = _text(label, 16)  # SH: at most 16 characters
+    item.ROIObservationLabel = dicom_text(label, 16)  # SH: at most 16 characters
     category = hd.sr.CodedConcept(coded.category.value, coded.category.scheme_designator, coded.category.meaning)
     identification = hd.sr.CodedConcept(coded.type.value, coded.type.scheme_designator, coded.type.meaning)
     if coded.modifier is not None:  # e.g. laterality: Kidney + Left
@@ -353,8 +368,10 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
     """(ROI name, mask) for each ROI of ``ds``, one at a time: a model with a hundred classes never holds
     a hundred volume-sized masks."""
     if str(ds.get("SOPClassUID", "")) != RTStructureSetStorage:
-        raise _error(f"{shown}: not an RT Structure Set (SOP Class {ds.get('SOPClassUID', 'missing')}); "
-                     "point at the RTSTRUCT file of this series")
+        raise _error(
+            f"{shown}: not an RT Structure Set (SOP Class {ds.get('SOPClassUID', 'missing')}); "
+            "point at the RTSTRUCT file of this series"
+        )
     frame = str(scan.metadata.get("frame_of_reference_uid") or "")
     try:
         names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
@@ -363,8 +380,10 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
     except _LIBRARY_ERRORS as exc:
         raise _error(f"{shown}: RTSTRUCT structure is malformed ({type(exc).__name__}: {exc}); re-export it") from exc
     if frames - {frame}:
-        raise _error(f"{shown}: ROIs are in frame of reference {sorted(frames - {frame})}, the series in "
-                     f"{frame!r}; this RTSTRUCT belongs to another series")
+        raise _error(
+            f"{shown}: ROIs are in frame of reference {sorted(frames - {frame})}, the series in "
+            f"{frame!r}; this RTSTRUCT belongs to another series"
+        )
     to_voxel = np.linalg.inv(LPS_TO_RAS @ scan.geometry.affine)  # LPS → voxel
     for roi in rois:
         mask = np.zeros(scan.geometry.shape, dtype=bool)
@@ -374,8 +393,10 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
             for contour in roi.get("ContourSequence", []) or []:
                 _fill(mask, contour, to_voxel, scan, name, shown)
         except _LIBRARY_ERRORS as exc:
-            raise _error(f"{shown}: RTSTRUCT ROI contour is malformed or names no listed ROI "
-                         f"({type(exc).__name__}: {exc}); re-export it") from exc
+            raise _error(
+                f"{shown}: RTSTRUCT ROI contour is malformed or names no listed ROI "
+                f"({type(exc).__name__}: {exc}); re-export it"
+            ) from exc
         yield name, mask
     for name in names.values():  # listed without an ROI Contour item: no contour
         yield name, np.zeros(scan.geometry.shape, dtype=bool)
@@ -387,14 +408,18 @@ def _fill(mask: np.ndarray, contour: Dataset, to_voxel: np.ndarray, scan: Scan, 
 
     points = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
     if points.size < 9 or points.size % 3 or not np.isfinite(points).all():
-        raise _error(f"{shown}: ROI {name!r} has a contour of {points.size} coordinates, not 3 or more finite points; "
-                     "re-export the RTSTRUCT")
+        raise _error(
+            f"{shown}: ROI {name!r} has a contour of {points.size} coordinates, not 3 or more finite points; "
+            "re-export the RTSTRUCT"
+        )
     voxels = np.column_stack([points.reshape(-1, 3), np.ones(points.size // 3)]) @ to_voxel.T
     k = int(round(float(np.median(voxels[:, 2]))))
     off = float(np.abs(voxels[:, 2] - k).max())
     if off > _PLANE_TOLERANCE or not 0 <= k < mask.shape[2]:
-        raise _error(f"{shown}: ROI {name!r} has a contour {off:.3f} slices off the image planes of {scan.ref.path} "
-                     f"(nearest slice {k}); the RTSTRUCT does not belong to this series grid")
+        raise _error(
+            f"{shown}: ROI {name!r} has a contour {off:.3f} slices off the image planes of {scan.ref.path} "
+            f"(nearest slice {k}); the RTSTRUCT does not belong to this series grid"
+        )
     _check_reference(contour, k, scan, name, shown)
     rr, cc = polygon(voxels[:, 0], voxels[:, 1], shape=mask.shape[:2])
     mask[rr, cc, k] ^= True
@@ -414,8 +439,10 @@ def _check_reference(contour: Dataset, k: int, scan: Scan, name: str, shown: Pat
     else:
         expected, found = meta["sop_instance_uids"][k], uid
     if found != expected:
-        raise _error(f"{shown}: ROI {name!r} has a contour on slice {k} that references image {found}, "
-                     f"where that slice is {expected}; the RTSTRUCT and the series disagree")
+        raise _error(
+            f"{shown}: ROI {name!r} has a contour on slice {k} that references image {found}, "
+            f"where that slice is {expected}; the RTSTRUCT and the series disagree"
+        )
 
 
 def _check(tmp: Path, mask: np.ndarray, rois: list[tuple[str, int]], scan: Scan, shown: Path) -> None:
@@ -433,7 +460,9 @@ def _check(tmp: Path, mask: np.ndarray, rois: list[tuple[str, int]], scan: Scan,
             raise _error(f"{shown}: the RTSTRUCT just written holds an ROI {label!r} that no class names")
         differ = int(np.count_nonzero(got != (mask == value)))
         if differ:
-            raise _error(f"{shown}: ROI {label!r} read back with {differ} voxels differing from the mask; "
-                         "the contours would not overlay the scan, so the file was not kept")
+            raise _error(
+                f"{shown}: ROI {label!r} read back with {differ} voxels differing from the mask; "
+                "the contours would not overlay the scan, so the file was not kept"
+            )
     if expected:
         raise _error(f"{shown}: the RTSTRUCT just written lacks the ROIs {sorted(expected)}")
