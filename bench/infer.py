@@ -134,7 +134,9 @@ def part_dicom() -> dict:
     truth = phantoms.ct_phantom(shape=(512, 512, 120), spacing=(0.7, 0.7, 2.0), seed=1)
     result = {
         "series": "512x512x120 CT phantom, uint16 stored, RescaleIntercept -1024, file names shuffled against position",
-        "medseg_threads": dicom_pixels.default_workers(),
+        "medseg_threads": {name: dicom_pixels.default_workers(uid) for name, uid in
+                           (("explicit", "1.2.840.10008.1.2.1"), ("jpeg2000", "1.2.840.10008.1.2.4.90"))},
+        "imagecodecs_version": _version("imagecodecs"),
         "sitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
         "sitk_version": sitk.Version.VersionString(),
     }
@@ -147,6 +149,15 @@ def part_dicom() -> dict:
         result["decoder_thread_scaling"] = _decoder_threads(Path(tmp))
         result["monai_oblique"] = _versus_monai(Path(tmp))
     return result
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _versus_sitk(folder: Path, truth, sitk, repeats: int) -> dict:
@@ -162,7 +173,7 @@ def _versus_sitk(folder: Path, truth, sitk, repeats: int) -> dict:
         return reader.Execute()
 
     def one_thread():
-        threads, dicom_pixels.default_workers = dicom_pixels.default_workers, lambda: 1
+        threads, dicom_pixels.default_workers = dicom_pixels.default_workers, lambda *syntax: 1
         try:
             return load(ref)
         finally:

@@ -14,7 +14,19 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from medseg import phantoms
 from medseg.errors import ScanError
@@ -30,7 +42,7 @@ def _load(ref_or_path, workers: int, options: LoadOptions = LoadOptions(), monke
     """load() with the pool forced to ``workers`` threads."""
     ref = ref_for_path(ref_or_path) if isinstance(ref_or_path, Path) else ref_or_path
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dicom_pixels, "default_workers", lambda: workers)
+        patch.setattr(dicom_pixels, "default_workers", lambda *syntax: workers)
         return load(ref, options)
 
 
@@ -75,8 +87,10 @@ def _edit(paths, change) -> None:
 # --- the same voxels ---------------------------------------------------------------------
 
 
-def test_default_thread_count():
-    assert default_workers() == min(8, os.cpu_count() or 1)
+def test_threads_only_where_the_decoder_releases_the_gil():
+    assert default_workers(JPEG2000Lossless) == default_workers(JPEG2000) == min(8, os.cpu_count() or 1)
+    for syntax in (ExplicitVRLittleEndian, RLELossless, JPEGLSLossless, None):
+        assert default_workers(syntax) == 1
 
 
 @pytest.mark.parametrize("syntax", ["explicit", "rle", "jpeg2000", "jpegls"])
@@ -85,9 +99,9 @@ def test_threads_give_the_bytes_of_one_thread_and_of_the_stack(tmp_path, monkeyp
     threads = set()
     read = dicom_io._read_slice
 
-    def spy(path, options):
+    def spy(path, *args):
         threads.add(threading.current_thread().name)
-        return read(path, options)
+        return read(path, *args)
 
     monkeypatch.setattr(dicom_io, "_read_slice", spy)
     parallel = _load(folder, THREADS)
@@ -241,10 +255,10 @@ def test_an_unexpected_error_in_a_worker_becomes_a_scan_error(tmp_path, monkeypa
     bad = plan_series(sorted(folder.iterdir())).paths[6]
     read = dicom_io._read_slice
 
-    def failing(path, options):
+    def failing(path, *args):
         if path == bad:
             raise RuntimeError("decoder crashed")
-        return read(path, options)
+        return read(path, *args)
 
     monkeypatch.setattr(dicom_io, "_read_slice", failing)
     with pytest.raises(ScanError) as caught:
@@ -259,10 +273,10 @@ def test_memory_running_out_in_a_worker_is_reported_for_the_scan(tmp_path, monke
     bad = plan_series(sorted(folder.iterdir())).paths[4]
     read = dicom_io._read_slice
 
-    def failing(path, options):
+    def failing(path, *args):
         if path == bad:
             raise MemoryError()
-        return read(path, options)
+        return read(path, *args)
 
     monkeypatch.setattr(dicom_io, "_read_slice", failing)
     with pytest.raises(ScanError, match="too large to load into memory"):
@@ -332,3 +346,140 @@ def test_a_single_file_needs_no_pool(tmp_path):
     copy = tmp_path / "ct.dcm"
     shutil.copy(src, copy)
     _assert_same_bytes(_load(copy, THREADS).array, _load(copy, 1).array)
+
+
+# --- JPEG 2000 through imagecodecs, JPEG-LS through pyjpegls; each header parsed once -----
+
+
+def _dataset(arr: np.ndarray, bits: int, signed: bool) -> Dataset:
+    """A native secondary-capture dataset holding ``arr`` (rows, columns[, 3]), ready to compress."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    ds.Rows, ds.Columns = arr.shape[:2]
+    ds.SamplesPerPixel = 3 if arr.ndim == 3 else 1
+    if arr.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "RGB" if arr.ndim == 3 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = (8 if bits <= 8 else 16 if bits <= 16 else 32), bits, bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def _values(bits: int, signed: bool, shape=(64, 48), seed: int = 0) -> np.ndarray:
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
+    dtype = ("i" if signed else "u") + ("1" if bits <= 8 else "2" if bits <= 16 else "4")
+    return np.random.default_rng(seed).integers(lo, hi, shape).astype(dtype)
+
+
+def _both(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(pydicom's pylibjpeg-openjpeg decode, the imagecodecs plugin's decode) of ``ds``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pixel_array(ds, decoding_plugin="pylibjpeg"), pixel_array(ds, decoding_plugin=dicom_pixels.PLUGIN)
+
+
+@pytest.mark.parametrize("syntax, options", [(JPEG2000Lossless, {}), (JPEG2000, {"j2k_cr": [15]})])
+@pytest.mark.parametrize("bits, signed", [(8, False), (8, True), (12, False), (12, True), (16, False), (16, True)])
+def test_imagecodecs_jpeg2000_gives_pydicoms_bytes(syntax, options, bits, signed):
+    values = _values(bits, signed)
+    ds = _dataset(values, bits, signed)
+    ds.compress(syntax, values, encoding_plugin="pylibjpeg", **options)
+    theirs, ours = _both(ds)
+    _assert_same_bytes(ours, theirs)
+    if syntax == JPEG2000Lossless:
+        _assert_same_bytes(ours, values)
+
+
+@pytest.mark.parametrize(
+    "photometric, syntax, options",
+    [("YBR_RCT", JPEG2000Lossless, {}), ("YBR_ICT", JPEG2000, {"j2k_cr": [15]}), ("RGB", JPEG2000Lossless, {})],
+)
+def test_imagecodecs_jpeg2000_colour_gives_pydicoms_bytes(photometric, syntax, options):
+    rgb = _values(8, False, (64, 48, 3), seed=1)
+    ds = _dataset(rgb, 8, False)
+    ds.compress(syntax, rgb, encoding_plugin="pylibjpeg", **options)  # the codestream's component transform on
+    ds.PhotometricInterpretation = photometric
+    theirs, ours = _both(ds)
+    _assert_same_bytes(ours, theirs)
+    assert ours.shape == (64, 48, 3)
+    if syntax == JPEG2000Lossless:
+        _assert_same_bytes(ours, rgb)
+
+
+def test_imagecodecs_jpeg2000_multiframe_and_sign_correction():
+    frames = _values(12, False, (3, 64, 48), seed=2)
+    ds = _dataset(frames[0], 12, False)
+    ds.NumberOfFrames, ds.PixelData = 3, frames.tobytes()
+    ds.compress(JPEG2000Lossless, frames, encoding_plugin="pylibjpeg")
+    theirs, ours = _both(ds)
+    _assert_same_bytes(ours, theirs)
+    _assert_same_bytes(ours, frames)
+    ds.PixelRepresentation = 1  # the header says signed, the codestream unsigned: pydicom sign-extends 12 bits
+    theirs, ours = _both(ds)
+    _assert_same_bytes(ours, theirs)
+    assert ours.dtype == np.int16 and ours.min() < 0
+
+
+@pytest.mark.parametrize("bits, signed", [(8, False), (12, False), (16, True)])
+def test_imagecodecs_htj2k_gives_pydicoms_bytes(bits, signed):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    values = _values(bits, signed, seed=3)
+    ds = _dataset(values, bits, signed)
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(values)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    theirs, ours = _both(ds)
+    _assert_same_bytes(ours, theirs)
+    _assert_same_bytes(ours, values)
+
+
+def test_an_unsupported_jpeg2000_header_falls_back_to_pydicom(tmp_path):
+    values = _values(20, False, seed=4)  # precision 20: left to pydicom's own plugins
+    ds = _dataset(values, 20, False)
+    ds.compress(JPEG2000Lossless, values, encoding_plugin="pylibjpeg")
+    with pytest.raises(RuntimeError, match="left to pydicom"):
+        pixel_array(ds, decoding_plugin=dicom_pixels.PLUGIN)
+    _assert_same_bytes(dicom_io._decode(tmp_path / "x.dcm", ds), values)
+    path = tmp_path / "deep.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _assert_same_bytes(load(ref_for_path(path)).array[0, :, :, 0], values.T)
+
+
+def test_a_jpeg2000_series_loads_as_pylibjpeg_decodes_it(tmp_path):
+    folder, truth = _series(tmp_path, "jpeg2000")
+    order = plan_series(sorted(folder.iterdir())).paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stack = np.stack([pixel_array(str(p), decoding_plugin="pylibjpeg") for p in order], axis=-1)
+    intercept = int(pydicom.dcmread(order[0]).RescaleIntercept)
+    scan = _load(folder, THREADS)
+    _assert_same_bytes(scan.array[0], (stack.astype(np.int32) + intercept).astype(np.int16).transpose(1, 0, 2))
+    assert np.array_equal(scan.array[0], truth.image)
+
+
+def test_jpegls_is_decoded_by_pyjpegls_with_pydicoms_bytes(tmp_path):
+    assert dicom_pixels.preferred_plugin(JPEGLSLossless) == "pyjpegls"
+    folder, _ = _series(tmp_path, "jpegls")
+    for path in sorted(folder.iterdir())[:3]:
+        ds = pydicom.dcmread(path)
+        _assert_same_bytes(pixel_array(ds, decoding_plugin="pyjpegls"), pixel_array(ds, decoding_plugin="pylibjpeg"))
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "jpeg2000"])
+def test_each_file_is_parsed_once(tmp_path, monkeypatch, syntax):
+    folder, truth = _series(tmp_path, syntax)
+    ref = ref_for_path(folder)
+    reads = []
+    dcmread = pydicom.dcmread
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    scan = _load(ref, THREADS)
+    assert len(reads) == len(ref.paths) == truth.image.shape[2]
+    assert np.array_equal(scan.array[0], truth.image)

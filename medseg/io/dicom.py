@@ -37,6 +37,7 @@ from pydicom.uid import (
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
     PositronEmissionTomographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -45,7 +46,8 @@ from pydicom.valuerep import validate_value
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, check_geometry, check_values, lps_to_ras
 from medseg.io.budget import check_budget, check_frame_count, dicom_nbytes
-from medseg.io.dicom_pixels import read_volume
+from medseg.io import dicom_pixels
+from medseg.io.dicom_pixels import preferred_plugin, read_volume
 from medseg.io.scan import LoadOptions, Scan, ScanRef
 
 __all__ = [
@@ -107,22 +109,39 @@ _UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     """Read one DICOM file, with or without preamble; ScanError if it is not DICOM."""
+    return _read(path, pixels)[0]
+
+
+def _read_header(path: Path) -> tuple[Dataset, int | None]:
+    """One file's header (read as ``read_dataset(path, pixels=False)``) and where its pixel data starts.
+
+    The offset lets the pixel pass read only the pixel data elements (``_attach_pixels``)
+    instead of parsing the header a second time; None where the file offers no such place
+    (deflated transfer syntax: the dataset was read from an inflated copy).
+    """
+    return _read(path, False)
+
+
+def _read(path: Path, pixels: bool) -> tuple[Dataset, int | None]:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open(path, "rb") as fp:
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+                ds = pydicom.dcmread(fp, stop_before_pixels=not pixels)
             except InvalidDicomError:
-                ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=not pixels, force=True)
                 if "SOPClassUID" not in ds and "Rows" not in ds:
                     raise ScanError(path, "not a DICOM file", "remove it from the folder or give it its real extension")
+            deflated = _text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            offset = None if pixels or deflated else fp.tell()
     except ScanError:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise ScanError(path, f"unreadable DICOM file ({exc})", "the file is probably truncated or corrupt; re-export it") from exc
     if pixels and non_image_reason(ds) is None:
         _check_pixel_length(path, ds)
-    return ds
+    return ds, offset
 
 
 def non_image_reason(ds: Dataset) -> str | None:
@@ -590,12 +609,20 @@ def _rescale(ds: Dataset, frame: Dataset | None, shared: Dataset | None, path: P
 
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    """The file's pixels as pydicom decodes them: first with ``preferred_plugin`` (faster, same
+    values), then, if that fails, with pydicom's own choice of plugin."""
+    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            plugin = preferred_plugin(syntax)
+            if plugin:
+                try:
+                    return pixel_array(ds, decoding_plugin=plugin)
+                except Exception:  # noqa: BLE001 - an exotic header or codestream: pydicom's default below
+                    pass
             return pixel_array(ds)  # what ds.pixel_array decodes, without caching it on the dataset
     except Exception as exc:  # pydicom raises many types for bad pixel data
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
         name = getattr(syntax, "name", str(syntax))
         raise ScanError(
             path,
@@ -644,15 +671,64 @@ def _as_displayed(path: Path, ds: Dataset, pixels: np.ndarray, options: LoadOpti
     return pixels, None
 
 
-def _read_slice(path: Path, options: LoadOptions) -> tuple[np.ndarray, str | None]:
-    """One file of a series, header and pixels in one read: its pixels as displayed, and the conversion note."""
-    ds = read_dataset(path)
-    return _as_displayed(path, ds, _decode(path, ds), options)
+# The elements from the pixel data on: what a header read with stop_before_pixels leaves out.
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
+def _attach_pixels(path: Path, header: Dataset, offset: int | None) -> tuple[Dataset, tuple[int, ...]]:
+    """``header`` with its file's pixel data elements read from ``offset``, and the tags added.
+
+    Why: parsing a header again costs about a fifth of loading a native series; the pixel
+    data starts where the header read stopped. Anything unexpected there (no pixel element
+    first, a parse error, no offset) reads the whole file again, as before, and that read
+    reports what is wrong.
+    """
+    if offset is not None:
+        try:
+            with warnings.catch_warnings(), open(path, "rb") as fp:
+                warnings.simplefilter("ignore")
+                fp.seek(offset)
+                implicit, little = header.original_encoding
+                tail = pydicom.filereader.read_dataset(fp, implicit, little)
+            tags = tuple(int(tag) for tag in tail.keys() if int(tag) in _PIXEL_TAGS and tag not in header)
+        except Exception:  # noqa: BLE001 - the full read below names the problem
+            tags = ()
+        if tags and int(next(iter(tail.keys()))) in _PIXEL_TAGS:
+            for tag in tags:
+                header[tag] = tail.get_item(tag)
+            try:
+                _check_pixel_length(path, header)
+            except ScanError:
+                _detach(header, tags)
+                raise
+            return header, tags
+    return read_dataset(path), ()
+
+
+def _detach(header: Dataset, tags: tuple[int, ...]) -> None:
+    for tag in tags:
+        del header[tag]
+
+
+def _read_slice(path: Path, header: Dataset, offset: int | None, options: LoadOptions) -> tuple[np.ndarray, str | None]:
+    """One file of a series, its header already read: its pixels as displayed, and the conversion note."""
+    ds, tags = _attach_pixels(path, header, offset)
+    try:
+        return _as_displayed(path, ds, _decode(path, ds), options)
+    finally:
+        _detach(ds, tags)
+
+
+def _series_syntax(datasets: Iterable[Dataset]) -> str | None:
+    """The transfer syntax every file of the series shares; None when they differ."""
+    syntaxes = {_text(getattr(ds, "file_meta", Dataset()), "TransferSyntaxUID") for ds in datasets}
+    return syntaxes.pop() if len(syntaxes) == 1 else None
 
 
 def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     """Load a DICOM series (or one multi-frame file) named by ``ref``."""
-    headers = {p: read_dataset(p, pixels=False) for p in ref.paths}
+    read = {p: _read_header(p) for p in ref.paths}
+    headers = {p: ds for p, (ds, _) in read.items()}
     for path, ds in headers.items():
         reason = non_image_reason(ds)
         if reason:
@@ -663,11 +739,11 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     slices_declared = len(plan.frame_order) or len(plan.paths)
     what = f"the decoded DICOM pixel data ({slices_declared} slice(s) of {first.get('Rows')} x {first.get('Columns')})"
     check_budget(ref.path, dicom_nbytes(plan.paths[0], first, slices_declared, samples), what, options.memory_budget_mb)
-    # Each slice is decoded straight into the volume, a file per thread (medseg.io.dicom_pixels);
-    # ``shown`` collects the slices' conversion notes (None: kept as stored).
+    # Each slice is decoded straight into the volume (medseg.io.dicom_pixels), a file per thread
+    # where the decoder releases the GIL; ``shown`` collects the slices' conversion notes (None: kept as stored).
     if plan.frame_order:
-        ds = read_dataset(plan.paths[0])
-        pixels, note = _as_displayed(plan.paths[0], ds, _decode(plan.paths[0], ds), options)
+        ds = first
+        pixels, note = _read_slice(plan.paths[0], first, read[plan.paths[0]][1], options)
         if pixels.ndim == (3 if samples > 1 else 2):
             pixels = pixels[None]
         shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -676,10 +752,14 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         sop_uids = [str(ds.get("SOPInstanceUID", "") or "")]
         frames = plan.frame_order
         array, shown = read_volume(lambda k: (pixels[frames[k]], note), plan.paths * len(frames), slopes, samples)
-    else:  # rescale and UIDs from the headers already read: each worker reads its file once
+    else:  # rescale and UIDs from the headers already read; each worker reads only its file's pixel data
         slopes = [_rescale(headers[p], None, None, p) for p in plan.paths]
         sop_uids = [str(headers[p].get("SOPInstanceUID", "") or "") for p in plan.paths]
-        array, shown = read_volume(lambda k: _read_slice(plan.paths[k], options), plan.paths, slopes, samples)
+        workers = dicom_pixels.default_workers(_series_syntax(headers[p] for p in plan.paths))
+        array, shown = read_volume(
+            lambda k: _read_slice(plan.paths[k], headers[plan.paths[k]], read[plan.paths[k]][1], options),
+            plan.paths, slopes, samples, workers,
+        )
     array, color_notes = _color(array, options, samples)
     files = list(plan.paths[:1]) if plan.frame_order else list(plan.paths)
     identifiers, id_notes = source_identifiers(files, [headers[p] for p in files], sop_uids, plan)
