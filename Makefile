@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser dicomtools demo test test-slow clean
+.PHONY: install browser dicomtools lint demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ dicomtools:
 demo: install
 	$(BIN)/medseg demo --output demo-output
 
-test: install browser dicomtools
+# Lint and format check (ruff, settings in pyproject.toml) before the tests: `ruff format .` fixes the format.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install browser dicomtools lint
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: install

@@ -154,8 +154,9 @@ def rms_displacement_monai(transform_cls, kwargs: dict, samples: int) -> dict[st
     is measured on its own and split from the random part. Only pixels whose sampling
     point stays inside the image (no border clamping) count.
     """
-    rows, cols = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32), indexing="ij"
+    )
     ramps = torch.stack([rows, cols])
     still = transform_cls(prob=1.0, padding_mode="border", **{**kwargs, "magnitude_range": (0.0, 0.0)})
     systematic = torch.as_tensor(still(ramps)).float() - ramps
@@ -208,13 +209,27 @@ def main(argv: list[str] | None = None) -> int:
     # Ours, the paper's elastic deformation only (3 x 3 grid, sigma 10 px), image bilinear + label nearest.
     elastic = ElasticAugment(2, grid_size=3, sigma=SIGMA, p_flip=0.0)
     # Ours, everything of the paper at once: still one grid and one grid_sample per tensor.
-    full = ElasticAugment(2, grid_size=3, sigma=SIGMA, rotate_degrees=15, p_rotate=0.5, shift=0.05, p_shift=0.5,
-                          scale=(0.9, 1.1), p_scale=0.5, p_flip=0.5, brightness=0.1, contrast=0.1, gamma=0.2,
-                          p_intensity=0.5)
+    full = ElasticAugment(
+        2,
+        grid_size=3,
+        sigma=SIGMA,
+        rotate_degrees=15,
+        p_rotate=0.5,
+        shift=0.05,
+        p_shift=0.5,
+        scale=(0.9, 1.1),
+        p_scale=0.5,
+        p_flip=0.5,
+        brightness=0.1,
+        contrast=0.1,
+        gamma=0.2,
+        p_intensity=0.5,
+    )
     monai_matched_kwargs = dict(spacing=(256, 256), magnitude_range=(SIGMA, SIGMA))
     # As MONAI's own 2D transforms tutorial uses it: denser grid, small rotation and zoom.
-    monai_tutorial_kwargs = dict(spacing=(30, 30), magnitude_range=(5, 6), rotate_range=(np.pi / 36,),
-                                 scale_range=(0.15, 0.15))
+    monai_tutorial_kwargs = dict(
+        spacing=(30, 30), magnitude_range=(5, 6), rotate_range=(np.pi / 36,), scale_range=(0.15, 0.15)
+    )
     monai_common = dict(keys=["image", "label"], prob=1.0, mode=("bilinear", "nearest"), padding_mode="reflection")
     monai_matched = Rand2DElasticd(**monai_common, **monai_matched_kwargs)
     monai_matched.set_random_state(0)

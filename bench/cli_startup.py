@@ -133,8 +133,9 @@ def predict_run(argv: list[str], cwd: Path) -> dict[str, float]:
 def predict_phases(checkpoint: Path, cwd: Path) -> dict[str, float]:
     """Where predict's start-up goes, timed inside one process (PHASES): its imports, the first and a
     second load_checkpoint (the difference is one-time import cost), then a Predictor."""
-    result = subprocess.run([sys.executable, "-c", PHASES, str(checkpoint)], cwd=cwd, capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PHASES, str(checkpoint)], cwd=cwd, capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -154,17 +155,27 @@ def make_fixtures(work: Path) -> dict[str, Path]:
     scans = work / "scans"
     scans.mkdir()
     Image.fromarray(em.image[..., 0].astype(np.uint8).T).save(scans / "scan_em.png")
-    config = config_from_dict({
-        "name": "bench",
-        "data": {"images": str(work / "train" / "images"), "labels": str(work / "train" / "labels"),
-                 "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 16, "depth": 4,
-                  "options": {"batch_norm": True, "dropout": 0.2}},
-        "augment": {"enabled": False},
-        "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "patch_size": [128, 128]},
-        "output_dir": str(work / "runs"),
-    })
+    config = config_from_dict(
+        {
+            "name": "bench",
+            "data": {
+                "images": str(work / "train" / "images"),
+                "labels": str(work / "train" / "labels"),
+                "classes": {"membrane": 0, "cell": 255},
+                "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]},
+            },
+            "model": {
+                "name": "unet",
+                "spatial_dims": 2,
+                "features": 16,
+                "depth": 4,
+                "options": {"batch_norm": True, "dropout": 0.2},
+            },
+            "augment": {"enabled": False},
+            "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "patch_size": [128, 128]},
+            "output_dir": str(work / "runs"),
+        }
+    )
     run_dir = train(config, progress=False).run_dir
     return {"nifti": nifti, "scans": scans, "checkpoint": run_dir}
 
@@ -195,8 +206,20 @@ def main() -> None:
                     times[name].append(elapsed)
         runs = []
         for r in range(args.predict_rounds + 1):
-            run = predict_run(["predict", "--checkpoint", str(fixtures["checkpoint"]), "--input",
-                               str(fixtures["scans"]), "--output", str(work / f"out{r}"), "--device", "cpu"], work)
+            run = predict_run(
+                [
+                    "predict",
+                    "--checkpoint",
+                    str(fixtures["checkpoint"]),
+                    "--input",
+                    str(fixtures["scans"]),
+                    "--output",
+                    str(work / f"out{r}"),
+                    "--device",
+                    "cpu",
+                ],
+                work,
+            )
             if r:  # round 0 warms the file cache
                 runs.append(run)
         phases = [predict_phases(fixtures["checkpoint"], work) for _ in range(args.predict_rounds)]
@@ -228,8 +251,9 @@ def main() -> None:
         "predict_seconds": [{key: round(value, 3) for key, value in run.items()} for run in runs],
         "median_seconds": {name: round(value, 4) for name, value in median.items()},
         "predict_median_seconds": {key: round(value, 3) for key, value in predict.items()},
-        "predict_phases_seconds": [{k: round(v, 3) if isinstance(v, float) else v for k, v in p.items()}
-                                   for p in phases],
+        "predict_phases_seconds": [
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in p.items()} for p in phases
+        ],
         "predict_phases_median_seconds": {key: round(value, 3) for key, value in phase.items()},
         "ratio_to_python_pass": {name: round(value / baseline, 1) for name, value in median.items()},
         "goals_seconds": GOALS_S,
@@ -241,10 +265,15 @@ def main() -> None:
         goal = GOALS_S.get(name)
         mark = "" if goal is None else f"< {goal:g} s {'met' if value < goal else 'MISSED'}"
         print(f"{name:<22}{value:>9.3f}s{value / baseline:>17.1f}x  {mark}")
-    print(f"predict, one 128x128 scan: start-up {predict['startup']:.2f} s, scan {predict['scan']:.2f} s, "
-          f"tail {predict['tail']:.2f} s, whole {predict['whole']:.2f} s")
-    print("predict start-up, by phase (one process): " + ", ".join(f"{k} {v:.2f} s" for k, v in phase.items())
-          + f"; torch._dynamo imported by the first load_checkpoint: {phases[0]['dynamo_imported_by_first_load']}")
+    print(
+        f"predict, one 128x128 scan: start-up {predict['startup']:.2f} s, scan {predict['scan']:.2f} s, "
+        f"tail {predict['tail']:.2f} s, whole {predict['whole']:.2f} s"
+    )
+    print(
+        "predict start-up, by phase (one process): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in phase.items())
+        + f"; torch._dynamo imported by the first load_checkpoint: {phases[0]['dynamo_imported_by_first_load']}"
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {args.output}")

@@ -86,23 +86,36 @@ def make_model(root: Path) -> Path:
     em = phantoms.em_phantom(shape=(128, 128, 4), cells=20, seed=1)
     phantoms.write_png_sequence(em.image, root / "images", prefix="s")
     phantoms.write_png_sequence(em.label, root / "labels", prefix="s")
-    config = config_from_dict({
-        "name": "bench",
-        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 16, "depth": 4},
-        "augment": {"enabled": False},
-        "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "patch_size": [128, 128]},
-        "infer": {"overlap": 0.5, "sw_batch_size": 4},
-        "output_dir": str(root / "runs"),
-    })
+    config = config_from_dict(
+        {
+            "name": "bench",
+            "data": {
+                "images": str(root / "images"),
+                "labels": str(root / "labels"),
+                "classes": {"membrane": 0, "cell": 255},
+                "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]},
+            },
+            "model": {"name": "unet", "spatial_dims": 2, "features": 16, "depth": 4},
+            "augment": {"enabled": False},
+            "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "patch_size": [128, 128]},
+            "infer": {"overlap": 0.5, "sw_batch_size": 4},
+            "output_dir": str(root / "runs"),
+        }
+    )
     return train(config, progress=False).run_dir
 
 
 def time_direct(predictor: Predictor, scans: Path, out: Path) -> float:
     start = time.perf_counter()
-    job = Job(out, predictor.checkpoint_file, sha256_file(predictor.checkpoint_file), predictor.classes,
-              predictor.config.data.color, predictor.tta, overwrite=True)
+    job = Job(
+        out,
+        predictor.checkpoint_file,
+        sha256_file(predictor.checkpoint_file),
+        predictor.classes,
+        predictor.config.data.color,
+        predictor.tta,
+        overwrite=True,
+    )
     for ref in discover(scans).scans:
         record = segment_scan(ref, job, lambda: predictor)
         assert record.status == "written", record
@@ -135,8 +148,12 @@ def main() -> None:
         folders = {name: make_scans(WORK / name, n, args.size) for name, n in sizes.items()}
         many = make_scans(WORK / "many", args.skip_scans, 128, seed=1)
         with prefect_test_harness(server_startup_timeout=180):
-            segment_study(input_dir=folders["small"], output_dir=WORK / "warmup", checkpoint=checkpoint)  # first-run costs
-            predictor = Predictor(checkpoint)  # the flow's model stays cached from the warm-up: neither timing loads one
+            segment_study(
+                input_dir=folders["small"], output_dir=WORK / "warmup", checkpoint=checkpoint
+            )  # first-run costs
+            predictor = Predictor(
+                checkpoint
+            )  # the flow's model stays cached from the warm-up: neither timing loads one
             times: dict[str, list[float]] = {}
             for r in range(args.rounds):
                 for name, folder in folders.items():
@@ -189,10 +206,16 @@ def main() -> None:
             "total_fraction_at_large_batch": round(excess["large"] / med["direct_large"], 3),
         },
         "flow_default_vs_direct_fraction_at_large_batch": round(
-            (med["flow_default_large"] - med["direct_large"]) / med["direct_large"], 3),
-        "skip_rerun": {"scans": args.skip_scans, "scan_size": [128, 128], "first_run_seconds": round(first, 2),
-                       "rerun_seconds": round(skip, 2), "per_scan_ms": round(1000 * skip / args.skip_scans, 1),
-                       "models_loaded": 0},
+            (med["flow_default_large"] - med["direct_large"]) / med["direct_large"], 3
+        ),
+        "skip_rerun": {
+            "scans": args.skip_scans,
+            "scan_size": [128, 128],
+            "first_run_seconds": round(first, 2),
+            "rerun_seconds": round(skip, 2),
+            "per_scan_ms": round(1000 * skip / args.skip_scans, 1),
+            "models_loaded": 0,
+        },
     }
     print(json.dumps(result, indent=2))
     overhead = result["flow_overhead"]

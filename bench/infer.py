@@ -72,18 +72,30 @@ def window_overhead(model: torch.nn.Module, image: torch.Tensor, roi: list[int],
     summary = model_summary(model, tuple(roi), measure_receptive_field=False)
     flops = summary["flops"] * windows
     return {
-        "windows": windows, "bare_forward_s": round(bare, 3), "sliding_window_s": round(sliding, 3),
-        "overhead": round(sliding / bare - 1.0, 4), "voxels_per_s": round(float(np.prod(spatial)) / sliding),
-        "effective_gflops": round(flops / sliding / 1e9, 2), "output_shape": list(out.shape),
+        "windows": windows,
+        "bare_forward_s": round(bare, 3),
+        "sliding_window_s": round(sliding, 3),
+        "overhead": round(sliding / bare - 1.0, 4),
+        "voxels_per_s": round(float(np.prod(spatial)) / sliding),
+        "effective_gflops": round(flops / sliding / 1e9, 2),
+        "output_shape": list(out.shape),
     }
 
 
 def part_sw2d() -> dict:
     torch.manual_seed(0)
-    model = build_model({"name": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": 16, "depth": 4}).eval()
+    model = build_model(
+        {"name": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": 16, "depth": 4}
+    ).eval()
     image = torch.randn(1, 1, 1024, 1024)
     result = window_overhead(model, image, [256, 256], 0.5, 4)
-    return {"model": "unet 2D, 16 features, depth 4", "input": [1024, 1024], "roi": [256, 256], "overlap": 0.5, **result}
+    return {
+        "model": "unet 2D, 16 features, depth 4",
+        "input": [1024, 1024],
+        "roi": [256, 256],
+        "overlap": 0.5,
+        **result,
+    }
 
 
 def part_sw3d() -> dict:
@@ -104,11 +116,14 @@ def part_sw3d() -> dict:
         affine = np.diag([0.7, 0.7, 1.25, 1.0])
         phantoms.write_nifti(volume, affine, Path(tmp) / "ct.nii.gz")
         del volume
-        config = config_from_dict({
-            "data": {"classes": {"background": 0, "organ": 1}},
-            "model": cfg, "train": {"patch_size": [128, 128, 64]},
-            "infer": {"overlap": 0.25, "sw_batch_size": 2},
-        })
+        config = config_from_dict(
+            {
+                "data": {"classes": {"background": 0, "organ": 1}},
+                "model": cfg,
+                "train": {"patch_size": [128, 128, 64]},
+                "infer": {"overlap": 0.25, "sw_batch_size": 2},
+            }
+        )
         save_checkpoint(Checkpoint(config, model.state_dict()), Path(tmp) / "m.pt")
         predictor = Predictor(Path(tmp) / "m.pt", device="cpu")
         rss_before = peak_rss_mb()
@@ -117,9 +132,15 @@ def part_sw3d() -> dict:
         prediction = predictor.predict(scan)
         end_to_end = time.perf_counter() - start
     return {
-        "model": "unet 3D, 4 features, depth 3", "input": list(shape), "roi": [128, 128, 64], "overlap": 0.25, **result,
-        "predictor_end_to_end_s": round(end_to_end, 2), "mask_shape": list(prediction.mask.shape),
-        "peak_rss_mb_before_predictor": round(rss_before), "peak_rss_mb": round(peak_rss_mb()),
+        "model": "unet 3D, 4 features, depth 3",
+        "input": list(shape),
+        "roi": [128, 128, 64],
+        "overlap": 0.25,
+        **result,
+        "predictor_end_to_end_s": round(end_to_end, 2),
+        "mask_shape": list(prediction.mask.shape),
+        "peak_rss_mb_before_predictor": round(rss_before),
+        "peak_rss_mb": round(peak_rss_mb()),
     }
 
 
@@ -134,8 +155,10 @@ def part_dicom() -> dict:
     truth = phantoms.ct_phantom(shape=(512, 512, 120), spacing=(0.7, 0.7, 2.0), seed=1)
     result = {
         "series": "512x512x120 CT phantom, uint16 stored, RescaleIntercept -1024, file names shuffled against position",
-        "medseg_threads": {name: dicom_pixels.default_workers(uid) for name, uid in
-                           (("explicit", "1.2.840.10008.1.2.1"), ("jpeg2000", "1.2.840.10008.1.2.4.90"))},
+        "medseg_threads": {
+            name: dicom_pixels.default_workers(uid)
+            for name, uid in (("explicit", "1.2.840.10008.1.2.1"), ("jpeg2000", "1.2.840.10008.1.2.4.90"))
+        },
         "imagecodecs_version": _version("imagecodecs"),
         "sitk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
         "sitk_version": sitk.Version.VersionString(),
@@ -213,8 +236,10 @@ def _versus_sitk(folder: Path, truth, sitk, repeats: int) -> dict:
         "ratio_1_thread_over_threads": round(median["medseg_1_thread"] / median["medseg"], 3),
         "voxels_identical_to_sitk": identical,
         "voxels_equal_truth": bool(np.array_equal(ours.array[0], truth.image)),
-        "medseg_dtype": str(ours.array.dtype), "sitk_dtype": str(theirs.dtype),
-        "medseg_peak_traced_mb": round(peak / 1e6, 1), "volume_mb": round(ours.array.nbytes / 1e6, 1),
+        "medseg_dtype": str(ours.array.dtype),
+        "sitk_dtype": str(theirs.dtype),
+        "medseg_peak_traced_mb": round(peak / 1e6, 1),
+        "volume_mb": round(ours.array.nbytes / 1e6, 1),
         "repeats": repeats,
     }
 
@@ -258,8 +283,11 @@ def _decoder_threads(tmp: Path, slices: int = 24, repeats: int = 5) -> dict:
                     list(pool.map(work, items))
                     times.append(time.perf_counter() - start)
             seconds[threads] = float(np.median(times))
-        result[name] = {"1_thread_s": round(seconds[1], 4), "2_threads_s": round(seconds[2], 4),
-                        "speedup": round(seconds[1] / seconds[2], 2)}
+        result[name] = {
+            "1_thread_s": round(seconds[1], 4),
+            "2_threads_s": round(seconds[2], 4),
+            "speedup": round(seconds[1] / seconds[2], 2),
+        }
     return result
 
 
@@ -281,12 +309,16 @@ def _versus_monai(tmp: Path) -> dict:
         start = time.perf_counter()
         monai_image = monai_loader(str(folder))
         timings["monai"].append(time.perf_counter() - start)
-    ours_ok = bool(np.abs(scan.geometry.affine - truth.affine).max() < 1e-3
-                   and np.array_equal(scan.array[0], truth.image))
+    ours_ok = bool(
+        np.abs(scan.geometry.affine - truth.affine).max() < 1e-3 and np.array_equal(scan.array[0], truth.image)
+    )
     monai_array = np.asarray(monai_image)
     monai_affine = np.asarray(monai_image.affine)
-    monai_ok = bool(monai_array.shape == truth.image.shape and np.abs(monai_affine - truth.affine).max() < 1e-3
-                    and np.array_equal(monai_array, truth.image))
+    monai_ok = bool(
+        monai_array.shape == truth.image.shape
+        and np.abs(monai_affine - truth.affine).max() < 1e-3
+        and np.array_equal(monai_array, truth.image)
+    )
     return {
         "series": "512x512x80 oblique CT phantom, shuffled file names and InstanceNumbers",
         "medseg_s": round(float(np.median(timings["medseg"])), 3),
@@ -320,8 +352,11 @@ PARTS = {"sw2d": part_sw2d, "sw3d": part_sw3d, "dicom": part_dicom}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS))
-    parser.add_argument("--out", type=Path, help="JSON file (default bench/results/infer.json, with --part "
-                        "bench/results/infer_PART.json); '-' prints only")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON file (default bench/results/infer.json, with --part bench/results/infer_PART.json); '-' prints only",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -345,7 +380,9 @@ def main() -> None:
         print(part, json.dumps(report[part]), flush=True)
     for part in ("sw2d", "sw3d"):
         if "effective_gflops" in report[part]:
-            report[part]["fraction_of_matmul_rate"] = round(report[part]["effective_gflops"] / report["machine"]["matmul_gflops_fp32"], 3)
+            report[part]["fraction_of_matmul_rate"] = round(
+                report[part]["effective_gflops"] / report["machine"]["matmul_gflops_fp32"], 3
+            )
     out = args.out or REPO / "bench" / "results" / "infer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -67,8 +67,15 @@ def main() -> None:
     for axis, name in ((0, "x (left-right)"), (1, "y (up-down)")):
         values = [float(np.mean([shifted_correlation(d, m, axis, s) for d, m in pairs])) for s in SHIFTS]
         peak = parabolic_peak(list(SHIFTS), values)
-        report["axes"][name] = {"shifts": list(SHIFTS), "correlation": [round(v, 5) for v in values], "peak_shift_px": round(peak, 3)}
-        print(f"{name:<16} correlation by shift {dict(zip(SHIFTS, (round(v, 4) for v in values)))}  peak at {peak:+.2f} px")
+        report["axes"][name] = {
+            "shifts": list(SHIFTS),
+            "correlation": [round(v, 5) for v in values],
+            "peak_shift_px": round(peak, 3),
+        }
+        print(
+            f"{name:<16} correlation by shift {dict(zip(SHIFTS, (round(v, 4) for v in values)))}  "
+            f"peak at {peak:+.2f} px"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")

@@ -48,18 +48,31 @@ from medseg.models import register_model  # noqa: E402
 from medseg.train import train  # noqa: E402
 from medseg.transforms import label_to_index  # noqa: E402
 
-CONFIGS = {"unet": "unet_em.yaml", "segnet": "segnet_em.yaml", "fcn8s": "fcn8s_em.yaml", "monai_basicunet": "unet_em.yaml"}
+CONFIGS = {
+    "unet": "unet_em.yaml",
+    "segnet": "segnet_em.yaml",
+    "fcn8s": "fcn8s_em.yaml",
+    "monai_basicunet": "unet_em.yaml",
+}
 # The reference: MONAI's BasicUNet at its default width, augmented with flips only and
 # trained plainly (no weight averaging).
 FLIPS_ONLY = [
-    "augment.sigma=0", "augment.rotate_degrees=0", "augment.shift=0", "augment.scale=[1.0,1.0]",
-    "augment.brightness=0", "augment.contrast=0", "augment.gamma=0", "augment.p_flip=0.5",
+    "augment.sigma=0",
+    "augment.rotate_degrees=0",
+    "augment.shift=0",
+    "augment.scale=[1.0,1.0]",
+    "augment.brightness=0",
+    "augment.contrast=0",
+    "augment.gamma=0",
+    "augment.p_flip=0.5",
     "train.ema_decay=null",
 ]
 
 
 @register_model("monai_basicunet")
-def _monai_basicunet(spatial_dims: int, in_channels: int, out_channels: int, features: int = 32, depth: int | None = None):
+def _monai_basicunet(
+    spatial_dims: int, in_channels: int, out_channels: int, features: int = 32, depth: int | None = None
+):
     from monai.networks.nets import BasicUNet
 
     net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels)
@@ -153,8 +166,12 @@ def scores(run_dir: Path, config: Config) -> dict[str, dict[str, float]]:
 
 def run_model(name: str, budget: float, out_dir: Path, extra: list[str]) -> dict:
     overrides = [
-        f"name=bench_{name}", f"output_dir={out_dir}", f"train.time_budget_minutes={budget}",
-        "train.epochs=10000", "train.early_stop_patience=null", *extra,
+        f"name=bench_{name}",
+        f"output_dir={out_dir}",
+        f"train.time_budget_minutes={budget}",
+        "train.epochs=10000",
+        "train.early_stop_patience=null",
+        *extra,
     ]
     if name == "monai_basicunet":
         overrides += ["model.name=monai_basicunet", "model.options={}", *FLIPS_ONLY]
@@ -183,9 +200,16 @@ def main() -> None:
     parser.add_argument("--models", default="unet,segnet,fcn8s,monai_basicunet")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_isbi.json")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides for every model")
-    parser.add_argument("--score", type=Path, nargs="+", metavar="RUN_DIR",
-                        help="only score existing run folders (their best.pt), no training")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="extra config overrides for every model"
+    )
+    parser.add_argument(
+        "--score",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="only score existing run folders (their best.pt), no training",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.score:
@@ -194,7 +218,9 @@ def main() -> None:
             print(json.dumps({"run": str(run_dir), **scores(run_dir, config)}), flush=True)
         return
     machine = {
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     results = []
@@ -202,19 +228,35 @@ def main() -> None:
         print(f"training {name} for {args.budget_minutes} min ...", flush=True)
         results.append(run_model(name, args.budget_minutes, args.runs, args.overrides))
         print(json.dumps(results[-1]), flush=True)
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-              "budget_minutes": args.budget_minutes, "overrides": args.overrides, "validation": "ISBI 2012 train slices 25-29", "results": results}
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "budget_minutes": args.budget_minutes,
+        "overrides": args.overrides,
+        "validation": "ISBI 2012 train slices 25-29",
+        "results": results,
+    }
     reference = next((r for r in results if r["model"] == "monai_basicunet"), None)
-    print(f"\n{'model':<16}{'params':>10}{'steps':>7}  {'scored':<22}{'pixel error':>11}  {'membrane Dice':>13}"
-          f"  {'membrane IoU':>12}  {'ISBI pixel error':>16}")
+    print(
+        f"\n{'model':<16}{'params':>10}{'steps':>7}  {'scored':<22}{'pixel error':>11}  {'membrane Dice':>13}"
+        f"  {'membrane IoU':>12}  {'ISBI pixel error':>16}"
+    )
     for r in results:
-        for label, f in (("last validation", r["final"]), ("predict (best.pt)", r["predict"]),
-                         ("predict --tta", r["predict_tta"]), ("fit: train slices 0-4", r["predict_fit"])):
+        for label, f in (
+            ("last validation", r["final"]),
+            ("predict (best.pt)", r["predict"]),
+            ("predict --tta", r["predict_tta"]),
+            ("fit: train slices 0-4", r["predict_fit"]),
+        ):
             isbi = f"{f['isbi_pixel_error']:>16.4f}" if "isbi_pixel_error" in f else f"{'-':>16}"
-            print(f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {label:<22}{f['pixel_error']:>11.4f}"
-                  f"  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}  {isbi}")
+            print(
+                f"{r['model']:<16}{r['parameters']:>10}{r['steps']:>7}  {label:<22}{f['pixel_error']:>11.4f}"
+                f"  {f['dice_membrane']:>13.4f}  {f['iou_membrane']:>12.4f}  {isbi}"
+            )
         if reference and r is not reference:
-            r["pixel_error_ratio_vs_reference"] = round(r["predict"]["pixel_error"] / reference["predict"]["pixel_error"], 3)
+            r["pixel_error_ratio_vs_reference"] = round(
+                r["predict"]["pixel_error"] / reference["predict"]["pixel_error"], 3
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}")

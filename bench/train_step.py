@@ -74,17 +74,26 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved
             fp32.append(steppers["fp32"].step())
             bf16.append(steppers["bf16"].step())
-        row = {"config": name, "overrides": overrides, "fp32_seconds": round(statistics.median(fp32), 4),
-               "bf16_seconds": round(statistics.median(bf16), 4)}
+        row = {
+            "config": name,
+            "overrides": overrides,
+            "fp32_seconds": round(statistics.median(fp32), 4),
+            "bf16_seconds": round(statistics.median(bf16), 4),
+        }
         row["speedup"] = round(row["fp32_seconds"] / row["bf16_seconds"], 2)
         rows.append(row)
         label = name + (" " + " ".join(overrides) if overrides else "")
         print(f"{label:<24}{row['fp32_seconds']:>12.3f}{row['bf16_seconds']:>12.3f}{row['speedup']:>9.2f}x", flush=True)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "native_bf16": cpu_has_native_bf16()},
-        "batch": "4 x 1 x 256 x 256, channels-last", "rows": rows,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "native_bf16": cpu_has_native_bf16(),
+        },
+        "batch": "4 x 1 x 256 x 256, channels-last",
+        "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

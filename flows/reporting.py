@@ -81,8 +81,9 @@ def publish_reports(
     batch: Batch,
 ) -> Summary:
     """Write predictions.json (and metrics.*), publish the artifacts, log the headline."""
-    report = BatchReport(str(input_dir), str(job.output_dir), str(job.checkpoint), dict(job.classes),
-                         [o.record for o in batch.outcomes])
+    report = BatchReport(
+        str(input_dir), str(job.output_dir), str(job.checkpoint), dict(job.classes), [o.record for o in batch.outcomes]
+    )
     paths: list[Path] = []
     made = {o.record.case for o in batch.outcomes if o.record.status != "failed"}
     summary = Summary(
@@ -98,16 +99,22 @@ def publish_reports(
     if reference_dir is not None:
         evaluation = _evaluation_report(job, reference_dir, batch)
         paths += write_reports(evaluation, job.output_dir)
-        summary.mean_dice = {name: _finite(stats["dice"]["mean"]) for name, stats in evaluation.summary["classes"].items()}
-        create_table_artifact(key=METRICS_KEY, table=_metric_rows(evaluation),
-                              description=f"Dice and IoU per case and class; {job.output_dir}/metrics.csv")
+        summary.mean_dice = {
+            name: _finite(stats["dice"]["mean"]) for name, stats in evaluation.summary["classes"].items()
+        }
+        create_table_artifact(
+            key=METRICS_KEY,
+            table=_metric_rows(evaluation),
+            description=f"Dice and IoU per case and class; {job.output_dir}/metrics.csv",
+        )
     paths += write_batch_reports(report, job.output_dir, batch.cases, reference_dir)
     if report.stopped:
         get_run_logger().warning("segment-study: %s", report.stopped)
     summary.orphans = report.orphans
     summary.reports = [str(p) for p in paths]
-    create_markdown_artifact(key=SUMMARY_KEY, markdown=_markdown(summary, input_dir, job, evaluation),
-                             description=summary.headline())
+    create_markdown_artifact(
+        key=SUMMARY_KEY, markdown=_markdown(summary, input_dir, job, evaluation), description=summary.headline()
+    )
     get_run_logger().info("segment-study: %s; reports: %s", summary.headline(), ", ".join(p.name for p in paths))
     return summary
 
@@ -166,10 +173,17 @@ def _markdown(summary: Summary, input_dir: Path, job: Job, evaluation: Evaluatio
         lines += ["", "## Not scored", "", "| case | reason |", "| --- | --- |"]
         lines += [f"| {case} | {_cell(reason)} |" for case, reason in summary.evaluation_failures.items()]
     if evaluation is not None:
-        lines += ["", f"## Mean scores over {len(evaluation.cases)} case(s)", "", "| class | Dice | IoU | n |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## Mean scores over {len(evaluation.cases)} case(s)",
+            "",
+            "| class | Dice | IoU | n |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, stats in evaluation.summary["classes"].items():
-            lines.append(f"| {name} | {_num(stats['dice']['mean'])} | {_num(stats['iou']['mean'])} | {stats['dice']['n']} |")
+            lines.append(
+                f"| {name} | {_num(stats['dice']['mean'])} | {_num(stats['iou']['mean'])} | {stats['dice']['n']} |"
+            )
         if evaluation.unpaired_references:
             lines += ["", f"References without a mask: {', '.join(evaluation.unpaired_references)}"]
     return "\n".join(lines) + "\n"

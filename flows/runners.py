@@ -29,7 +29,9 @@ def require_dask() -> Any:
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:
-        raise ConfigError(f"task_runner 'dask' needs prefect-dask, which is not installed ({exc}); install it with: {DASK_INSTALL}") from None
+        raise ConfigError(
+            f"task_runner 'dask' needs prefect-dask, which is not installed ({exc}); install it with: {DASK_INSTALL}"
+        ) from None
     return DaskTaskRunner
 
 
@@ -42,10 +44,12 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
         return dask_runner(address=address)
     gpus = torch.cuda.device_count()
     count = workers or gpus or min(2, os.cpu_count() or 1)
-    return dask_runner(cluster_kwargs={
-        "n_workers": count,
-        "threads_per_worker": 1,
-        "processes": True,
-        "host": "127.0.0.1",
-        "dashboard_address": None,
-    })
+    return dask_runner(
+        cluster_kwargs={
+            "n_workers": count,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        }
+    )

@@ -86,17 +86,28 @@ def segment_study(
     call raises ScansFailed) once all scans ran and all reports were written.
     """
     params = _validated(dict(locals()))
-    runner = build_task_runner(params.task_runner, params.workers, params.dask_address)  # fails here without prefect-dask
+    runner = build_task_runner(
+        params.task_runner, params.workers, params.dask_address
+    )  # fails here without prefect-dask
     checkpoint_file = resolve_checkpoint(params)
     _check_folders(params)
     with output_lock(params.output_dir):  # one run per output folder, flows and `medseg predict` alike
-        job = prepare_job(checkpoint_file, params.input_dir, params.output_dir, params.device, params.tta,
-                          params.formats, params.overwrite)
+        job = prepare_job(
+            checkpoint_file,
+            params.input_dir,
+            params.output_dir,
+            params.device,
+            params.tta,
+            params.formats,
+            params.overwrite,
+        )
         batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
         summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
     if summary.ok:
         return summary
-    message = f"{summary.headline()}; reasons in the summary artifact and {Path(summary.output_dir) / 'predictions.json'}"
+    message = (
+        f"{summary.headline()}; reasons in the summary artifact and {Path(summary.output_dir) / 'predictions.json'}"
+    )
     return Failed(message=message, data=ScansFailed(message))
 
 

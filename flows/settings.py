@@ -59,11 +59,16 @@ class FlowParameters(Section):
     @model_validator(mode="after")
     def _check(self) -> "FlowParameters":
         if (self.checkpoint is None) == (self.config is None):
-            raise ValueError("give either 'checkpoint' (a run folder or .pt file) or 'config' (an experiment config), not both or neither")
+            raise ValueError(
+                "give either 'checkpoint' (a run folder or .pt file) or 'config' (an experiment config), "
+                "not both or neither"
+            )
         if self.dask_address and self.task_runner != "dask":
             raise ValueError("'dask_address' needs task_runner: dask")
         if self.dask_address and self.workers is not None:
-            raise ValueError("'workers' sizes a local Dask cluster; an existing cluster at 'dask_address' has its own workers")
+            raise ValueError(
+                "'workers' sizes a local Dask cluster; an existing cluster at 'dask_address' has its own workers"
+            )
         return self
 
     def as_deployment_parameters(self) -> dict[str, Any]:

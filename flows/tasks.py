@@ -45,7 +45,12 @@ class Inventory:
 
 @task(name="prepare-job", cache_policy=NO_CACHE)
 def prepare_job(
-    checkpoint: Path, input_dir: Path, output_dir: Path, device: str, tta: bool | None, formats: list[str] | None,
+    checkpoint: Path,
+    input_dir: Path,
+    output_dir: Path,
+    device: str,
+    tta: bool | None,
+    formats: list[str] | None,
     overwrite: bool,
 ) -> Job:
     """Check the output folder and read what the run needs from the checkpoint once.
@@ -80,8 +85,12 @@ def discover_scans(input_dir: Path, reference_dir: Path | None = None) -> Invent
         inventory.references = {ref.id: ref for ref in refs.scans}
         inventory.reference_problems = refs.problems
     logger = get_run_logger()
-    logger.info("%d scan(s) in %s%s", len(found.scans), input_dir,
-                f"; {len(found.problems)} unusable input(s)" if found.problems else "")
+    logger.info(
+        "%d scan(s) in %s%s",
+        len(found.scans),
+        input_dir,
+        f"; {len(found.problems)} unusable input(s)" if found.problems else "",
+    )
     if not found.scans and not found.problems:
         logger.warning("no scan in %s: nothing to segment (is the folder or share mounted?)", input_dir)
     return inventory
@@ -102,7 +111,9 @@ def segment_scan(ref: ScanRef, job: Job) -> CaseRecord | State:
     if record.status == "skipped":
         logger.info("%s: skipped, %s", ref.id, record.reason)
     else:
-        logger.info("%s: written in %.1f s: %s", ref.id, record.seconds, ", ".join(Path(p).name for p in record.outputs))
+        logger.info(
+            "%s: written in %.1f s: %s", ref.id, record.seconds, ", ".join(Path(p).name for p in record.outputs)
+        )
     return record
 
 

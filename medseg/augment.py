@@ -254,12 +254,20 @@ class ElasticAugment:
             raise ValueError("image_mode='bicubic' needs spatial_dims=2: torch samples 3D only bilinear")
         if padding_mode not in ("reflection", "zeros", "border"):
             raise ValueError(f"padding_mode must be reflection, zeros or border, got {padding_mode!r}")
-        if flip_axes is not None and (len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < spatial_dims for a in flip_axes)):
+        if flip_axes is not None and (
+            len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < spatial_dims for a in flip_axes)
+        ):
             raise ValueError(f"flip_axes must be distinct spatial axes in 0..{spatial_dims - 1}, got {list(flip_axes)}")
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        for name, p in (("p_elastic", p_elastic), ("p_rotate", p_rotate), ("p_shift", p_shift),
-                        ("p_scale", p_scale), ("p_flip", p_flip), ("p_intensity", p_intensity)):
+        for name, p in (
+            ("p_elastic", p_elastic),
+            ("p_rotate", p_rotate),
+            ("p_shift", p_shift),
+            ("p_scale", p_scale),
+            ("p_flip", p_flip),
+            ("p_intensity", p_intensity),
+        ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         self.spatial_dims = spatial_dims

@@ -113,12 +113,17 @@ class BoundedLoader(yaml.SafeLoader):
             if self.check_event(yaml.AliasEvent):
                 self._aliases += 1
                 if self._aliases > MAX_YAML_ALIASES:
-                    raise YamlLimitError(self._dotted_key(), f"more than {MAX_YAML_ALIASES} aliases (*name); "
-                                         "write the values out instead")
+                    raise YamlLimitError(
+                        self._dotted_key(),
+                        f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out instead",
+                    )
                 return super().compose_node(parent, index)  # the shared node keeps the key of its anchor
             if len(self._keys) > MAX_YAML_DEPTH:
-                raise YamlLimitError(self._dotted_key(), f"nested more than {MAX_YAML_DEPTH} levels deep; "
-                                     "a config needs a handful of levels, flatten this value")
+                raise YamlLimitError(
+                    self._dotted_key(),
+                    f"nested more than {MAX_YAML_DEPTH} levels deep; "
+                    "a config needs a handful of levels, flatten this value",
+                )
             node = super().compose_node(parent, index)
             self._node_keys[id(node)] = self._dotted_key()
             return node
@@ -133,8 +138,10 @@ class BoundedLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         if len(node.value) > MAX_INT_DIGITS:
-            raise YamlLimitError(self._node_keys.get(id(node), ""), f"an integer of {len(node.value)} characters; "
-                                 f"no setting needs more than {MAX_INT_DIGITS}")
+            raise YamlLimitError(
+                self._node_keys.get(id(node), ""),
+                f"an integer of {len(node.value)} characters; no setting needs more than {MAX_INT_DIGITS}",
+            )
         return super().construct_yaml_int(node)
 
 
@@ -169,20 +176,28 @@ def _check_expansion(root: yaml.Node, node_keys: dict[int, str]) -> None:
         if key in sizes:
             continue
         if key in on_path:
-            raise YamlLimitError(node_keys.get(key, ""), "a recursive alias (a value that contains itself); "
-                                 "a config is a tree, write the value out")
+            raise YamlLimitError(
+                node_keys.get(key, ""),
+                "a recursive alias (a value that contains itself); a config is a tree, write the value out",
+            )
         on_path.add(key)
         stack.append((node, True))
         stack.extend((kid, False) for kid in _children(node) if id(kid) not in sizes)
     values, depth = sizes[id(root)]
     if values > MAX_YAML_VALUES:
         where = _largest_key(root, lambda n: sizes[id(n)][0] > MAX_YAML_VALUES, node_keys)
-        raise YamlLimitError(where, f"anchors and aliases expand this to {values:.3g} values, more than the "
-                             f"{MAX_YAML_VALUES} a config may hold (an alias bomb?); write the values out or use fewer aliases")
+        raise YamlLimitError(
+            where,
+            f"anchors and aliases expand this to {values:.3g} values, more than the "
+            f"{MAX_YAML_VALUES} a config may hold (an alias bomb?); write the values out or use fewer aliases",
+        )
     if depth > MAX_YAML_DEPTH:
         where = _largest_key(root, lambda n: sizes[id(n)][1] > MAX_YAML_DEPTH - 1, node_keys)
-        raise YamlLimitError(where, f"aliases nest this {depth} levels deep, more than {MAX_YAML_DEPTH}; "
-                             "a config needs a handful of levels, flatten this value")
+        raise YamlLimitError(
+            where,
+            f"aliases nest this {depth} levels deep, more than {MAX_YAML_DEPTH}; "
+            "a config needs a handful of levels, flatten this value",
+        )
 
 
 def _largest_key(root: yaml.Node, too_big: Any, node_keys: dict[int, str]) -> str:
@@ -220,8 +235,10 @@ def _check_sizes(value: list[int]) -> list[int]:
     if any(not 1 <= side <= MAX_SIDE for side in value):
         raise ValueError(f"every size must be 1 to {MAX_SIDE}, got {value}")
     if math.prod(value) > MAX_WINDOW_VOXELS:
-        raise ValueError(f"{value} is {math.prod(value)} voxels, more than {MAX_WINDOW_VOXELS} (256^3); "
-                         "use smaller patches, sliding windows cover the rest")
+        raise ValueError(
+            f"{value} is {math.prod(value)} voxels, more than {MAX_WINDOW_VOXELS} (256^3); "
+            "use smaller patches, sliding windows cover the rest"
+        )
     return value
 
 
@@ -320,8 +337,10 @@ class DataConfig(Section):
     def _coded_classes_exist(self) -> DataConfig:
         unknown = sorted(set(self.classes_coding or {}) - set(self.classes))
         if unknown:
-            raise ValueError(f"classes_coding names {unknown}, which are not in classes {list(self.classes)}; "
-                             "use the class names exactly as data.classes spells them")
+            raise ValueError(
+                f"classes_coding names {unknown}, which are not in classes {list(self.classes)}; "
+                "use the class names exactly as data.classes spells them"
+            )
         return self
 
     @field_validator("classes")
@@ -334,8 +353,10 @@ class DataConfig(Section):
             raise ValueError(f"two classes share a label value: {value}")
         outside = {name: v for name, v in value.items() if not LABEL_MIN <= v <= LABEL_MAX}
         if outside:
-            raise ValueError(f"label values {outside} do not fit a 32-bit label image ({LABEL_MIN}..{LABEL_MAX}); "
-                             "give the values the label files hold")
+            raise ValueError(
+                f"label values {outside} do not fit a 32-bit label image ({LABEL_MIN}..{LABEL_MAX}); "
+                "give the values the label files hold"
+            )
         return value
 
     @model_validator(mode="after")
@@ -371,7 +392,9 @@ class PreprocessConfig(Section):
         value = value.upper()
         pairs = [set("LR"), set("PA"), set("IS")]
         if len(value) != 3 or any(sum(c in pair for c in value) != 1 for pair in pairs):
-            raise ValueError(f"orientation must be three axis codes, one of L/R, P/A, I/S each (e.g. RAS), got {value!r}")
+            raise ValueError(
+                f"orientation must be three axis codes, one of L/R, P/A, I/S each (e.g. RAS), got {value!r}"
+            )
         return value
 
     @field_validator("percentiles")
@@ -539,37 +562,56 @@ class Config(Section):
         """The name is the run's folder under output_dir, so it must be one plain path component:
         ``../x`` or ``/etc`` would write outside output_dir, a leading dot hides the run."""
         if not 1 <= len(value) <= MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(value) or ".." in value:
-            raise ValueError(f"not a plain name: use 1 to {MAX_NAME_LENGTH} letters, digits, '_', '-' and "
-                             "'.', starting with a letter, digit or '_', without '..' or '/' (e.g. unet_em); "
-                             "set output_dir to choose the folder")
+            raise ValueError(
+                f"not a plain name: use 1 to {MAX_NAME_LENGTH} letters, digits, '_', '-' and "
+                "'.', starting with a letter, digit or '_', without '..' or '/' (e.g. unet_em); "
+                "set output_dir to choose the folder"
+            )
         return value
 
     def check(self) -> None:
         """Cross-section rules that single fields cannot express."""
         names = list(self.data.classes)
         if self.model.out_channels != len(names):
-            raise ValueError(f"model.out_channels is {self.model.out_channels} but data.classes names {len(names)} classes")
+            raise ValueError(
+                f"model.out_channels is {self.model.out_channels} but data.classes names {len(names)} classes"
+            )
         if self.train.border_class is not None and self.train.border_class not in names:
             raise ValueError(f"train.border_class {self.train.border_class!r} is not one of data.classes {names}")
         if self.train.loss == "weighted_ce" and self.train.border_class is None:
-            raise ValueError("train.loss weighted_ce needs train.border_class (the class whose instances touch, e.g. cell)")
+            raise ValueError(
+                "train.loss weighted_ce needs train.border_class (the class whose instances touch, e.g. cell)"
+            )
         flip_axes = self.augment.flip_axes
-        if flip_axes is not None and (len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < self.model.spatial_dims for a in flip_axes)):
-            raise ValueError(f"augment.flip_axes {flip_axes}: give distinct spatial axes in 0..{self.model.spatial_dims - 1} "
-                             f"(0 is the first axis after the channel), or leave it unset to mirror along every axis")
+        if flip_axes is not None and (
+            len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < self.model.spatial_dims for a in flip_axes)
+        ):
+            raise ValueError(
+                f"augment.flip_axes {flip_axes}: give distinct spatial axes in 0..{self.model.spatial_dims - 1} "
+                f"(0 is the first axis after the channel), or leave it unset to mirror along every axis"
+            )
         if self.augment.image_mode == "bicubic" and self.model.spatial_dims == 3:
-            raise ValueError("augment.image_mode bicubic needs model.spatial_dims 2 (torch resamples volumes "
-                             "bilinear only); use image_mode bilinear for a 3D model")
+            raise ValueError(
+                "augment.image_mode bicubic needs model.spatial_dims 2 (torch resamples volumes "
+                "bilinear only); use image_mode bilinear for a 3D model"
+            )
         if len(self.train.patch_size) != self.model.spatial_dims:
-            raise ValueError(f"train.patch_size {self.train.patch_size} must have model.spatial_dims={self.model.spatial_dims} values")
+            raise ValueError(
+                f"train.patch_size {self.train.patch_size} must have "
+                f"model.spatial_dims={self.model.spatial_dims} values"
+            )
         roi = self.infer.roi_size
         if roi is not None and len(roi) != self.model.spatial_dims:
             raise ValueError(f"infer.roi_size {roi} must have model.spatial_dims={self.model.spatial_dims} values")
-        for key, batch, sizes in (("train.batch_size", self.train.batch_size, self.train.patch_size),
-                                  ("infer.sw_batch_size", self.infer.sw_batch_size, roi or self.train.patch_size)):
+        for key, batch, sizes in (
+            ("train.batch_size", self.train.batch_size, self.train.patch_size),
+            ("infer.sw_batch_size", self.infer.sw_batch_size, roi or self.train.patch_size),
+        ):
             if batch * math.prod(sizes) > MAX_BATCH_VOXELS:
-                raise ValueError(f"{key} {batch} of size {sizes} is {batch * math.prod(sizes)} voxels a batch, more "
-                                 f"than {MAX_BATCH_VOXELS} (1 GiB of fp32 per channel); lower {key}")
+                raise ValueError(
+                    f"{key} {batch} of size {sizes} is {batch * math.prod(sizes)} voxels a batch, more "
+                    f"than {MAX_BATCH_VOXELS} (1 GiB of fp32 per channel); lower {key}"
+                )
         self._check_model()
 
     def _check_model(self) -> None:
@@ -587,8 +629,10 @@ class Config(Section):
         accepted = model_options(name)
         unknown = [key for key in self.model.options if key not in accepted]
         if unknown:
-            raise ValueError(f"model.options.{unknown[0]}: not an option of {name}; "
-                             f"accepted options: {', '.join(accepted) or '(none)'}")
+            raise ValueError(
+                f"model.options.{unknown[0]}: not an option of {name}; "
+                f"accepted options: {', '.join(accepted) or '(none)'}"
+            )
         try:
             with torch.device("meta"):
                 net = build_model(self.model)
@@ -598,9 +642,11 @@ class Config(Section):
             return
         parameters = sum(p.numel() for p in net.parameters())
         if parameters > MAX_PARAMETERS:
-            raise ValueError(f"model: {name} with these settings has {parameters:,} parameters "
-                             f"({parameters * 4 / 2**30:.1f} GiB of fp32 weights), more than {MAX_PARAMETERS:,}; "
-                             "lower model.features (or the widths in model.options)")
+            raise ValueError(
+                f"model: {name} with these settings has {parameters:,} parameters "
+                f"({parameters * 4 / 2**30:.1f} GiB of fp32 weights), more than {MAX_PARAMETERS:,}; "
+                "lower model.features (or the widths in model.options)"
+            )
         divisor = int(getattr(net, "size_divisor", 1))
         for key, sizes in (("train.patch_size", self.train.patch_size), ("infer.roi_size", self.infer.roi_size)):
             if sizes is None:
@@ -613,11 +659,15 @@ class Config(Section):
                 continue
             bad = [s for s in sizes if s % divisor]
             if bad:
-                nearest = ", ".join(f"{s} -> " + " or ".join(map(str, sorted({max(divisor, s // divisor * divisor),
-                                                                               -(-s // divisor) * divisor})))
-                                    for s in sorted(set(bad)))
-                raise ValueError(f"{key} {sizes}: every size must be a multiple of {divisor} for {name} with these "
-                                 f"settings (model.depth and the family's poolings set it); nearest: {nearest}")
+                nearest = ", ".join(
+                    f"{s} -> "
+                    + " or ".join(map(str, sorted({max(divisor, s // divisor * divisor), -(-s // divisor) * divisor})))
+                    for s in sorted(set(bad))
+                )
+                raise ValueError(
+                    f"{key} {sizes}: every size must be a multiple of {divisor} for {name} with these "
+                    f"settings (model.depth and the family's poolings set it); nearest: {nearest}"
+                )
 
     @property
     def mirrored_axes(self) -> tuple[int, ...]:
@@ -668,8 +718,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str =
         if len(parts) >= MAX_YAML_DEPTH:
             raise ConfigError(f"{source} {key}: {len(parts)} levels of keys; a config nests a handful, check the key")
         if len(text) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{source} {key}: a value of {len(text)} characters, larger than a whole config may be "
-                              f"({MAX_CONFIG_BYTES} bytes); put it in the config file")
+            raise ConfigError(
+                f"{source} {key}: a value of {len(text)} characters, larger than a whole config may be "
+                f"({MAX_CONFIG_BYTES} bytes); put it in the config file"
+            )
         try:
             value = load_yaml(text, parts) if text.strip() else None
         except YamlLimitError as exc:
@@ -712,8 +764,10 @@ def read_yaml_file(path: Path) -> Any:
         with path.open("rb") as stream:
             data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: a config path may name /dev/zero or a huge file
         if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, far more than a config holds; "
-                              "check that this is the config file")
+            raise ConfigError(
+                f"{path}: larger than {MAX_CONFIG_BYTES} bytes, far more than a config holds; "
+                "check that this is the config file"
+            )
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None

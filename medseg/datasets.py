@@ -70,7 +70,9 @@ def _folder_cases(images: Path, labels: Path | None) -> list[Case]:
     found = discover(images, stack_sequences=False)
     if found.problems:
         first = found.problems[0]
-        raise ConfigError(f"data.images: {first.paths[0]}: {first.reason} ({len(found.problems)} bad input(s) in {images})")
+        raise ConfigError(
+            f"data.images: {first.paths[0]}: {first.reason} ({len(found.problems)} bad input(s) in {images})"
+        )
     if not found.scans:
         raise ConfigError(f"data.images: no scans found in {images}")
     channels: dict[str, list[tuple[int, ScanRef]]] = defaultdict(list)
@@ -97,7 +99,9 @@ def _folder_cases(images: Path, labels: Path | None) -> list[Case]:
         refs.sort(key=lambda item: item[0])
         numbers = [n for n, _ in refs]
         if numbers != list(range(len(refs))):
-            raise ConfigError(f"data.images: case {case_id} has channels {numbers}; expected _0000.._{len(refs) - 1:04d}")
+            raise ConfigError(
+                f"data.images: case {case_id} has channels {numbers}; expected _0000.._{len(refs) - 1:04d}"
+            )
         cases.append(Case(case_id, tuple(r for _, r in refs), label_refs.get(case_id)))
     return sorted(cases, key=lambda c: _natural(c.id))
 
@@ -120,7 +124,14 @@ def _csv_cases(path: Path) -> list[Case]:
         if case_id in seen:
             raise ConfigError(f"data.csv: {path}: line {line}: case {case_id!r} appears twice")
         seen.add(case_id)
-        cases.append(Case(case_id, (ref_for_path(image),), ref_for_path(label) if label else None, (row.get("split") or "").strip()))
+        cases.append(
+            Case(
+                case_id,
+                (ref_for_path(image),),
+                ref_for_path(label) if label else None,
+                (row.get("split") or "").strip(),
+            )
+        )
     return cases
 
 
@@ -148,7 +159,10 @@ def split_cases(cases: Sequence[Case], split: SplitConfig) -> tuple[list[Case], 
         train = [c for c in labelled if c.split == "train"]
         val = [c for c in labelled if c.split == "val"]
         if not train:
-            raise ConfigError("data.split.mode: 'manifest' needs cases whose split is 'train' (use a dataset from data_manifest.csv, or another mode)")
+            raise ConfigError(
+                "data.split.mode: 'manifest' needs cases whose split is 'train' "
+                "(use a dataset from data_manifest.csv, or another mode)"
+            )
         return train, val
     if split.mode == "cases":
         missing = [i for i in list(split.train or []) + list(split.val or []) if i not in by_id]
@@ -163,11 +177,16 @@ def split_cases(cases: Sequence[Case], split: SplitConfig) -> tuple[list[Case], 
     elif all(c.fold is not None for c in labelled):  # kfold with the manifest's fixed folds
         declared = sorted({c.fold for c in labelled})
         if declared != list(range(split.folds)):
-            raise ConfigError(f"data.split.folds: {split.folds}, but the manifest fixes folds {declared} for these "
-                              f"cases; set data.split.folds: {len(declared)}")
+            raise ConfigError(
+                f"data.split.folds: {split.folds}, but the manifest fixes folds {declared} for these "
+                f"cases; set data.split.folds: {len(declared)}"
+            )
         val_ids = {c.id for c in labelled if c.fold == split.fold}
     else:  # kfold drawn with split.seed
         if len(shuffled) < split.folds:
-            raise ConfigError(f"data.split.folds: {split.folds} folds need at least {split.folds} labelled cases, found {len(shuffled)}")
+            raise ConfigError(
+                f"data.split.folds: {split.folds} folds need at least {split.folds} labelled cases, "
+                f"found {len(shuffled)}"
+            )
         val_ids = {c.id for i, c in enumerate(shuffled) if i % split.folds == split.fold}
     return [c for c in labelled if c.id not in val_ids], [c for c in labelled if c.id in val_ids]

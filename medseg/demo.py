@@ -61,42 +61,76 @@ def _write_study(root: Path, seed: int) -> dict[str, tuple[Path, Path]]:
 
 def _ct_config(data: Path, runs: Path, quick: bool) -> Config:
     images, labels = phantoms.write_ct_dataset(data, cases=4, seed=7)
-    return config_from_dict({
-        "name": "demo_ct3d",
-        "data": {"images": str(images), "labels": str(labels), "classes": CT_CLASSES,
-                 "split": {"mode": "cases", "train": ["case_000", "case_001", "case_002"], "val": ["case_003"]}},
-        "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "features": 8, "depth": 2, "options": {"dropout": 0.0}},
-        "augment": {"sigma": 2.0, "p_elastic": 0.3, "p_flip": 0.0, "rotate_degrees": 0, "shift": 0.0},
-        "train": {"epochs": 4 if quick else 8, "steps_per_epoch": 15 if quick else 25, "batch_size": 2,
-                  "patch_size": [24, 24, 8], "learning_rate": 0.01},
-        "infer": {"sw_batch_size": 4},
-        "output_dir": str(runs),
-    })
+    return config_from_dict(
+        {
+            "name": "demo_ct3d",
+            "data": {
+                "images": str(images),
+                "labels": str(labels),
+                "classes": CT_CLASSES,
+                "split": {"mode": "cases", "train": ["case_000", "case_001", "case_002"], "val": ["case_003"]},
+            },
+            "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
+            "model": {
+                "name": "unet",
+                "spatial_dims": 3,
+                "out_channels": 4,
+                "features": 8,
+                "depth": 2,
+                "options": {"dropout": 0.0},
+            },
+            "augment": {"sigma": 2.0, "p_elastic": 0.3, "p_flip": 0.0, "rotate_degrees": 0, "shift": 0.0},
+            "train": {
+                "epochs": 4 if quick else 8,
+                "steps_per_epoch": 15 if quick else 25,
+                "batch_size": 2,
+                "patch_size": [24, 24, 8],
+                "learning_rate": 0.01,
+            },
+            "infer": {"sw_batch_size": 4},
+            "output_dir": str(runs),
+        }
+    )
 
 
 def _em_config(data: Path, runs: Path, quick: bool) -> Config:
     em = phantoms.em_phantom(shape=(96, 96, 8), cells=20, seed=11)
     phantoms.write_png_sequence(em.image, data / "images", prefix="slice")
     phantoms.write_png_sequence(em.label, data / "labels", prefix="slice")
-    return config_from_dict({
-        "name": "demo_em2d",
-        "data": {"images": str(data / "images"), "labels": str(data / "labels"), "classes": EM_CLASSES,
-                 "split": {"mode": "cases", "train": [f"slice{i}" for i in range(6)], "val": ["slice6", "slice7"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 3, "options": {"dropout": 0.0}},
-        "augment": {"sigma": 5.0, "rotate_degrees": 30},
-        "train": {"epochs": 3 if quick else 5, "steps_per_epoch": 15 if quick else 30, "batch_size": 4,
-                  "patch_size": [64, 64], "learning_rate": 0.01},
-        "output_dir": str(runs),
-    })
+    return config_from_dict(
+        {
+            "name": "demo_em2d",
+            "data": {
+                "images": str(data / "images"),
+                "labels": str(data / "labels"),
+                "classes": EM_CLASSES,
+                "split": {"mode": "cases", "train": [f"slice{i}" for i in range(6)], "val": ["slice6", "slice7"]},
+            },
+            "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 3, "options": {"dropout": 0.0}},
+            "augment": {"sigma": 5.0, "rotate_degrees": 30},
+            "train": {
+                "epochs": 3 if quick else 5,
+                "steps_per_epoch": 15 if quick else 30,
+                "batch_size": 4,
+                "patch_size": [64, 64],
+                "learning_rate": 0.01,
+            },
+            "output_dir": str(runs),
+        }
+    )
 
 
 def _isbi_config(runs: Path, minutes: float) -> Config:
     from medseg.config import load_config
 
     repo_config = Path(__file__).resolve().parents[1] / "configs" / "unet_em.yaml"
-    overrides = [f"output_dir={runs}", "name=demo_isbi", f"train.time_budget_minutes={minutes}", "train.epochs=100",
-                 "train.steps_per_epoch=40"]
+    overrides = [
+        f"output_dir={runs}",
+        "name=demo_isbi",
+        f"train.time_budget_minutes={minutes}",
+        "train.epochs=100",
+        "train.steps_per_epoch=40",
+    ]
     return load_config(repo_config, overrides)
 
 
@@ -105,13 +139,20 @@ def _run_batch(name: str, images: Path, labels: Path | None, checkpoint: Path, o
     import flows  # noqa: F401  (Prefect privacy defaults before Prefect is imported)
     from flows.segment_study import segment_study
 
-    state = segment_study(input_dir=images, output_dir=out, checkpoint=checkpoint, reference_dir=labels, return_state=True)
+    state = segment_study(
+        input_dir=images, output_dir=out, checkpoint=checkpoint, reference_dir=labels, return_state=True
+    )
     page = out / "review.html"  # the flow's publish-reports step writes it
     predictions = json.loads((out / "predictions.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else None
     return {
-        "name": name, "ok": state.is_completed(), "state": state.name, "message": state.message or "",
-        "output": str(out), "review": str(page), "counts": predictions.get("counts", {}),
+        "name": name,
+        "ok": state.is_completed(),
+        "state": state.name,
+        "message": state.message or "",
+        "output": str(out),
+        "review": str(page),
+        "counts": predictions.get("counts", {}),
         "metrics": str(out / "metrics.csv") if metrics else None,
         "mean_dice": _mean_dice(metrics) if metrics else {},
     }
@@ -177,8 +218,10 @@ def format_summary(result: DemoResult) -> str:
     lines = ["", f"medseg demo finished in {result.seconds:.0f} s", ""]
     for batch in result.batches:
         counts = batch["counts"]
-        lines.append(f"{batch['name']}: flow run {batch['state']}; {counts.get('written', 0)} masks written, "
-                     f"{counts.get('failed', 0)} failed")
+        lines.append(
+            f"{batch['name']}: flow run {batch['state']}; {counts.get('written', 0)} masks written, "
+            f"{counts.get('failed', 0)} failed"
+        )
         lines.append(f"  masks:       {batch['output']}")
         if batch["metrics"]:
             dice = ", ".join(f"{k} {v:.3f}" for k, v in batch["mean_dice"].items() if v is not None)

@@ -54,7 +54,9 @@ def choose_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-def in_precision(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def in_precision(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as a sliding-window predictor: windows run in ``dtype``, logits come back fp32.
 
     Autocast covers the model call only; MONAI blends the windows in buffers of the

@@ -78,21 +78,30 @@ def write_dicom_seg(
 
     mask = spatial_mask(mask, scan, path)
     if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise _error(f"{path}: DICOM SEG needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
-                     "write NIfTI or TIFF masks for it instead")
+        raise _error(
+            f"{path}: DICOM SEG needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
+            "write NIfTI or TIFF masks for it instead"
+        )
     segments = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
     if not segments:
-        raise _error(f"{path}: no class other than background (label value 0) to write as a segment; "
-                     f"check the checkpoint's classes {dict(classes)}")
+        raise _error(
+            f"{path}: no class other than background (label value 0) to write as a segment; "
+            f"check the checkpoint's classes {dict(classes)}"
+        )
     known = {value for _, value in segments} | {0}
     stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
     if stray:
-        raise _error(f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
-                     "the mask and the class list do not belong together")
+        raise _error(
+            f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
+            "the mask and the class list do not belong together"
+        )
     sources, placed = sources_and_placement(scan, path)
     if not placed and mask.shape[2] > 1:
-        raise _error(f"{path}: a DICOM SEG of {mask.shape[2]} frames needs patient geometry (ImagePositionPatient and "
-                     f"ImageOrientationPatient) to place them, and {scan.ref.path} has none; only other mask formats can be written")
+        raise _error(
+            f"{path}: a DICOM SEG of {mask.shape[2]} frames needs patient geometry (ImagePositionPatient and "
+            f"ImageOrientationPatient) to place them, and {scan.ref.path} has none; "
+            "only other mask formats can be written"
+        )
     numbers = np.zeros(mask.shape, dtype=np.uint16)
     for number, (_, value) in enumerate(segments, start=1):
         numbers[mask == value] = number
@@ -126,7 +135,9 @@ def _build(
     try:
         descriptions = segment_descriptions([name for name, _ in segments], algorithm, coding)
     except (ValueError, TypeError) as exc:
-        raise _error(f"{path}: {exc}; fix data.classes_coding in the config (value, scheme and meaning per code)") from exc
+        raise _error(
+            f"{path}: {exc}; fix data.classes_coding in the config (value, scheme and meaning per code)"
+        ) from exc
     try:
         seg = hd.seg.Segmentation(
             source_images=sources,
@@ -141,7 +152,9 @@ def _build(
             manufacturer_model_name=dicom_text(algorithm) or "medseg",
             software_versions=__version__,
             device_serial_number="0",
-            series_description=series_description([name for name, _ in segments], scan.metadata.get("series_description", "")),
+            series_description=series_description(
+                [name for name, _ in segments], scan.metadata.get("series_description", "")
+            ),
             content_label="MEDSEG",
             content_description=dicom_text(f"medseg {algorithm} automatic segmentation"),
             omit_empty_frames=False,
@@ -214,7 +227,9 @@ def segment_descriptions(names: Sequence[str], algorithm: str, coding: Mapping[s
             display_color=hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[(number - 1) % len(CLASS_COLOURS)]),
         )
         if coded.modifier is not None:  # e.g. laterality: Kidney + Left (PS3.3 C.8.20.2, Table 10-7)
-            modifier = hd.sr.CodedConcept(coded.modifier.value, coded.modifier.scheme_designator, coded.modifier.meaning)
+            modifier = hd.sr.CodedConcept(
+                coded.modifier.value, coded.modifier.scheme_designator, coded.modifier.meaning
+            )
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
         descriptions.append(description)
     return descriptions
@@ -249,8 +264,10 @@ def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[D
     uids = [str(u) for u in meta.get("sop_instance_uids") or []]
     ordered = [headers[p] for p in plan.paths]
     if len(ordered) != len(uids):
-        raise _error(f"{where}: the source series has {len(ordered)} files but was loaded with {len(uids)}; "
-                     "it changed on disk since it was read, so load it again")
+        raise _error(
+            f"{where}: the source series has {len(ordered)} files but was loaded with {len(uids)}; "
+            "it changed on disk since it was read, so load it again"
+        )
     generated = set((meta.get("generated_uids") or {}).get("SOPInstanceUID") or [])
     series_values = {
         "StudyInstanceUID": str(meta.get("study_instance_uid") or ""),
@@ -261,8 +278,10 @@ def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[D
     for path, ds, uid in zip(plan.paths, ordered, uids):
         own = _uid_text(ds, "SOPInstanceUID")
         if own != uid and uid not in generated:
-            raise _error(f"{where}: {path.name} has SOPInstanceUID {own or '(blank)'} but was loaded as {uid}; "
-                         "the series changed on disk since it was read, so load it again")
+            raise _error(
+                f"{where}: {path.name} has SOPInstanceUID {own or '(blank)'} but was loaded as {uid}; "
+                "the series changed on disk since it was read, so load it again"
+            )
         ds.SOPInstanceUID = uid
         for name, value in series_values.items():
             if valid_uid(_uid_text(ds, name)):
@@ -298,7 +317,9 @@ def _check_seg(path: Path, numbers: np.ndarray, scan: Scan, shown: Path) -> None
             raise _error(f"{shown}: DICOM SEG frame of reference differs from the source series")
         if scan.metadata.get("frame_order"):
             source_uid = scan.metadata["sop_instance_uids"][0]
-            pixels = seg.get_pixels_by_source_frame(source_uid, list(scan.metadata["frame_order"]), combine_segments=True)
+            pixels = seg.get_pixels_by_source_frame(
+                source_uid, list(scan.metadata["frame_order"]), combine_segments=True
+            )
         else:
             pixels = seg.get_pixels_by_source_instance(list(scan.metadata["sop_instance_uids"]), combine_segments=True)
     except _LIBRARY_ERRORS as exc:

@@ -168,8 +168,10 @@ def read_prediction_classes(pred_dir: Path) -> dict[str, int] | None:
         raise ScanError(path, f"cannot read class names ({exc})", fix) from exc
     if isinstance(declared, list):  # names in value order
         declared = {str(name): i for i, name in enumerate(declared)}
-    if not isinstance(declared, dict) or not declared or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in declared.values()
+    if (
+        not isinstance(declared, dict)
+        or not declared
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in declared.values())
     ):
         raise ScanError(path, f'"classes" is {declared!r}, not a mapping of names to integer values', fix)
     classes = {str(k): int(v) for k, v in declared.items()}
@@ -304,8 +306,11 @@ def write_reports(report: EvaluationReport, out_dir: Path | str | None = None) -
         json_path = _write_atomic(folder / "metrics.json", json_text + "\n")
         tidy_journal(folder)
     except OSError as exc:
-        raise ScanError(folder, f"cannot write the metrics reports ({exc.strerror or exc})",
-                        "choose a writable folder with --output") from exc
+        raise ScanError(
+            folder,
+            f"cannot write the metrics reports ({exc.strerror or exc})",
+            "choose a writable folder with --output",
+        ) from exc
     return [csv_path, json_path]
 
 
@@ -330,11 +335,15 @@ def format_report(report: EvaluationReport) -> str:
     for case in report.cases:
         lines += [f"note {case['case']}: {note}" for note in case["notes"]]
     if report.unpaired_predictions:
-        lines.append(f"Predictions without a reference ({len(report.unpaired_predictions)}): "
-                     + ", ".join(report.unpaired_predictions))
+        lines.append(
+            f"Predictions without a reference ({len(report.unpaired_predictions)}): "
+            + ", ".join(report.unpaired_predictions)
+        )
     if report.unpaired_references:
-        lines.append(f"References without a prediction ({len(report.unpaired_references)}): "
-                     + ", ".join(report.unpaired_references))
+        lines.append(
+            f"References without a prediction ({len(report.unpaired_references)}): "
+            + ", ".join(report.unpaired_references)
+        )
     lines += [f"FAILED {f.case}: {f.reason}" for f in report.failures]
     if report.resample:
         resampled = sum(c.get("grid") == "resampled" for c in report.cases)
@@ -421,8 +430,9 @@ def _csv_text(report: EvaluationReport) -> str:
     writer.writerow(["case", "class", "statistic", *report.metrics, "pixel_accuracy"])
     for case in report.cases:
         for name, scores in case["classes"].items():
-            writer.writerow([case["case"], name, "", *(_cell(scores[m]) for m in report.metrics),
-                             _cell(case["pixel_accuracy"])])
+            writer.writerow(
+                [case["case"], name, "", *(_cell(scores[m]) for m in report.metrics), _cell(case["pixel_accuracy"])]
+            )
     summary = report.summary
     for stat in SUMMARY_STATISTICS:
         for name, per_metric in summary["classes"].items():

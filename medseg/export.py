@@ -41,8 +41,18 @@ __all__ = [
 
 # Per-class display colours (RGB), class index 1, 2, ... (index 0 is usually background).
 CLASS_COLOURS = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
 ]
 
 
@@ -81,8 +91,9 @@ def spatial_mask(mask: np.ndarray, scan: Scan, target: Path | None = None) -> np
         mask = mask[0]
     if mask.shape != scan.geometry.shape:
         where = f"{target}: " if target is not None else ""
-        raise ExportError(f"{where}mask shape {mask.shape} does not match the grid {scan.geometry.shape} of "
-                          f"{scan.ref.path}")
+        raise ExportError(
+            f"{where}mask shape {mask.shape} does not match the grid {scan.geometry.shape} of {scan.ref.path}"
+        )
     return mask
 
 
@@ -140,8 +151,10 @@ def _check_tiff_spacing(tmp: Path, scan: Scan, shown: Path) -> None:
     from medseg.io import ScanRef, load
 
     back = load(ScanRef("check", "tiff", (tmp,)))
-    problem = scan.geometry.mismatch(back.geometry, tolerance_mm=1e-6 * max(scan.geometry.spacing) + 1e-12) if scan.geometry.spacing_known else (
-        None if back.geometry.shape == scan.geometry.shape else "shape differs"
+    problem = (
+        scan.geometry.mismatch(back.geometry, tolerance_mm=1e-6 * max(scan.geometry.spacing) + 1e-12)
+        if scan.geometry.spacing_known
+        else (None if back.geometry.shape == scan.geometry.shape else "shape differs")
     )
     if problem:
         raise ExportError(f"{shown}: TIFF mask does not match its scan's grid: {problem}")
@@ -192,11 +205,15 @@ def export_mask(
             if fmt == "nifti":
                 written.append(write_nifti_mask(mask, scan, contained_path(output_dir, case, ".nii.gz")))
             elif fmt == "dicom-seg":
-                written.append(write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes,
-                                               coding=coding))
+                written.append(
+                    write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes, coding=coding)
+                )
             elif fmt == "rtstruct":
-                written.append(write_rtstruct(mask, scan, contained_path(output_dir, case, ".rtstruct.dcm"), classes,
-                                              coding=coding))
+                written.append(
+                    write_rtstruct(
+                        mask, scan, contained_path(output_dir, case, ".rtstruct.dcm"), classes, coding=coding
+                    )
+                )
             elif fmt == "tiff":
                 written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
             elif fmt == "png":

@@ -132,8 +132,9 @@ def ensure_inside(root: Path, path: Path) -> Path:
         resolved_root = Path(root).resolve()
         resolved = Path(path).resolve()
     except (OSError, RuntimeError) as exc:
-        raise OutsideRootError(f"{path}: cannot be resolved ({exc}); remove the link loop or choose another "
-                               "output folder") from None
+        raise OutsideRootError(
+            f"{path}: cannot be resolved ({exc}); remove the link loop or choose another output folder"
+        ) from None
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise OutsideRootError(
             f"{path}: resolves to {resolved}, outside the output folder {resolved_root}; "

@@ -255,8 +255,9 @@ def check_geometry(
         raise ScanError(paths, f"{source} gives a {matrix.shape} affine, not 4x4", _FIX.format(what="the geometry"))
     text = np.array2string(matrix, precision=4, separator=", ").replace("\n", "")
     if not np.all(np.isfinite(matrix)):
-        raise ScanError(paths, f"{source} gives an affine with NaN or Inf values (not finite, so singular): {text}",
-                        _GRID_FIX)
+        raise ScanError(
+            paths, f"{source} gives an affine with NaN or Inf values (not finite, so singular): {text}", _GRID_FIX
+        )
     norms = np.linalg.norm(matrix[:3, :3], axis=0)
     flat = [axis for axis in range(3) if norms[axis] < MIN_VOXEL_MM]
     if flat:

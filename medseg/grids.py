@@ -112,8 +112,10 @@ def align_to_reference(pred: Scan, ref: Scan, resample: str | None = None) -> Al
     if ornt is not None and not _is_identity(ornt):
         candidate = reoriented(have, ornt)
         if want.mismatch(candidate) is None:
-            note = (f"prediction reoriented {have.orientation} -> {want.orientation} onto the reference grid "
-                    "(exact: axes permuted/flipped, no interpolation)")
+            note = (
+                f"prediction reoriented {have.orientation} -> {want.orientation} onto the reference grid "
+                "(exact: axes permuted/flipped, no interpolation)"
+            )
             return Alignment(apply_orientation(values, ornt), "reoriented", note)
     paths = [pred.ref.path, ref.ref.path]
     offset = world_offset(have, want)
@@ -143,11 +145,13 @@ def align_to_reference(pred: Scan, ref: Scan, resample: str | None = None) -> Al
             f"the prediction does not overlap the reference grid at all, so resampling leaves nothing: {described}",
             "pair the prediction with the reference of the same case, or check both files' affines",
         )
-    note = (f"prediction resampled onto the reference grid by nearest neighbour (an approximation, not exact): "
-            f"shape {have.shape} spacing {_fmt(have.spacing)} mm {have.orientation} -> shape {want.shape} "
-            f"spacing {_fmt(want.spacing)} mm {want.orientation}"
-            + (f", corner voxel centres up to {offset:.4g} mm apart" if offset is not None else "")
-            + (f"; {outside} of {total} reference voxels lie outside the prediction and count as 0" if outside else ""))
+    note = (
+        f"prediction resampled onto the reference grid by nearest neighbour (an approximation, not exact): "
+        f"shape {have.shape} spacing {_fmt(have.spacing)} mm {have.orientation} -> shape {want.shape} "
+        f"spacing {_fmt(want.spacing)} mm {want.orientation}"
+        + (f", corner voxel centres up to {offset:.4g} mm apart" if offset is not None else "")
+        + (f"; {outside} of {total} reference voxels lie outside the prediction and count as 0" if outside else "")
+    )
     return Alignment(array, "resampled", note)
 
 
@@ -163,8 +167,14 @@ def _resample_nearest(values: np.ndarray, have: Geometry, want: Geometry) -> tup
     source = values.reshape(values.shape + (1,) * (3 - values.ndim))
     shape = tuple(want.shape) + (1,) * (3 - want.ndim)
     index_map = np.linalg.inv(have.affine) @ want.affine  # reference voxel index -> prediction voxel index
-    kwargs = {"matrix": index_map[:3, :3], "offset": index_map[:3, 3], "output_shape": shape, "order": 0,
-              "mode": "grid-constant", "cval": 0}
+    kwargs = {
+        "matrix": index_map[:3, :3],
+        "offset": index_map[:3, 3],
+        "output_shape": shape,
+        "order": 0,
+        "mode": "grid-constant",
+        "cval": 0,
+    }
     resampled = ndimage.affine_transform(source, **kwargs)
     inside = ndimage.affine_transform(np.ones(source.shape, np.uint8), **kwargs)
     return resampled.reshape(want.shape), int(inside.size - np.count_nonzero(inside))
@@ -179,12 +189,15 @@ def _describe(have: Geometry, want: Geometry, offset: float | None) -> str:
         lead = f"grid differs by up to {offset:.4g} mm after matching axes (tolerance {tol:.2g} mm); shape {have.shape}"
         lead += f" vs {want.shape}" if have.shape != want.shape else ""
     elif offset is not None:
-        lead = (f"shape {have.shape} vs {want.shape}, corner voxel centres up to {offset:.4g} mm apart "
-                "after matching axes")
+        lead = (
+            f"shape {have.shape} vs {want.shape}, corner voxel centres up to {offset:.4g} mm apart after matching axes"
+        )
     else:
         lead = f"shape {have.shape} vs {want.shape}"
-    return (f"{lead}, spacing {_fmt(have.spacing)} vs {_fmt(want.spacing)} mm, origin {_fmt(have.origin)} vs "
-            f"{_fmt(want.origin)}, orientation {have.orientation} vs {want.orientation} (prediction vs reference)")
+    return (
+        f"{lead}, spacing {_fmt(have.spacing)} vs {_fmt(want.spacing)} mm, origin {_fmt(have.origin)} vs "
+        f"{_fmt(want.origin)}, orientation {have.orientation} vs {want.orientation} (prediction vs reference)"
+    )
 
 
 def _is_identity(ornt: np.ndarray) -> bool:

@@ -92,10 +92,13 @@ class Predictor:
         trained_axes = self.config.mirrored_axes
         self.tta_axes = trained_axes or tuple(range(self.spatial_dims))
         if self.tta and not trained_axes:
-            log.warning("%s: test-time augmentation mirrors every scan, but this model never saw a mirrored sample "
-                        "in training (augment.p_flip 0, augment.flip_axes empty or augment off), so mirroring can "
-                        "cost accuracy (the EM configs lose about 0.002 pixel error, BENCHMARKS.md); predict without --tta, "
-                        "or train with augment.p_flip above 0", checkpoint)
+            log.warning(
+                "%s: test-time augmentation mirrors every scan, but this model never saw a mirrored sample "
+                "in training (augment.p_flip 0, augment.flip_axes empty or augment off), so mirroring can "
+                "cost accuracy (the EM configs lose about 0.002 pixel error, BENCHMARKS.md); predict without --tta, "
+                "or train with augment.p_flip above 0",
+                checkpoint,
+            )
         self.dtype = choose_precision(precision or infer.precision, self.device)
         self.overlap = infer.overlap if overlap is None else overlap
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
@@ -103,7 +106,10 @@ class Predictor:
         divisor = int(getattr(self.model, "size_divisor", 1))
         bad = [r for r in self.roi_size if r % divisor]
         if bad:
-            raise ConfigError(f"infer.roi_size {self.roi_size}: every size must be a multiple of {divisor} for {self.config.model.name}")
+            raise ConfigError(
+                f"infer.roi_size {self.roi_size}: every size must be a multiple of {divisor} "
+                f"for {self.config.model.name}"
+            )
         unknown = [c for c in [*keep_largest, *fill_holes] if c not in self.classes]
         if unknown:
             raise ConfigError(f"post-processing names unknown classes {unknown}; classes are {list(self.classes)}")
@@ -126,9 +132,15 @@ class Predictor:
             x = torch.flip(image, dims) if dims else image
             with torch.no_grad():
                 logits = sliding_window_inference(
-                    x, roi_size=self.roi_size, sw_batch_size=self.sw_batch_size, predictor=predictor,
-                    overlap=self.overlap, mode="gaussian", sigma_scale=0.125,
-                    sw_device=self.device, device=torch.device("cpu"),
+                    x,
+                    roi_size=self.roi_size,
+                    sw_batch_size=self.sw_batch_size,
+                    predictor=predictor,
+                    overlap=self.overlap,
+                    mode="gaussian",
+                    sigma_scale=0.125,
+                    sw_device=self.device,
+                    device=torch.device("cpu"),
                 )
             probs = torch.softmax(logits, dim=1)
             probs = torch.flip(probs, dims) if dims else probs
@@ -155,7 +167,11 @@ class Predictor:
             planes = [self._window_logits(image.select(axis, k)[None])[0] for k in range(image.shape[axis])]
             probs = torch.stack(planes, dim=axis)
         else:
-            raise ScanError(scan.ref.path, f"has {spatial} spatial axes; a {self.spatial_dims}D model cannot segment it", "use a 2D model for images")
+            raise ScanError(
+                scan.ref.path,
+                f"has {spatial} spatial axes; a {self.spatial_dims}D model cannot segment it",
+                "use a 2D model for images",
+            )
         index = probs.argmax(0).to(torch.uint8).numpy()
         index = self._postprocess(index)
         back = Preprocessor.invert(torch.as_tensor(index[None]), data)[0]

@@ -20,7 +20,9 @@ def inspect_path(path: Path, options: LoadOptions = LoadOptions()) -> dict[str, 
         try:
             scans.append(load(ref, options).summary())
         except ScanError as exc:
-            scans.append({"id": ref.id, "kind": ref.kind, "path": str(ref.path), "files": len(ref.paths), "problems": [str(exc)]})
+            scans.append(
+                {"id": ref.id, "kind": ref.kind, "path": str(ref.path), "files": len(ref.paths), "problems": [str(exc)]}
+            )
     return {
         "root": str(found.root),
         "scans": scans,
@@ -31,7 +33,10 @@ def inspect_path(path: Path, options: LoadOptions = LoadOptions()) -> dict[str, 
 
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable listing of ``inspect_path``'s result."""
-    lines = [f"{report['root']}: {len(report['scans'])} scan(s), {len(report['problems'])} problem(s), {len(report['skipped'])} skipped"]
+    lines = [
+        f"{report['root']}: {len(report['scans'])} scan(s), {len(report['problems'])} problem(s), "
+        f"{len(report['skipped'])} skipped"
+    ]
     for scan in report["scans"]:
         lines.append("")
         lines.append(f"{scan['id']}  [{scan['kind']}, {scan['files']} file(s)]  {scan['path']}")
@@ -53,7 +58,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Problems (not loaded):")
         for problem in report["problems"]:
-            shown = ", ".join(problem["paths"][:3]) + (f" (+{len(problem['paths']) - 3} files)" if len(problem["paths"]) > 3 else "")
+            shown = ", ".join(problem["paths"][:3]) + (
+                f" (+{len(problem['paths']) - 3} files)" if len(problem["paths"]) > 3 else ""
+            )
             lines.append(f"  {shown}: {problem['reason']}")
     if report["skipped"]:
         lines.append("")

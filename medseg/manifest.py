@@ -216,17 +216,14 @@ def read_manifest(path: Path | None = None) -> list[ManifestEntry]:
     """Read and validate a manifest; every problem found is reported in one ManifestError."""
     path = Path(path) if path is not None else default_manifest_path()
     if not path.is_file():
-        raise ManifestError(
-            f"{path}: manifest not found; pass an existing data_manifest.csv with --manifest CSV"
-        )
+        raise ManifestError(f"{path}: manifest not found; pass an existing data_manifest.csv with --manifest CSV")
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise ManifestError(
-                    f"{path}: missing column(s) {', '.join(missing)}; "
-                    f"the header line must be: {','.join(COLUMNS)}"
+                    f"{path}: missing column(s) {', '.join(missing)}; the header line must be: {','.join(COLUMNS)}"
                 )
             wanted = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in (reader.fieldnames or []))
             rows = [({k: (row[k] or "").strip() for k in wanted}, reader.line_num) for row in reader]
@@ -410,8 +407,13 @@ def _local_source(entry: ManifestEntry, mirror: Path | None, manifest: Path | No
     if scheme == "https" and parts.hostname:
         return None
     if scheme != "file":
-        shown = ("an https:// URL with no host" if scheme == "https"
-                 else f"a {scheme}: URL" if scheme else "not a URL (it has no scheme)")
+        shown = (
+            "an https:// URL with no host"
+            if scheme == "https"
+            else f"a {scheme}: URL"
+            if scheme
+            else "not a URL (it has no scheme)"
+        )
         raise ManifestError(
             f"{url}: is {shown}, and medseg downloads {name} only over https://; change its source_url in {where} "
             "to an https:// address, or pass --mirror DIR holding the file"
@@ -571,9 +573,7 @@ def dataset_status(dest: Path | None = None, manifest: Path | None = None) -> li
             elif sha256_file(target) != entry.sha256:
                 corrupt.append(entry.path)
         present = len(entries) - len(missing)
-        statuses.append(
-            DatasetStatus(dataset, folder, len(entries), present, present - len(corrupt), missing, corrupt)
-        )
+        statuses.append(DatasetStatus(dataset, folder, len(entries), present, present - len(corrupt), missing, corrupt))
     return statuses
 
 

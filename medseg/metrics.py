@@ -62,12 +62,13 @@ def overlap_scores(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, 
 def mean_scores(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """nan-aware mean of each score over cases."""
     keys = rows[0].keys() if rows else []
-    return {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else float("nan") for k in keys}
+    return {
+        k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else float("nan")
+        for k in keys
+    }
 
 
-def class_overlap(
-    pred: np.ndarray, ref: np.ndarray, values: Sequence[int]
-) -> dict[int, tuple[float, float]]:
+def class_overlap(pred: np.ndarray, ref: np.ndarray, values: Sequence[int]) -> dict[int, tuple[float, float]]:
     """(Dice, IoU) of each class value, for masks holding arbitrary values (0/255 too)."""
     p, r = _same_shape(pred, ref)
     scores: dict[int, tuple[float, float]] = {}
@@ -104,9 +105,7 @@ def hausdorff95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[f
     return float(value.reshape(-1)[0])
 
 
-def surface_dice(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float], tolerance: float
-) -> float:
+def surface_dice(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float], tolerance: float) -> float:
     """Normalised surface Dice: share of both boundaries within ``tolerance`` of the other.
 
     NaN when both masks are empty, 0 when only one is (as MONAI).

@@ -14,7 +14,6 @@ from typing import Literal, Sequence
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import tifffile
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset

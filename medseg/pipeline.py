@@ -113,18 +113,24 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
         raise OutputUnwritable(f"--output {output_dir} is an existing file, not a folder; name a folder")
     path = contained_path(output_dir, "lock", folder=".medseg")
     path.parent.mkdir(parents=True, exist_ok=True)
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    mine = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    )
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         except FileExistsError:
             holder = _lock_holder(path)
             if holder is None or _holder_alive(holder):
-                shown = "an unreadable lock" if holder is None else (
-                    f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
-                raise OutputBusy(f"output folder {output_dir} is being written by {shown}; wait for that run to "
-                                 f"finish, or if it is gone, remove {path}") from None
+                shown = (
+                    "an unreadable lock"
+                    if holder is None
+                    else (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}")
+                )
+                raise OutputBusy(
+                    f"output folder {output_dir} is being written by {shown}; wait for that run to "
+                    f"finish, or if it is gone, remove {path}"
+                ) from None
             path.unlink(missing_ok=True)  # stale: its process has ended
             continue
         with os.fdopen(fd, "w") as handle:
@@ -270,12 +276,15 @@ def check_disjoint(input_path: Path, output_dir: Path) -> None:
         input_tree = inputs.parent if inputs.is_file() else inputs
         output = Path(output_dir).resolve()
     except (OSError, RuntimeError) as exc:
-        raise OutputUnwritable(f"--input {input_path} or --output {output_dir} cannot be resolved ({exc}); "
-                               "remove the link loop or choose other folders") from None
+        raise OutputUnwritable(
+            f"--input {input_path} or --output {output_dir} cannot be resolved ({exc}); "
+            "remove the link loop or choose other folders"
+        ) from None
     same_path = output == input_tree or input_tree in output.parents or output in input_tree.parents
     tree_id, out_id = _identity(input_tree), _identity(output)
     same_inode = (tree_id is not None and tree_id in _identities(output)) or (
-        out_id is not None and out_id in _identities(input_tree))
+        out_id is not None and out_id in _identities(input_tree)
+    )
     if same_path or same_inode:
         raise OutputUnwritable(
             f"output folder {output_dir} (resolved {output}) and input {input_path} (resolved {input_tree}) overlap"
@@ -293,9 +302,12 @@ def check_reads_outside(ref: ScanRef, output_dir: Path) -> None:
         for path in ref.paths:
             real = path.resolve()
             if root in real.parents or (out_id is not None and out_id in _identities(real.parent)):
-                raise ScanError(path, f"is a link into the output folder {output_dir} ({real})",
-                                "medseg never reads its own outputs as inputs nor writes over an input; replace the "
-                                "link with the file itself or remove it")
+                raise ScanError(
+                    path,
+                    f"is a link into the output folder {output_dir} ({real})",
+                    "medseg never reads its own outputs as inputs nor writes over an input; replace the "
+                    "link with the file itself or remove it",
+                )
     except (OSError, RuntimeError) as exc:
         raise ScanError(ref.paths, f"cannot be resolved ({exc})", "remove the link loop") from None
 
@@ -321,9 +333,11 @@ def _check_still_writable(job: Job, ref: ScanRef) -> None:
     so each stops here instead, cheaply, with the same sentence.
     """
     if not os.access(job.output_dir, os.W_OK):
-        raise OutputUnwritable(f"output folder {job.output_dir}: no longer writable (read-only or permission "
-                               "withdrawn); the batch stopped, masks written so far are kept; fix it, then rerun the "
-                               "same command to resume")
+        raise OutputUnwritable(
+            f"output folder {job.output_dir}: no longer writable (read-only or permission "
+            "withdrawn); the batch stopped, masks written so far are kept; fix it, then rerun the "
+            "same command to resume"
+        )
     _check_room(job.output_dir, sum(_size(p) for p in ref.paths) + PROBE_MARGIN_BYTES // 4, f"scan {ref.id}")
 
 
@@ -468,8 +482,13 @@ def segment_folder(
 
 
 def _segment_locked(
-    predictor: Any, input_path: Path, output_dir: Path, found: Discovery, formats: Sequence[str] | None,
-    overwrite: bool, progress: bool | None,
+    predictor: Any,
+    input_path: Path,
+    output_dir: Path,
+    found: Discovery,
+    formats: Sequence[str] | None,
+    overwrite: bool,
+    progress: bool | None,
 ) -> BatchReport:
     from tqdm import tqdm
 

@@ -69,8 +69,15 @@ def plot_dice_distribution(
         values = np.array([v for v in dice[name] if np.isfinite(v)], dtype=float)
         rgb = np.array((colours or {}).get(name, (128, 128, 128))) / 255.0
         ax.boxplot(values, positions=[i], widths=0.55, showfliers=False, medianprops={"color": "black"})
-        ax.scatter(i + rng.uniform(-0.18, 0.18, len(values)), values, s=14, color=rgb, edgecolors="black",
-                   linewidths=0.4, zorder=3)
+        ax.scatter(
+            i + rng.uniform(-0.18, 0.18, len(values)),
+            values,
+            s=14,
+            color=rgb,
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=3,
+        )
     ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={sum(np.isfinite(dice[n]))})" for n in names])
     ax.set_ylabel("Dice")
     ax.set_ylim(-0.03, 1.03)

@@ -108,8 +108,9 @@ def read_batch(output_dir: Path | str) -> dict[str, Any]:
     """``predictions.json`` of a batch output folder; ReviewError naming the fix if absent or bad."""
     folder = Path(output_dir)
     path = folder / "predictions.json"
-    run_first = (f"run `medseg predict --checkpoint RUN --input SCANS --output {folder}` first "
-                 "(or point at the folder it wrote)")
+    run_first = (
+        f"run `medseg predict --checkpoint RUN --input SCANS --output {folder}` first (or point at the folder it wrote)"
+    )
     if not folder.is_dir():
         raise ReviewError(f"{folder}: no such folder; {run_first}")
     if not path.is_file():
@@ -118,8 +119,10 @@ def read_batch(output_dir: Path | str) -> dict[str, Any]:
         batch = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ReviewError(f"{path}: cannot read it ({exc}); run `medseg predict` again to rewrite it") from exc
-    if not isinstance(batch, dict) or not isinstance(batch.get("records"), list) or not all(
-        isinstance(r, dict) and "case" in r for r in batch["records"]
+    if (
+        not isinstance(batch, dict)
+        or not isinstance(batch.get("records"), list)
+        or not all(isinstance(r, dict) and "case" in r for r in batch["records"])
     ):
         raise ReviewError(f'{path}: holds no "records" list of cases; run `medseg predict` again to rewrite it')
     classes = batch.get("classes")
@@ -141,8 +144,9 @@ def class_legend(classes: Mapping[str, int]) -> list[dict[str, Any]]:
     ]
 
 
-def find_learning_curves(batch: Mapping[str, Any], given: Path | None = None,
-                         notes: list[str] | None = None) -> Path | None:
+def find_learning_curves(
+    batch: Mapping[str, Any], given: Path | None = None, notes: list[str] | None = None
+) -> Path | None:
     """``given``, else ``learning_curves.png`` in the run folder of the batch's checkpoint, if any.
 
     The page embeds the file's bytes, so it must be a PNG (not a link out of the run folder to
@@ -258,8 +262,9 @@ def _mask_source(record: Mapping[str, Any], output_dir: Path, problems: list[str
         elif (moved := _rebased(path, output_dir, root)) is not None:
             outputs.append(moved)
         elif "\0" in str(text) or path.is_absolute() or ".." in path.parts or os.path.lexists(path):
-            problems.append(f"output {str(text)!r} lies outside the output folder {root} (or links out of it), "
-                            "so it is not read")
+            problems.append(
+                f"output {str(text)!r} lies outside the output folder {root} (or links out of it), so it is not read"
+            )
     by_id = [output_dir / f"{case_id}{suffix}" for suffix in _MASK_SUFFIXES]
     for path in outputs + by_id:
         name = path.name.lower()
@@ -274,7 +279,7 @@ def _mask_source(record: Mapping[str, Any], output_dir: Path, problems: list[str
 
 def _rebased(path: Path, output_dir: Path, root: Path) -> Path | None:
     """The longest tail of ``path`` that names a file inside the output folder, if any."""
-    parts = [part for part in path.parts[1 if path.is_absolute() else 0:] if part not in ("", ".")]
+    parts = [part for part in path.parts[1 if path.is_absolute() else 0 :] if part not in ("", ".")]
     for start in range(len(parts)):
         tail = parts[start:]
         if ".." in tail:
@@ -312,9 +317,11 @@ def _scan_roots(batch: Mapping[str, Any], output_dir: Path) -> tuple[list[Path],
     except (OSError, RuntimeError, ValueError):
         return [root], f"predictions.json records an unusable input folder {recorded!r}; scans are not shown"
     if root.is_relative_to(tree) or tree.is_relative_to(root):
-        return [root], (f"predictions.json records {recorded} as the input folder, which overlaps the output "
-                        f"folder {root} (input and output trees are disjoint), so scans outside {root} are not "
-                        "shown; run `medseg predict` again to rewrite predictions.json")
+        return [root], (
+            f"predictions.json records {recorded} as the input folder, which overlaps the output "
+            f"folder {root} (input and output trees are disjoint), so scans outside {root} are not "
+            "shown; run `medseg predict` again to rewrite predictions.json"
+        )
     return [root, folder], None
 
 
@@ -403,8 +410,15 @@ def _window(image: np.ndarray | None, modality: str) -> tuple[float, float]:
     return float(lo + hi) / 2, float(hi - lo)
 
 
-def _thumbnail(view: np.ndarray | None, labels: np.ndarray, legend: Sequence[Mapping[str, Any]],
-               window: tuple[float, float], codes: str | None, spacing: Sequence[float], z: int) -> str:
+def _thumbnail(
+    view: np.ndarray | None,
+    labels: np.ndarray,
+    legend: Sequence[Mapping[str, Any]],
+    window: tuple[float, float],
+    codes: str | None,
+    spacing: Sequence[float],
+    z: int,
+) -> str:
     """A small PNG (data URI) of slice ``z``: the scan in its window with the mask at half opacity."""
     h, v = _plane(labels.shape, 2)
     lab = labels[:, :, z]
@@ -425,7 +439,11 @@ def _thumbnail(view: np.ndarray | None, labels: np.ndarray, legend: Sequence[Map
         picture = picture[::-1]
     width_mm, height_mm = lab.shape[0] * spacing[h], lab.shape[1] * spacing[v]
     ratio = min(8.0, max(1 / 8.0, height_mm / width_mm)) if width_mm > 0 else 1.0
-    size = (THUMB_EDGE, max(1, round(THUMB_EDGE * ratio))) if ratio <= 1 else (max(1, round(THUMB_EDGE / ratio)), THUMB_EDGE)
+    size = (
+        (THUMB_EDGE, max(1, round(THUMB_EDGE * ratio)))
+        if ratio <= 1
+        else (max(1, round(THUMB_EDGE / ratio)), THUMB_EDGE)
+    )
     pil = Image.fromarray(np.ascontiguousarray(picture.astype(np.uint8))).resize(size, Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", optimize=True)
@@ -436,8 +454,15 @@ def _load_one(path: Path, options: LoadOptions | None = None) -> Scan:
     return load(ref_for_path(path), options if options is not None else LoadOptions())
 
 
-def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend: Sequence[Mapping[str, Any]],
-                reference: ScanRef | None, data_dir: Path, scan_roots: Sequence[Path]) -> None:
+def _build_case(
+    case: _Case,
+    record: Mapping[str, Any],
+    output_dir: Path,
+    legend: Sequence[Mapping[str, Any]],
+    reference: ScanRef | None,
+    data_dir: Path,
+    scan_roots: Sequence[Path],
+) -> None:
     """Load mask, scan and reference of one case; write its data file; fill in the table row."""
     found: list[str] = []
     try:
@@ -446,8 +471,10 @@ def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend
         found.append(str(exc))
         source = None
     for problem in found:
-        case.problems.append(f"case {case.id}: predictions.json's {problem}; medseg reads masks only from inside the "
-                             "output folder (run `medseg predict` again to rewrite predictions.json)")
+        case.problems.append(
+            f"case {case.id}: predictions.json's {problem}; medseg reads masks only from inside the "
+            "output folder (run `medseg predict` again to rewrite predictions.json)"
+        )
         case.notes.append(case.problems[-1])
     if source is None and found:
         return
@@ -467,15 +494,18 @@ def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend
     if not scan_path:
         case.notes.append("scan not shown (predictions.json names no input for this case); showing the mask alone")
     elif not any(_inside(scan_path, root) for root in scan_roots):
-        case.problems.append(f"case {case.id}: scan not shown, because predictions.json names {scan_path!r} as its "
-                             "scan, outside the batch's input folder (after links); showing the mask alone")
+        case.problems.append(
+            f"case {case.id}: scan not shown, because predictions.json names {scan_path!r} as its "
+            "scan, outside the batch's input folder (after links); showing the mask alone"
+        )
         case.notes.append(case.problems[-1])
     else:
         try:
             scan = _load_one(Path(scan_path))
             if scan.geometry.shape != grid.shape:
-                case.notes.append(f"scan {scan_path} has shape {scan.geometry.shape}, mask {grid.shape}: "
-                                  "scan not shown")
+                case.notes.append(
+                    f"scan {scan_path} has shape {scan.geometry.shape}, mask {grid.shape}: scan not shown"
+                )
             else:
                 image = scan.array.mean(axis=0) if scan.channels > 1 else scan.array[0]
                 modality, codes = scan.modality, _axis_codes(scan)
@@ -486,7 +516,9 @@ def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend
         try:
             ref = load(reference, MASK_OPTIONS)
             if ref.geometry.shape != grid.shape or ref.channels != 1:
-                case.notes.append(f"reference {reference.path} has shape {ref.geometry.shape}, mask {grid.shape}: no outline")
+                case.notes.append(
+                    f"reference {reference.path} has shape {ref.geometry.shape}, mask {grid.shape}: no outline"
+                )
             else:
                 ref_labels = ref.array[0]
         except (MedsegError, OSError, ValueError) as exc:
@@ -520,15 +552,18 @@ def _build_case(case: _Case, record: Mapping[str, Any], output_dir: Path, legend
     if tuple(shown[: grid.ndim]) != tuple(grid.shape):
         kept = " x ".join(str(n) for n in shown[: grid.ndim])
         full = " x ".join(str(n) for n in grid.shape)
-        case.notes.append(f"shown downsampled at {kept} of {full} voxels (evenly spaced, nearest voxel) to keep "
-                          "the page fast; open the mask file in 3D Slicer or ITK-SNAP for full resolution")
+        case.notes.append(
+            f"shown downsampled at {kept} of {full} voxels (evenly spaced, nearest voxel) to keep "
+            "the page fast; open the mask file in 3D Slicer or ITK-SNAP for full resolution"
+        )
     payload["notes"] = case.notes
     name = f"case-{case.index:04d}.js"
     text = "medsegReview.receive(" + _script_json(payload) + ");\n"
     _write_atomic(data_dir / name, text)
     case.file = f"{DATA_FOLDER}/{name}"
-    case.thumbnail = _thumbnail(view, labels, legend, tuple(payload["window"]), codes, payload["spacing"],
-                                payload["start"][2])
+    case.thumbnail = _thumbnail(
+        view, labels, legend, tuple(payload["window"]), codes, payload["spacing"], payload["start"][2]
+    )
 
 
 # ----------------------------------------------------------------------------- the page
@@ -577,21 +612,32 @@ def _write_review(
         notes.append(scan_note)
     unpaired = (metrics or {}).get("unpaired_predictions") or []
     if unpaired:
-        notes.append(f"{len(unpaired)} case(s) have no reference mask, so no scores: " + ", ".join(unpaired[:10])
-                     + (" and more" if len(unpaired) > 10 else ""))
+        notes.append(
+            f"{len(unpaired)} case(s) have no reference mask, so no scores: "
+            + ", ".join(unpaired[:10])
+            + (" and more" if len(unpaired) > 10 else "")
+        )
 
     data_dir = output_dir / DATA_FOLDER
     if data_dir.is_symlink() or (data_dir.exists() and not _inside(data_dir, output_dir)):
-        raise ReviewError(f"{data_dir}: is a link (to {data_dir.resolve()}); medseg writes and prunes the page's "
-                          f"case files only inside {output_dir}, so remove the link and run again")
+        raise ReviewError(
+            f"{data_dir}: is a link (to {data_dir.resolve()}); medseg writes and prunes the page's "
+            f"case files only inside {output_dir}, so remove the link and run again"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     scores = {c["case"]: c for c in (metrics or {}).get("cases", [])}
     cases: list[_Case] = []
     records = batch["records"]
     for index, record in enumerate(records, start=1):
-        case = _Case(index, str(record.get("case", f"case {index}")), str(record.get("kind", "")),
-                     str(record.get("status", "")), str(record.get("input", "")), str(record.get("reason", "")),
-                     float(record.get("seconds") or 0.0))
+        case = _Case(
+            index,
+            str(record.get("case", f"case {index}")),
+            str(record.get("kind", "")),
+            str(record.get("status", "")),
+            str(record.get("input", "")),
+            str(record.get("reason", "")),
+            float(record.get("seconds") or 0.0),
+        )
         case.scores = scores.get(case.id, {}).get("classes", {})
         case.notes.extend(_record_notes(record))
         cases.append(case)
@@ -600,8 +646,9 @@ def _write_review(
         if case.status not in ("written", "skipped"):
             return
         try:
-            _build_case(case, records[case.index - 1], output_dir, legend, references.get(case.id), data_dir,
-                        scan_roots)
+            _build_case(
+                case, records[case.index - 1], output_dir, legend, references.get(case.id), data_dir, scan_roots
+            )
         except (MedsegError, OSError, ValueError, MemoryError) as exc:
             case.notes.append(f"cannot show this case: {type(exc).__name__}: {exc}")
 
@@ -656,8 +703,9 @@ def _reference_index(reference_dir: Path, notes: list[str]) -> dict[str, ScanRef
     return {ref.id: ref for ref in found.scans}
 
 
-def _evaluate_in_memory(output_dir: Path, reference_dir: Path, classes: Mapping[str, int],
-                        notes: list[str]) -> dict[str, Any] | None:
+def _evaluate_in_memory(
+    output_dir: Path, reference_dir: Path, classes: Mapping[str, int], notes: list[str]
+) -> dict[str, Any] | None:
     from medseg.evaluate import evaluate_folders
 
     try:
@@ -665,8 +713,10 @@ def _evaluate_in_memory(output_dir: Path, reference_dir: Path, classes: Mapping[
     except MedsegError as exc:
         notes.append(f"no scores: {exc}")
         return None
-    notes.append(f"scores computed for this page against {reference_dir}; run `medseg evaluate --pred {output_dir} "
-                 f"--ref {reference_dir}` to keep them as metrics.csv / metrics.json")
+    notes.append(
+        f"scores computed for this page against {reference_dir}; run `medseg evaluate --pred {output_dir} "
+        f"--ref {reference_dir}` to keep them as metrics.csv / metrics.json"
+    )
     return report.to_dict()
 
 
@@ -720,8 +770,15 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _page(output_dir: Path, batch: Mapping[str, Any], legend: Sequence[Mapping[str, Any]], cases: Sequence[_Case],
-          metrics: Mapping[str, Any] | None, curves: Path | None, notes: list[str]) -> str:
+def _page(
+    output_dir: Path,
+    batch: Mapping[str, Any],
+    legend: Sequence[Mapping[str, Any]],
+    cases: Sequence[_Case],
+    metrics: Mapping[str, Any] | None,
+    curves: Path | None,
+    notes: list[str],
+) -> str:
     from medseg.report import plot_dice_distribution
 
     e = html.escape
@@ -733,31 +790,52 @@ def _page(output_dir: Path, batch: Mapping[str, Any], legend: Sequence[Mapping[s
     dice = {name: [_number(c.scores.get(name, {}).get("dice")) for c in cases if c.scores] for name in classes}
     chart = plot_dice_distribution(dice, colours) if metrics else None
     if chart:
-        plots.append(f'<figure class="card"><img alt="Dice per class" src="{_png_uri(chart)}"><figcaption>Dice per class: '
-                     "a box (quartiles, median) and one dot per case.</figcaption></figure>")
+        plots.append(
+            f'<figure class="card"><img alt="Dice per class" src="{_png_uri(chart)}"><figcaption>Dice per class: '
+            "a box (quartiles, median) and one dot per case.</figcaption></figure>"
+        )
     elif not metrics:
-        notes.append(f"no metrics.json: run `medseg evaluate --pred {output_dir} --ref REFERENCE_MASKS`, or "
-                     "`medseg view --reference REFERENCE_MASKS --rebuild`, for Dice / IoU and reference outlines")
+        notes.append(
+            f"no metrics.json: run `medseg evaluate --pred {output_dir} --ref REFERENCE_MASKS`, or "
+            "`medseg view --reference REFERENCE_MASKS --rebuild`, for Dice / IoU and reference outlines"
+        )
     if curves is not None:
-        plots.append(f'<figure class="card"><img alt="learning curves" src="{_png_uri(curves.read_bytes())}"><figcaption>'
-                     f"Learning curves of the training run ({e(str(curves))}).</figcaption></figure>")
+        plots.append(
+            f'<figure class="card"><img alt="learning curves" src="{_png_uri(curves.read_bytes())}"><figcaption>'
+            f"Learning curves of the training run ({e(str(curves))}).</figcaption></figure>"
+        )
 
     failures = [(c.id, c.input, c.reason) for c in cases if c.status == "failed"]
-    failures += [(f["case"], ", ".join(f.get("paths", [])), "evaluation: " + f["reason"])
-                 for f in (metrics or {}).get("failures", [])]
+    failures += [
+        (f["case"], ", ".join(f.get("paths", [])), "evaluation: " + f["reason"])
+        for f in (metrics or {}).get("failures", [])
+    ]
     failure_items = "".join(
         f"<li><b>{e(case)}</b> <code>{e(path)}</code><br>{e(reason)}</li>" for case, path, reason in failures
     )
 
     summary = (metrics or {}).get("summary", {}).get("classes", {})
-    head = "".join(
-        f'<th data-type="num"><span class="swatch" style="background:{_css(colours.get(n))}"></span>{e(n)}<br>{m}</th>'
-        for n in classes for m in ("Dice", "IoU")
-    ) if metrics else ""
+    head = (
+        "".join(
+            f'<th data-type="num"><span class="swatch" style="background:{_css(colours.get(n))}"></span>'
+            f"{e(n)}<br>{m}</th>"
+            for n in classes
+            for m in ("Dice", "IoU")
+        )
+        if metrics
+        else ""
+    )
     rows = []
     for c in cases:
-        cells = "".join(_score_cell(c.scores.get(n, {}).get(m.lower()) if c.scores else None)
-                        for n in classes for m in ("Dice", "IoU")) if metrics else ""
+        cells = (
+            "".join(
+                _score_cell(c.scores.get(n, {}).get(m.lower()) if c.scores else None)
+                for n in classes
+                for m in ("Dice", "IoU")
+            )
+            if metrics
+            else ""
+        )
         thumb = f'<img class="thumb" alt="" loading="lazy" src="{c.thumbnail}">' if c.thumbnail else ""
         title = f' title="{e(c.reason)}"' if c.reason else ""
         shape = " x ".join(map(str, c.shape))
@@ -769,22 +847,28 @@ def _page(output_dir: Path, batch: Mapping[str, Any], legend: Sequence[Mapping[s
     foot = ""
     if metrics and summary:
         means = "".join(
-            f"<td>{_fmt(summary.get(n, {}).get(m.lower(), {}).get('mean'))}</td>" for n in classes for m in ("Dice", "IoU")
+            f"<td>{_fmt(summary.get(n, {}).get(m.lower(), {}).get('mean'))}</td>"
+            for n in classes
+            for m in ("Dice", "IoU")
         )
-        foot = (f'<tfoot><tr><td></td><td>mean over {len(metrics.get("cases", []))} scored</td><td></td>{means}'
-                '<td colspan="3"></td></tr></tfoot>')
+        foot = (
+            f"<tfoot><tr><td></td><td>mean over {len(metrics.get('cases', []))} scored</td><td></td>{means}"
+            '<td colspan="3"></td></tr></tfoot>'
+        )
 
     legend_items = "".join(
         f'<label class="class"><input type="checkbox" data-class="{x["index"]}" checked>'
         f'<span class="swatch" style="background:{_css(x["colour"])}"></span>{e(x["name"])} '
-        f'<small>({x["value"]})</small></label>'
+        f"<small>({x['value']})</small></label>"
         for x in legend
     )
     background = [n for n, v in batch["classes"].items() if v == 0]
     data = {
         "classes": legend,
-        "cases": [{"index": c.index, "id": c.id, "file": c.file, "status": c.status, "reason": c.reason,
-                   "notes": c.notes} for c in cases],
+        "cases": [
+            {"index": c.index, "id": c.id, "file": c.file, "status": c.status, "reason": c.reason, "notes": c.notes}
+            for c in cases
+        ],
     }
     fields = {
         "title": e(str(output_dir.resolve().name)),
@@ -795,8 +879,8 @@ def _page(output_dir: Path, batch: Mapping[str, Any], legend: Sequence[Mapping[s
         "builder": e(__version__),
         "input": e(str(batch.get("input", ""))),
         "checkpoint": e(str(batch.get("checkpoint") or "(none recorded)")),
-        "counts": f'{len(cases)} cases: {counts["written"]} written, {counts["skipped"]} skipped (up to date), '
-                  f'{counts["failed"]} failed',
+        "counts": f"{len(cases)} cases: {counts['written']} written, {counts['skipped']} skipped (up to date), "
+        f"{counts['failed']} failed",
         "notes": "".join(f"<li>{e(n)}</li>" for n in notes),
         "plots": "".join(plots),
         "failure_count": str(len(failures)),
@@ -880,7 +964,9 @@ class _Handler(SimpleHTTPRequestHandler):
     """
 
     extensions_map: ClassVar[dict[str, str]] = {
-        **SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript", ".html": "text/html",
+        **SimpleHTTPRequestHandler.extensions_map,
+        ".js": "text/javascript",
+        ".html": "text/html",
     }
 
     def send_head(self):  # type: ignore[override]
@@ -963,8 +1049,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
         level = logging.DEBUG if isinstance(exc, ConnectionError) else logging.WARNING
-        log.log(level, "medseg view: request from %s ended early: %s: %s", client_address[0],
-                type(exc).__name__, exc)
+        log.log(level, "medseg view: request from %s ended early: %s: %s", client_address[0], type(exc).__name__, exc)
 
 
 class ReviewServer:
@@ -981,14 +1066,20 @@ class ReviewServer:
         if not self.root.is_dir():
             raise ReviewError(f"{root}: no such folder; pass the output folder of `medseg predict`")
         handler = functools.partial(_Handler, directory=str(self.root))
-        server_class = type("Server", (_Server,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
-        })
+        server_class = type(
+            "Server",
+            (_Server,),
+            {
+                "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
+            },
+        )
         try:
             self.httpd = server_class((host, port), handler)
         except OSError as exc:
-            raise ReviewError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --port, "
-                              "or leave it out for a free one") from exc
+            raise ReviewError(
+                f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --port, "
+                "or leave it out for a free one"
+            ) from exc
         self._thread: threading.Thread | None = None
         bound = self.httpd.server_address[1]
         if host in LOOPBACK:  # only this machine's names, so another site cannot borrow the port

@@ -78,9 +78,7 @@ class PatchSampler:
             classes = self.positions[item_index]
             flat = classes[self._randint(len(classes))]
             centre = torch.unravel_index(flat[self._randint(flat.numel())], tuple(shape))
-            return [
-                min(max(int(c) - p // 2, 0), max(s - p, 0)) for c, p, s in zip(centre, self.patch, shape)
-            ]
+            return [min(max(int(c) - p // 2, 0), max(s - p, 0)) for c, p, s in zip(centre, self.patch, shape)]
         return [self._randint(s - p + 1) for p, s in zip(self.patch, shape)]
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,8 +140,16 @@ _TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 # Plurals that dropping a final "s" does not undo.
-_IRREGULAR = {"nuclei": "nucleus", "cell nuclei": "cell nucleus", "vertebrae": "vertebra", "metastases": "metastasis",
-              "arteries": "artery", "bronchi": "bronchus", "ovaries": "ovary", "lymph nodes": "lymph node"}
+_IRREGULAR = {
+    "nuclei": "nucleus",
+    "cell nuclei": "cell nucleus",
+    "vertebrae": "vertebra",
+    "metastases": "metastasis",
+    "arteries": "artery",
+    "bronchi": "bronchus",
+    "ovaries": "ovary",
+    "lymph nodes": "lymph node",
+}
 # Words that only say which part of a structure a class is (MSD's hippocampus "anterior"/"posterior").
 _PARTS = {"anterior", "posterior", "head", "tail", "body"}
 _SIDES = {"left": "Left", "l": "Left", "lt": "Left", "right": "Right", "r": "Right", "rt": "Right"}
@@ -260,7 +268,9 @@ def segment_coding(name: str, overrides: Mapping[str, Any] | None = None) -> Seg
         if hasattr(override, "model_dump"):
             override = override.model_dump()
         if not isinstance(override, Mapping):
-            raise TypeError(f"classes_coding.{label}: expected a mapping with category and type, got {type(override).__name__}")
+            raise TypeError(
+                f"classes_coding.{label}: expected a mapping with category and type, got {type(override).__name__}"
+            )
         modifier = override.get("modifier")
         return SegmentCoding(
             label=label,
@@ -274,5 +284,6 @@ def segment_coding(name: str, overrides: Mapping[str, Any] | None = None) -> Seg
     if matched is None:
         return SegmentCoding(label=label, category=codes.SCT.Tissue, type=codes.SCT.Tissue, known=False)
     (category, type_code), side = matched
-    return SegmentCoding(label=label, category=category, type=type_code,
-                         modifier=getattr(codes.SCT, side) if side else None)
+    return SegmentCoding(
+        label=label, category=category, type=type_code, modifier=getattr(codes.SCT, side) if side else None
+    )

@@ -88,7 +88,9 @@ def prepare_items(cases: Sequence[Case], config: Config, with_weights: bool) -> 
         for item_id, img, tgt in _to_model_dims(case.id, image, target, config):
             if with_weights:
                 instance = names.index(config.train.border_class)
-                weight = border_weight_map(tgt[0].long().numpy(), instance, len(classes), config.train.border_w0, config.train.border_sigma)
+                weight = border_weight_map(
+                    tgt[0].long().numpy(), instance, len(classes), config.train.border_w0, config.train.border_sigma
+                )
                 tgt = torch.cat([tgt, torch.as_tensor(weight)[None]])
             items.append(Item(item_id, img, tgt))
     return items
@@ -105,7 +107,9 @@ def _to_model_dims(case_id: str, image: torch.Tensor, target: torch.Tensor, conf
         for k in range(image.shape[axis]):
             yield f"{case_id}[{k}]", image.select(axis, k), target.select(axis, k)
     else:
-        raise ConfigError(f"model.spatial_dims is {dims} but case {case_id} has {spatial} spatial axes; a 3D model needs volumes")
+        raise ConfigError(
+            f"model.spatial_dims is {dims} but case {case_id} has {spatial} spatial axes; a 3D model needs volumes"
+        )
 
 
 # --- one epoch and validation --------------------------------------------------------
@@ -281,7 +285,9 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: to
 def _run_dir(config: Config, resume: Path | None, overwrite: bool) -> Path:
     if resume is not None:
         if not (resume / "latest.pt").is_file():
-            raise MedsegError(f"{resume}: no latest.pt to resume from; pass the run folder a previous `medseg train` wrote")
+            raise MedsegError(
+                f"{resume}: no latest.pt to resume from; pass the run folder a previous `medseg train` wrote"
+            )
         return resume
     run_dir = config.output_dir / config.name
     _check_outside_data(run_dir, config)
@@ -304,8 +310,10 @@ def _check_outside_data(run_dir: Path, config: Config) -> None:
         try:
             check_disjoint(Path(folder), run_dir)
         except OutputUnwritable:
-            raise ConfigError(f"the run folder {run_dir} (output_dir/name) and data.{key} {folder} overlap; "
-                              "training never writes into its data: set output_dir to a folder outside it") from None
+            raise ConfigError(
+                f"the run folder {run_dir} (output_dir/name) and data.{key} {folder} overlap; "
+                "training never writes into its data: set output_dir to a folder outside it"
+            ) from None
 
 
 class RunClock:
@@ -342,27 +350,35 @@ def _check_averaging_matches(state: TrainingState, stored: Config, config: Confi
     """A resumed run keeps averaging as it started: the average cannot be rebuilt for a run
     that never kept one, and dropping it would validate different weights against the best."""
     if config.train.ema_decay and not state.averaged:
-        raise ConfigError(f"{path} was trained without weight averaging, but train.ema_decay is "
-                          f"{config.train.ema_decay}; resume with --set train.ema_decay=null, or start a new run")
+        raise ConfigError(
+            f"{path} was trained without weight averaging, but train.ema_decay is "
+            f"{config.train.ema_decay}; resume with --set train.ema_decay=null, or start a new run"
+        )
     if state.averaged and not config.train.ema_decay:
         decay = stored.train.ema_decay
-        raise ConfigError(f"{path} was trained with weight averaging (train.ema_decay {decay}), but the config turns it "
-                          f"off; resume with --set train.ema_decay={decay}, or start a new run")
+        raise ConfigError(
+            f"{path} was trained with weight averaging (train.ema_decay {decay}), but the config turns it "
+            f"off; resume with --set train.ema_decay={decay}, or start a new run"
+        )
 
 
 def _resume_state(run_dir: Path) -> Checkpoint:
     """The run's latest.pt with the training state a resume needs (a predict-only file has none)."""
     state = load_checkpoint(run_dir / "latest.pt")
     if state.training is None:
-        raise MedsegError(f"{run_dir / 'latest.pt'}: holds weights but no training state to resume from; "
-                          "start a new run (--overwrite) or pass the folder of the run that wrote it")
+        raise MedsegError(
+            f"{run_dir / 'latest.pt'}: holds weights but no training state to resume from; "
+            "start a new run (--overwrite) or pass the folder of the run that wrote it"
+        )
     return state
 
 
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay
+        )
     return torch.optim.Adam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
@@ -405,16 +421,28 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.train.seed + 1000 * rank)
     sampler = PatchSampler(train_items, config.train.patch_size, config.train.foreground_oversample, generator)
-    augment = ElasticAugment(config.model.spatial_dims, **config.augment.model_dump(exclude={"enabled"})) if config.augment.enabled else None
+    augment = (
+        ElasticAugment(config.model.spatial_dims, **config.augment.model_dump(exclude={"enabled"}))
+        if config.augment.enabled
+        else None
+    )
     loss_fn = Loss(config.train.loss)
     optimizer = _optimizer(model, config)
     elapsed_before = float(state.training.elapsed_seconds) if state is not None else 0.0
-    clock = RunClock(config.train.epochs * config.train.steps_per_epoch, config.train.time_budget_minutes, elapsed_before)
+    clock = RunClock(
+        config.train.epochs * config.train.steps_per_epoch, config.train.time_budget_minutes, elapsed_before
+    )
     scheduler = _schedule(optimizer, config, clock)
     dtype = choose_precision(config.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay), use_buffers=True) if config.train.ema_decay else None
-    judged = ema.module if ema is not None else model  # the weights validated, checkpointed as "model" and predicted with
+    ema = (
+        AveragedModel(model, multi_avg_fn=ema_update(config.train.ema_decay), use_buffers=True)
+        if config.train.ema_decay
+        else None
+    )
+    judged = (
+        ema.module if ema is not None else model
+    )  # the weights validated, checkpointed as "model" and predicted with
     log.info("training on %s in %s", device, "fp32" if dtype is None else str(dtype).removeprefix("torch."))
 
     epoch, best_metric, best_epoch, best_metrics, history = 0, -math.inf, 0, {}, []
@@ -440,14 +468,21 @@ def train(
     all_losses: list[float] = []
     since_best = 0
     while epoch < stop_epoch:
-        losses, out_of_time = train_one_epoch(net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock, dtype, ema)
+        losses, out_of_time = train_one_epoch(
+            net, sampler, augment, loss_fn, optimizer, scheduler, scaler, config, device, bar, clock, dtype, ema
+        )
         epoch += 1
         all_losses.extend(losses)
         if world > 1:  # BatchNorm statistics (and their averages): rank 0's, so all ranks agree
             for buffer in itertools.chain(model.buffers(), ema.module.buffers() if ema is not None else ()):
                 dist.broadcast(buffer, 0)
-        row: dict[str, float] = {"epoch": epoch, "step": scheduler.last_epoch, "train_loss": float(np.mean(losses)),
-                                 "lr": scheduler.get_last_lr()[0], "seconds": round(clock.elapsed, 2)}
+        row: dict[str, float] = {
+            "epoch": epoch,
+            "step": scheduler.last_epoch,
+            "train_loss": float(np.mean(losses)),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(clock.elapsed, 2),
+        }
         validate = val_items and (epoch % config.train.val_every == 0 or epoch == stop_epoch or out_of_time)
         if validate:
             row.update(evaluate(judged, val_items, config, device, dtype))
@@ -459,20 +494,33 @@ def train(
             else:
                 since_best += 1
         history.append(row)
-        stop = out_of_time or (config.train.early_stop_patience is not None and since_best >= config.train.early_stop_patience)
+        stop = out_of_time or (
+            config.train.early_stop_patience is not None and since_best >= config.train.early_stop_patience
+        )
         if rank == 0:
             rng = [_rng_state(generator, device)]
             if world > 1:
                 gathered: list[Any] = [None] * world
                 dist.gather_object(rng[0], gathered, dst=0)
                 rng = gathered
-            ckpt = Checkpoint(config, judged.state_dict(), TrainingState(
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                epoch=epoch, best_metric=best_metric, best_epoch=best_epoch, best_metrics=best_metrics,
-                history=history, rng=rng, elapsed_seconds=clock.elapsed,
-                training_model=model.state_dict() if ema is not None else None,
-                ema_updates=int(ema.n_averaged) if ema is not None else None,
-            ))
+            ckpt = Checkpoint(
+                config,
+                judged.state_dict(),
+                TrainingState(
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    epoch=epoch,
+                    best_metric=best_metric,
+                    best_epoch=best_epoch,
+                    best_metrics=best_metrics,
+                    history=history,
+                    rng=rng,
+                    elapsed_seconds=clock.elapsed,
+                    training_model=model.state_dict() if ema is not None else None,
+                    ema_updates=int(ema.n_averaged) if ema is not None else None,
+                ),
+            )
             save_checkpoint(ckpt, run_dir / "latest.pt")
             if best_epoch == epoch or not val_items:
                 save_checkpoint(ckpt, run_dir / "best.pt")

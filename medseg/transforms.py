@@ -43,7 +43,11 @@ def label_to_index(label: np.ndarray, values: Sequence[int], source: str = "labe
         out[label == value] = index
     if (out < 0).any():
         extra = sorted(set(np.unique(label[out < 0]).tolist()))
-        raise LabelError(source, f"label values {extra[:10]} are not among the configured classes {list(values)}", "add them to data.classes or fix the mask")
+        raise LabelError(
+            source,
+            f"label values {extra[:10]} are not among the configured classes {list(values)}",
+            "add them to data.classes or fix the mask",
+        )
     return out
 
 
@@ -81,7 +85,11 @@ class Preprocessor:
             return [NormalizeIntensityd(keys="image", channel_wise=True)]
         if cfg.intensity == "percentile":
             low, high = cfg.percentiles
-            return [ScaleIntensityRangePercentilesd(keys="image", lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)]
+            return [
+                ScaleIntensityRangePercentilesd(
+                    keys="image", lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+                )
+            ]
         if cfg.intensity == "ct_window":
             low, high = cfg.window
             return [ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)]
@@ -100,8 +108,14 @@ class Preprocessor:
         from medseg.io.budget import check_resample_budget
 
         if self._is_volume(scan) and self.config.spacing:
-            check_resample_budget(scan.ref.path, scan.geometry, self.config.spacing, orientation=self.config.orientation,
-                                  bytes_per_voxel=bytes_per_voxel, budget=budget_mb)
+            check_resample_budget(
+                scan.ref.path,
+                scan.geometry,
+                self.config.spacing,
+                orientation=self.config.orientation,
+                bytes_per_voxel=bytes_per_voxel,
+                budget=budget_mb,
+            )
 
     def pipeline(self, scan: Scan, with_label: bool) -> Compose:
         keys, modes = (["image", "label"], ["bilinear", "nearest"]) if with_label else (["image"], ["bilinear"])
@@ -113,7 +127,9 @@ class Preprocessor:
         Returns a dict with 'image' (float32 MetaTensor) and 'label', plus 'transform',
         the Compose to hand to ``invert``.
         """
-        data: dict[str, Any] = {"image": to_meta_tensor(scan.array.astype(np.float32, copy=False), scan.geometry.affine)}
+        data: dict[str, Any] = {
+            "image": to_meta_tensor(scan.array.astype(np.float32, copy=False), scan.geometry.affine)
+        }
         if label is not None:
             data["label"] = to_meta_tensor(label.astype(np.float32, copy=False), scan.geometry.affine)
         transform = self.pipeline(scan, with_label=label is not None)
@@ -130,5 +146,7 @@ class Preprocessor:
         pred = MetaTensor(torch.as_tensor(prediction), meta=dict(image.meta))
         pred.applied_operations = list(image.applied_operations)
         data = {"image": image, "pred": pred}
-        inverted = Invertd(keys="pred", transform=preprocessed["transform"], orig_keys="image", nearest_interp=True)(data)
+        inverted = Invertd(keys="pred", transform=preprocessed["transform"], orig_keys="image", nearest_interp=True)(
+            data
+        )
         return np.asarray(inverted["pred"].detach().cpu())

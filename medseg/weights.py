@@ -43,7 +43,9 @@ def border_weight_map(
         for i, box in enumerate(ndimage.find_objects(instances), start=1):
             if box is None:
                 continue
-            window = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, size)) for b, size in zip(box, label.shape))
+            window = tuple(
+                slice(max(b.start - reach, 0), min(b.stop + reach, size)) for b, size in zip(box, label.shape)
+            )
             d = ndimage.distance_transform_edt(instances[window] != i)
             near, sec = nearest[window], second[window]
             closer = d < near

@@ -31,12 +31,21 @@ def tiny_em_config(root: Path, out: Path, name: str, epochs: int, steps_per_epoc
 
     raw = {
         "name": name,
-        "data": {"images": str(root / "images"), "labels": str(root / "labels"), "classes": {"membrane": 0, "cell": 255},
-                 "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]}},
+        "data": {
+            "images": str(root / "images"),
+            "labels": str(root / "labels"),
+            "classes": {"membrane": 0, "cell": 255},
+            "split": {"mode": "cases", "train": ["s0", "s1", "s2", "s3"], "val": ["s4"]},
+        },
         "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
         "augment": {"enabled": False},
-        "train": {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": 4, "patch_size": [32, 32],
-                  "learning_rate": 0.01},
+        "train": {
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "batch_size": 4,
+            "patch_size": [32, 32],
+            "learning_rate": 0.01,
+        },
         "output_dir": str(out),
     }
     for section, values in sections.items():

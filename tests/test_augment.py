@@ -152,8 +152,17 @@ def test_rotation_is_rigid_in_pixels_on_a_non_square_image():
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_fused_affine_grid_matches_torch_affine_grid(spatial_dims):
     shape = SHAPES[spatial_dims]
-    augment = ElasticAugment(spatial_dims, sigma=0.0, rotate_degrees=30, p_rotate=1.0, shift=0.1, p_shift=1.0,
-                             scale=(0.8, 1.2), p_scale=1.0, p_flip=0.5)
+    augment = ElasticAugment(
+        spatial_dims,
+        sigma=0.0,
+        rotate_degrees=30,
+        p_rotate=1.0,
+        shift=0.1,
+        p_shift=1.0,
+        scale=(0.8, 1.2),
+        p_scale=1.0,
+        p_flip=0.5,
+    )
     grid = augment.sampling_grid(5, shape, _gen(6))
     theta = augment._affine(5, shape, _gen(6))
     assert torch.allclose(grid, F.affine_grid(theta, [5, 1, *shape], align_corners=True), atol=1e-5)
@@ -163,8 +172,19 @@ def test_fused_affine_grid_matches_torch_affine_grid(spatial_dims):
 @pytest.mark.parametrize("dtype", [torch.long, torch.float32, torch.uint8])
 def test_labels_keep_only_their_original_values(spatial_dims, dtype):
     label = _labels(spatial_dims, batch=3, dtype=dtype)
-    augment = ElasticAugment(spatial_dims, sigma=10.0, rotate_degrees=20, p_rotate=1.0, scale=(0.8, 1.2),
-                             p_scale=1.0, p_flip=0.5, brightness=0.2, contrast=0.2, gamma=0.3, p_intensity=1.0)
+    augment = ElasticAugment(
+        spatial_dims,
+        sigma=10.0,
+        rotate_degrees=20,
+        p_rotate=1.0,
+        scale=(0.8, 1.2),
+        p_scale=1.0,
+        p_flip=0.5,
+        brightness=0.2,
+        contrast=0.2,
+        gamma=0.3,
+        p_intensity=1.0,
+    )
     _, out = augment(_image(spatial_dims, batch=3), label, _gen(7))
     assert out.dtype == dtype and out.shape == label.shape
     assert set(out.unique().tolist()) <= {0, 3, 7}
@@ -204,8 +224,16 @@ def test_seeded_generator_is_deterministic_and_samples_differ():
 def test_batched_shapes_dtype_and_device(spatial_dims, channels, device):
     image = _image(spatial_dims, batch=3, channels=channels, device=device)
     label = _labels(spatial_dims, batch=3).to(device)
-    augment = ElasticAugment(spatial_dims, rotate_degrees=10, shift=0.1, scale=(0.9, 1.1), p_flip=0.5,
-                             brightness=0.1, contrast=0.1, gamma=0.1)
+    augment = ElasticAugment(
+        spatial_dims,
+        rotate_degrees=10,
+        shift=0.1,
+        scale=(0.9, 1.1),
+        p_flip=0.5,
+        brightness=0.1,
+        contrast=0.1,
+        gamma=0.1,
+    )
     before = image.clone()
     out, out_label = augment(image, label, _gen())
     assert out.shape == image.shape and out.dtype == torch.float32 and out.device == image.device

@@ -65,6 +65,6 @@ def test_label_offset_finds_a_known_shift_per_axis(offset):
 
 def test_parabolic_peak_is_exact_for_a_parabola_and_clamps_at_the_ends(offset):
     shifts = [-2, -1, 0, 1, 2]
-    assert offset.parabolic_peak(shifts, [-(s - 0.3) ** 2 for s in shifts]) == pytest.approx(0.3)
-    assert offset.parabolic_peak(shifts, [-(s + 0.6) ** 2 for s in shifts]) == pytest.approx(-0.6)
+    assert offset.parabolic_peak(shifts, [-((s - 0.3) ** 2) for s in shifts]) == pytest.approx(0.3)
+    assert offset.parabolic_peak(shifts, [-((s + 0.6) ** 2) for s in shifts]) == pytest.approx(-0.6)
     assert offset.parabolic_peak(shifts, [1, 2, 3, 4, 5]) == 2.0

@@ -14,8 +14,23 @@ from medseg import __version__, phantoms
 from medseg.cli import main
 
 INFO_KEYS = {
-    "id", "kind", "path", "files", "modality", "series_description", "channels", "dtype", "intensity_range",
-    "shape", "spacing", "spacing_known", "origin", "orientation", "affine", "notes", "problems",
+    "id",
+    "kind",
+    "path",
+    "files",
+    "modality",
+    "series_description",
+    "channels",
+    "dtype",
+    "intensity_range",
+    "shape",
+    "spacing",
+    "spacing_known",
+    "origin",
+    "orientation",
+    "affine",
+    "notes",
+    "problems",
 }
 
 
@@ -71,8 +86,10 @@ HEAVY = ("torch", "monai", "numpy", "nibabel", "pydicom", "prefect", "scipy", "s
 def test_parser_imports_no_heavy_library():
     """`medseg --help` answers at once: building the parser imports none of the heavy libraries (a fresh
     process, so modules this test run already imported cannot hide one)."""
-    code = ("import medseg.cli, sys; medseg.cli.build_parser(); "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    code = (
+        "import medseg.cli, sys; medseg.cli.build_parser(); "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 

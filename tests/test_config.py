@@ -51,7 +51,9 @@ def test_errors_name_file_and_key(tmp_path, text, expected):
 
 def test_dotted_overrides(tmp_path):
     path = _write(tmp_path, "model: {name: unet}\ntrain: {epochs: 10}\n")
-    cfg = load_config(path, ["train.epochs=5", "infer.roi_size=[64, 96]", "model.options.dropout=0.5", "infer.tta=true"])
+    cfg = load_config(
+        path, ["train.epochs=5", "infer.roi_size=[64, 96]", "model.options.dropout=0.5", "infer.tta=true"]
+    )
     assert cfg.train.epochs == 5
     assert cfg.infer.roi_size == [64, 96]
     assert cfg.model.options == {"dropout": 0.5}

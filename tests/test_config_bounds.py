@@ -31,7 +31,12 @@ UNET = "model: {name: unet}\n"
 
 def billion_laughs(under: str = "options") -> str:
     """Nine levels of nine aliases each under ``model.<under>``: 30 lines that expand to 4.9e8 values."""
-    lines = ["model:", "  name: unet", f"  {under}:", '    a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines = [
+        "model:",
+        "  name: unet",
+        f"  {under}:",
+        '    a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+    ]
     for prev, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"    {name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
     return "\n".join(lines) + "\n"
@@ -47,38 +52,60 @@ def alias_chain(levels: int) -> str:
 HOSTILE = {
     # YAML structure: refused while composing, before any value is built
     "alias_bomb": (billion_laughs(), "model.options", "alias bomb"),
-    "deep_nesting": (UNET.rstrip("}\n") + ", options: {x: " + "[" * 5000 + "]" * 5000 + "}}\n", "model.options.x",
-                     f"more than {MAX_YAML_DEPTH} levels deep"),
+    "deep_nesting": (
+        UNET.rstrip("}\n") + ", options: {x: " + "[" * 5000 + "]" * 5000 + "}}\n",
+        "model.options.x",
+        f"more than {MAX_YAML_DEPTH} levels deep",
+    ),
     "alias_chain_depth": (alias_chain(60), "model.options", "levels deep"),
     "recursive_alias": ("model: {name: unet, options: {loop: &a [1, *a]}}\n", "model.options.loop", "recursive alias"),
-    "too_many_aliases": ("model: {name: unet, options: {x: &x 1, many: [" + ", ".join(["*x"] * (MAX_YAML_ALIASES + 1))
-                         + "]}}\n", "model.options.many", f"more than {MAX_YAML_ALIASES} aliases"),
+    "too_many_aliases": (
+        "model: {name: unet, options: {x: &x 1, many: [" + ", ".join(["*x"] * (MAX_YAML_ALIASES + 1)) + "]}}\n",
+        "model.options.many",
+        f"more than {MAX_YAML_ALIASES} aliases",
+    ),
     "huge_integer": (UNET + "train: {epochs: " + "9" * 5000 + "}\n", "train.epochs", "an integer of 5000 characters"),
     # sizes
-    "zero_patch": ("model: {name: unet, spatial_dims: 3}\ntrain: {patch_size: [0, 0, 0]}\n", "train.patch_size",
-                   "every size must be 1 to"),
+    "zero_patch": (
+        "model: {name: unet, spatial_dims: 3}\ntrain: {patch_size: [0, 0, 0]}\n",
+        "train.patch_size",
+        "every size must be 1 to",
+    ),
     "zero_roi": (UNET + "infer: {roi_size: [0, 0]}\n", "infer.roi_size", "every size must be 1 to"),
     "roi_wrong_length": (UNET + "infer: {roi_size: [64, 64, 64]}\n", "infer.roi_size", "model.spatial_dims=2 values"),
-    "patch_not_a_multiple": (UNET + "train: {patch_size: [250, 256]}\n", "train.patch_size",
-                             "multiple of 16 for unet"),
-    "roi_not_a_multiple_segnet": ("model: {name: segnet}\ninfer: {roi_size: [48, 64]}\n", "infer.roi_size",
-                                  "multiple of 32 for segnet"),
-    "valid_unet_bad_patch": ("model: {name: unet, options: {padding: valid}}\ntrain: {patch_size: [570, 572]}\n",
-                             "train.patch_size", "nearest valid: 556 or 572"),
-    "patch_too_many_voxels": ("model: {name: unet, spatial_dims: 3}\ntrain: {patch_size: [4096, 4096, 4096]}\n",
-                              "train.patch_size", "more than 16777216"),
+    "patch_not_a_multiple": (UNET + "train: {patch_size: [250, 256]}\n", "train.patch_size", "multiple of 16 for unet"),
+    "roi_not_a_multiple_segnet": (
+        "model: {name: segnet}\ninfer: {roi_size: [48, 64]}\n",
+        "infer.roi_size",
+        "multiple of 32 for segnet",
+    ),
+    "valid_unet_bad_patch": (
+        "model: {name: unet, options: {padding: valid}}\ntrain: {patch_size: [570, 572]}\n",
+        "train.patch_size",
+        "nearest valid: 556 or 572",
+    ),
+    "patch_too_many_voxels": (
+        "model: {name: unet, spatial_dims: 3}\ntrain: {patch_size: [4096, 4096, 4096]}\n",
+        "train.patch_size",
+        "more than 16777216",
+    ),
     "batch_1e9": (UNET + "train: {batch_size: 1e9}\n", "train.batch_size", "less than or equal to 4096"),
-    "batch_voxels": (UNET + "train: {batch_size: 4096, patch_size: [512, 512]}\n", "train.batch_size",
-                     "voxels a batch"),
+    "batch_voxels": (
+        UNET + "train: {batch_size: 4096, patch_size: [512, 512]}\n",
+        "train.batch_size",
+        "voxels a batch",
+    ),
     "sw_batch": (UNET + "infer: {sw_batch_size: 1000000}\n", "infer.sw_batch_size", "less than or equal to 1024"),
     # the model
     "features": ("model: {name: unet, features: 100000}\n", "model.features", "less than or equal to 1024"),
     "depth": ("model: {name: unet, depth: 30}\n", "model.depth", "less than or equal to 8"),
-    "too_many_parameters": ("model: {name: fcn8s, options: {fc_features: 1000000}}\n", "model: fcn8s",
-                            "parameters"),
+    "too_many_parameters": ("model: {name: fcn8s, options: {fc_features: 1000000}}\n", "model: fcn8s", "parameters"),
     "unknown_model": ("model: {name: unett}\n", "model.name", "available models"),
-    "unknown_option": ("model: {name: unet, options: {batchnorm: true}}\n", "model.options.batchnorm",
-                       "accepted options: batch_norm"),
+    "unknown_option": (
+        "model: {name: unet, options: {batchnorm: true}}\n",
+        "model.options.batchnorm",
+        "accepted options: batch_norm",
+    ),
     # loop lengths and other numbers
     "epochs": (UNET + "train: {epochs: 1000000000}\n", "train.epochs", "less than or equal to 100000"),
     "steps": (UNET + "train: {steps_per_epoch: 1e12}\n", "train.steps_per_epoch", "less than or equal to 100000"),
@@ -161,8 +188,9 @@ def test_medseg_config_cli_refuses_a_bomb_without_growing(tmp_path):
     (tmp_path / "bomb.yaml").write_text(billion_laughs())
     code, baseline, err = _run_measured([sys.executable, "-m", "medseg", "--version"], tmp_path / "version.err")
     assert code == 0, err
-    code, peak, err = _run_measured([sys.executable, "-m", "medseg", "config", str(tmp_path / "bomb.yaml")],
-                                    tmp_path / "config.err")
+    code, peak, err = _run_measured(
+        [sys.executable, "-m", "medseg", "config", str(tmp_path / "bomb.yaml")], tmp_path / "config.err"
+    )
     assert code == 1
     assert "Traceback" not in err
     assert f"{tmp_path / 'bomb.yaml'}: model.options: anchors and aliases expand" in err
@@ -177,16 +205,20 @@ def test_config_file_size_is_bounded(tmp_path):
 
 
 def test_limits_leave_real_configs_alone(tmp_path, capsys):
-    """What people write still loads: anchors reused a few times, 1e-3 as a number, dotted names, valid-padding sizes."""
-    path = _write(tmp_path / "ok.yaml", (
-        "name: unet_em.v2-final\n"
-        "model: {name: unet, options: &opts {dropout: 0.0, padding: valid}}\n"
-        "train: {learning_rate: 1e-3, patch_size: [572, 572], batch_size: 512, epochs: 100000}\n"
-        "infer: {roi_size: [572, 572], overlap: 0.9}\n"
-        "augment: {rotate_degrees: 180, scale: [0.5, 2]}\n"
-        "preprocess: {spacing: [0.004, 0.004, 0.05]}\n"
-        "output_dir: ../runs with spaces/x\n"
-    ))
+    """What people write still loads: anchors reused a few times, 1e-3 as a number, dotted names,
+    valid-padding sizes."""
+    path = _write(
+        tmp_path / "ok.yaml",
+        (
+            "name: unet_em.v2-final\n"
+            "model: {name: unet, options: &opts {dropout: 0.0, padding: valid}}\n"
+            "train: {learning_rate: 1e-3, patch_size: [572, 572], batch_size: 512, epochs: 100000}\n"
+            "infer: {roi_size: [572, 572], overlap: 0.9}\n"
+            "augment: {rotate_degrees: 180, scale: [0.5, 2]}\n"
+            "preprocess: {spacing: [0.004, 0.004, 0.05]}\n"
+            "output_dir: ../runs with spaces/x\n"
+        ),
+    )
     config = load_config(path)
     assert config.train.learning_rate == 0.001 and config.name == "unet_em.v2-final"
     assert config.model.options == {"dropout": 0.0, "padding": "valid"}

@@ -47,8 +47,11 @@ def test_unet3d_phantom_config_trains_as_its_comment_says(tmp_path, capsys):
     data = tmp_path / "phantom_ct"
     assert main(["data", "phantom", str(data), "--cases", "4"]) == 0
     overrides = [
-        f"data.images={data / 'imagesTr'}", f"data.labels={data / 'labelsTr'}", f"output_dir={tmp_path / 'runs'}",
-        "train.epochs=1", "train.steps_per_epoch=3",
+        f"data.images={data / 'imagesTr'}",
+        f"data.labels={data / 'labelsTr'}",
+        f"output_dir={tmp_path / 'runs'}",
+        "train.epochs=1",
+        "train.steps_per_epoch=3",
     ]
     args = ["train", "--config", str(CONFIGS / "unet3d_phantom.yaml")]
     for item in overrides:

@@ -20,7 +20,6 @@ from medseg import phantoms
 from medseg.checkpoint import load_checkpoint
 from medseg.files import JOURNAL_DIR, TMP_MARKER
 from medseg.ledger import LEDGER_DIR
-from medseg.io import discover, load
 
 from conftest import snapshot
 
@@ -75,26 +74,40 @@ def test_killed_training_resumes_to_the_same_state(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     (tmp_path / "a.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "full"))
     (tmp_path / "b.yaml").write_text(CONFIG.format(root=data, out=tmp_path / "killed"))
-    subprocess.run(_medseg("train", "--config", str(tmp_path / "a.yaml")), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        _medseg("train", "--config", str(tmp_path / "a.yaml")), check=True, env=env, capture_output=True, timeout=600
+    )
 
     run = tmp_path / "killed" / "crash"
-    proc = subprocess.Popen(_medseg("train", "--config", str(tmp_path / "b.yaml")), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _medseg("train", "--config", str(tmp_path / "b.yaml")),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for(lambda: (run / "metrics.csv").is_file(), 300, proc)  # epoch 1 is saved
         time.sleep(0.2)  # inside epoch 2 (30 steps of about 0.1 s)
     finally:
         _kill(proc)
     assert load_checkpoint(run / "latest.pt").training.epoch < 3  # killed before the end
-    subprocess.run(_medseg("train", "--config", str(tmp_path / "b.yaml"), "--resume", str(run)),
-                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        _medseg("train", "--config", str(tmp_path / "b.yaml"), "--resume", str(run)),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     full = load_checkpoint(tmp_path / "full" / "crash" / "latest.pt")
     resumed = load_checkpoint(run / "latest.pt")
     assert resumed.training.epoch == full.training.epoch == 3
     for key, value in full.weights.items():
         assert torch.allclose(value.float(), resumed.weights[key].float(), atol=1e-6), key
-    assert [round(r["train_loss"], 6) for r in resumed.training.history] == \
-        [round(r["train_loss"], 6) for r in full.training.history]
+    assert [round(r["train_loss"], 6) for r in resumed.training.history] == [
+        round(r["train_loss"], 6) for r in full.training.history
+    ]
 
 
 def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp_path):
@@ -108,10 +121,16 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
         Image.fromarray(np.ascontiguousarray(em.image[:, :, k].T)).save(inputs / f"{name}.png")
     before = snapshot(inputs)
     out = tmp_path / "out"
-    args = _medseg("predict", "--checkpoint", str(tmp_path / "runs" / "crash"), "--input", str(inputs), "--output", str(out))
+    args = _medseg(
+        "predict", "--checkpoint", str(tmp_path / "runs" / "crash"), "--input", str(inputs), "--output", str(out)
+    )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
+        _wait_for(
+            lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()),
+            300,
+            proc,
+        )
     finally:
         _kill(proc)
     finished = sorted(p for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
@@ -153,9 +172,15 @@ def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_comple
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_TO_API_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     args = [sys.executable, str(script), str(inputs), str(out), str(tmp_path / "runs" / "crash")]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), 300, proc)
+        _wait_for(
+            lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()),
+            300,
+            proc,
+        )
     finally:
         _kill(proc)
     finished = sorted(p.stem for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
@@ -167,8 +192,13 @@ def test_killed_flow_leaves_no_partial_output_and_next_run_redoes_nothing_comple
     half = out / f".scan_h.x1y2{TMP_MARKER}.png"  # what a kill mid-write leaves: the part and its journal entry
     half.write_bytes(b"half a mask")
     (out / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
-    (out / JOURNAL_DIR / "x1y2.json").write_text(json.dumps({"tmp": half.name, "pid": dead, "host": socket.gethostname()}))
-    user = {out / ".thesis.partial.docx": b"a user's own file", out / ".scan_b.png.1.part.png": b"looks like old litter"}
+    (out / JOURNAL_DIR / "x1y2.json").write_text(
+        json.dumps({"tmp": half.name, "pid": dead, "host": socket.gethostname()})
+    )
+    user = {
+        out / ".thesis.partial.docx": b"a user's own file",
+        out / ".scan_b.png.1.part.png": b"looks like old litter",
+    }
     for path, data in user.items():
         path.write_bytes(data)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

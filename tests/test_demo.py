@@ -17,8 +17,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""}
     env.pop("PREFECT_API_URL")
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "medseg", "demo", "--quick", "--output", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "medseg", "demo", "--quick", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "review page:" in done.stdout and "flow run Completed" in done.stdout
     report = json.loads((out / "demo.json").read_text())

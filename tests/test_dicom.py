@@ -116,8 +116,11 @@ def test_enhanced_multiframe_matches_single_frame_series(tmp_path, oblique_ct):
     paths = phantoms.write_dicom_series(oblique_ct, tmp_path / "s")
     datasets = [pydicom.dcmread(p) for p in paths]
     enhanced = LegacyConvertedEnhancedCTImage(
-        datasets, series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        datasets,
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     out = tmp_path / "mf" / "enhanced.dcm"
     out.parent.mkdir()
@@ -162,8 +165,15 @@ def _expected_affine(ds) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "name",
-    ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
-     "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"],
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
 )
 def test_pydicom_samples_load_with_geometry(tmp_path, name):
     src = _sample(name)
@@ -193,6 +203,7 @@ def test_shipped_multiframe_without_geometry_loads_as_stack():
     assert any("no patient geometry" in n for n in scan.notes)
     assert not scan.geometry.spacing_known
     from medseg.io import LoadOptions
+
     rgb = load(ref_for_path(_sample("examples_ybr_color.dcm")), LoadOptions(color="channels"))
     assert rgb.array.shape == (3, ds.Columns, ds.Rows, 30)
 

@@ -196,8 +196,11 @@ def test_enhanced_multiframe(tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 10), oblique=(10.0, 0.0, 20.0), seed=3)
     paths = phantoms.write_dicom_series(truth, tmp_path / "s")
     enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in reversed(paths)], series_instance_uid=pydicom.uid.generate_uid(),
-        series_number=2, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in reversed(paths)],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     out = tmp_path / "mf" / "enhanced.dcm"
     out.parent.mkdir()

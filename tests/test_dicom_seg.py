@@ -117,7 +117,11 @@ QUIRKS = {
     "unknown-modality": (_unknown_modality, {}, SecondaryCaptureImageStorage),
     "duplicate-sop-uids": (_duplicate_sop_uids, {}, None),
     "malformed-patient-and-study": (_malformed_patient_and_study, {}, None),
-    "jpeg2000-oblique-all-blank": (_everything_blank, {"syntax": "jpeg2000", "oblique": (20.0, -10.0, 15.0)}, CTImageStorage),
+    "jpeg2000-oblique-all-blank": (
+        _everything_blank,
+        {"syntax": "jpeg2000", "oblique": (20.0, -10.0, 15.0)},
+        CTImageStorage,
+    ),
     "rle-all-blank": (_everything_blank, {"syntax": "rle"}, CTImageStorage),
     "oblique": (None, {"oblique": (25.0, -15.0, 30.0)}, None),
 }
@@ -170,7 +174,9 @@ def _write_and_verify(scan, mask, out: Path, classes=CT_CLASSES, **kw) -> pydico
     seg = hd.seg.segread(out)
     meta = scan.metadata
     if meta["frame_order"]:
-        by_highdicom = seg.get_pixels_by_source_frame(meta["sop_instance_uids"][0], meta["frame_order"], combine_segments=True)
+        by_highdicom = seg.get_pixels_by_source_frame(
+            meta["sop_instance_uids"][0], meta["frame_order"], combine_segments=True
+        )
     else:
         by_highdicom = seg.get_pixels_by_source_instance(meta["sop_instance_uids"], combine_segments=True)
     assert np.array_equal(by_highdicom, expected)
@@ -220,10 +226,22 @@ def test_generated_uids_are_recorded_and_the_same_on_every_read(tmp_path):
     for i, path in enumerate(sorted(copy.iterdir())):  # other names, other folder: same contents
         path.rename(copy / f"slice_{i:03d}.dcm")
     for again in (_load(folder), _load(copy)):
-        for key in ("sop_instance_uids", "study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "generated_uids"):
+        for key in (
+            "sop_instance_uids",
+            "study_instance_uid",
+            "series_instance_uid",
+            "frame_of_reference_uid",
+            "generated_uids",
+        ):
             assert again.metadata[key] == first.metadata[key], key
     generated = first.metadata["generated_uids"]
-    assert set(generated) == {"SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID"}
+    assert set(generated) == {
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "SOPClassUID",
+    }
     assert generated["SOPInstanceUID"] == first.metadata["sop_instance_uids"]
     assert generated["SOPClassUID"] == CTImageStorage
     assert first.metadata["missing_attributes"] == list(PATIENT_STUDY_ATTRIBUTES)
@@ -265,8 +283,11 @@ def test_enhanced_multiframe_with_blank_identifiers(tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 6), oblique=(10.0, 5.0, -20.0), seed=6)
     paths = phantoms.write_dicom_series(truth, tmp_path / "single")
     enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths], series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     for keyword in ("SOPClassUID", "StudyInstanceUID", "SOPInstanceUID"):
         setattr(enhanced, keyword, "")
@@ -282,7 +303,9 @@ def test_enhanced_multiframe_with_blank_identifiers(tmp_path):
     assert _dciodvfy(out) == []
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm"]
+)
 def test_pydicom_sample_files(tmp_path, name):
     copy = tmp_path / "in" / name
     copy.parent.mkdir()
@@ -447,10 +470,11 @@ def test_config_classes_coding_overrides_the_table_and_reaches_the_seg(tmp_path)
     ("coding", "expected"),
     [
         ({"organs": ORGAN_CODING["organ"]}, "classes_coding names ['organs']"),
-        ({"organ": {**ORGAN_CODING["organ"], "type": {"value": "", "scheme": "SCT", "meaning": "x"}}},
-         "data.classes_coding.organ.type.value: .*must not be empty"),
-        ({"organ": {**ORGAN_CODING["organ"], "type": {"value": "1", "scheme": "SCT", "meaning": "a\\b"}}},
-         "backslash"),
+        (
+            {"organ": {**ORGAN_CODING["organ"], "type": {"value": "", "scheme": "SCT", "meaning": "x"}}},
+            "data.classes_coding.organ.type.value: .*must not be empty",
+        ),
+        ({"organ": {**ORGAN_CODING["organ"], "type": {"value": "1", "scheme": "SCT", "meaning": "a\\b"}}}, "backslash"),
         ({"organ": {"type": ORGAN_CODING["organ"]["type"]}}, "data.classes_coding.organ.category: .*missing"),
     ],
 )

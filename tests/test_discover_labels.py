@@ -20,7 +20,10 @@ from conftest import open_files, snapshot
 def test_sample_study_discovers_every_kind(sample_study):
     found = discover(sample_study["images"])
     assert [(s.id, s.kind) for s in found.scans] == [
-        ("ct_series", "dicom"), ("ct_volume", "nifti"), ("em_sequence", "image-sequence"), ("em_stack", "tiff"),
+        ("ct_series", "dicom"),
+        ("ct_volume", "nifti"),
+        ("em_sequence", "image-sequence"),
+        ("em_stack", "tiff"),
     ]
     assert not found.problems and not found.skipped
     labels = {s.id for s in discover(sample_study["labels"]).scans}
@@ -59,8 +62,14 @@ def test_reading_never_modifies_or_holds_inputs(sample_study):
     found = discover(sample_study["images"])
     for ref in found.scans:
         scan = load(ref)
-        load_label(ref_for_path(sample_study["labels"] / (ref.id + (".nii.gz" if ref.id.startswith("ct") else ".tif"))
-                                if not ref.id == "em_sequence" else sample_study["labels"] / "em_sequence"), scan)
+        load_label(
+            ref_for_path(
+                sample_study["labels"] / (ref.id + (".nii.gz" if ref.id.startswith("ct") else ".tif"))
+                if not ref.id == "em_sequence"
+                else sample_study["labels"] / "em_sequence"
+            ),
+            scan,
+        )
     assert snapshot(sample_study["images"].parent) == before
     held = {p for p in open_files() if str(sample_study["images"].parent) in p}
     assert not held

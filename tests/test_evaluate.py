@@ -97,8 +97,12 @@ def test_both_empty_class_is_left_out_of_the_summary():
     absent = evaluate_case(scan([[0, 0], [0, 0]]), scan([[0, 0], [0, 0]]), classes)  # fg NaN
     missed = evaluate_case(scan([[0, 0], [0, 0]]), scan([[0, 1], [0, 0]]), classes)  # fg 0
     report = EvaluationReport(Path("p"), Path("r"), classes, "given", ("dice", "iou"), cases=[present, absent])
-    assert report.summary["classes"]["fg"]["dice"] == {"mean": pytest.approx(2 / 3), "std": 0.0,
-                                                       "median": pytest.approx(2 / 3), "n": 1}
+    assert report.summary["classes"]["fg"]["dice"] == {
+        "mean": pytest.approx(2 / 3),
+        "std": 0.0,
+        "median": pytest.approx(2 / 3),
+        "n": 1,
+    }
     report.cases.append(missed)
     stats = report.summary["classes"]["fg"]["dice"]
     assert stats["mean"] == pytest.approx(1 / 3) and stats["n"] == 2
@@ -125,7 +129,9 @@ def test_hd95_and_surface_dice_on_a_shifted_cube_use_the_reference_spacing(axis,
     ref = np.zeros((8, 8, 8), np.uint8)
     ref[2:5, 2:5, 2:5] = 1
     pred = np.roll(ref, 1, axis=axis)
-    result = evaluate_case(scan(pred, SPACING), scan(ref, SPACING), {"bg": 0, "cube": 1}, hd95=True, surface_mm=tolerance)
+    result = evaluate_case(
+        scan(pred, SPACING), scan(ref, SPACING), {"bg": 0, "cube": 1}, hd95=True, surface_mm=tolerance
+    )
     cube = result["classes"]["cube"]
     assert cube["hd95"] == pytest.approx(hd95, rel=1e-6)
     assert cube["surface_dice"] == pytest.approx(nsd, rel=1e-6)
@@ -146,8 +152,12 @@ def test_distances_of_empty_classes_and_single_slice_volumes():
     assert square["surface_dice"] == pytest.approx(1.0)
     assert math.isnan(absent["hd95"]) and math.isnan(absent["surface_dice"])
     assert invented["hd95"] == math.inf and invented["surface_dice"] == 0.0
-    assert summarize([1.0, math.inf, 3.0, nan]) == {"mean": math.inf, "std": pytest.approx(nan, nan_ok=True),
-                                                     "median": 3.0, "n": 3}
+    assert summarize([1.0, math.inf, 3.0, nan]) == {
+        "mean": math.inf,
+        "std": pytest.approx(nan, nan_ok=True),
+        "median": 3.0,
+        "n": 3,
+    }
 
 
 def test_grid_mismatch_is_a_label_error_naming_both_masks():
@@ -184,8 +194,9 @@ def test_evaluate_command_nifti_end_to_end(tmp_path, capsys):
     (pred / "predictions.json").write_text(json.dumps({"classes": {"background": 0, "liver": 1}}))
     before = snapshot(pred), snapshot(ref)
 
-    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--hd95", "--surface-dice-mm", "1.0",
-                 "--output", str(out)])
+    code = main(
+        ["evaluate", "--pred", str(pred), "--ref", str(ref), "--hd95", "--surface-dice-mm", "1.0", "--output", str(out)]
+    )
 
     assert code == 1
     assert (snapshot(pred), snapshot(ref)) == before  # inputs untouched
@@ -312,8 +323,13 @@ def test_evaluate_never_writes_into_the_reference_tree_nor_over_a_file(tmp_path,
         phantoms.write_nifti(mask, np.eye(4), tmp_path / folder / "c0.nii.gz")
     (tmp_path / "notes.txt").write_text("mine")
     pred, ref = tmp_path / "pred", tmp_path / "ref"
-    output = {"ref": ref, "inside-ref": ref / "metrics", "ref-file": ref / "c0.nii.gz",
-              "other-file": tmp_path / "notes.txt", "same-folders": None}[where]
+    output = {
+        "ref": ref,
+        "inside-ref": ref / "metrics",
+        "ref-file": ref / "c0.nii.gz",
+        "other-file": tmp_path / "notes.txt",
+        "same-folders": None,
+    }[where]
     args = ["evaluate", "--pred", str(ref if where == "same-folders" else pred), "--ref", str(ref)]
     before = (snapshot(ref), (tmp_path / "notes.txt").read_text())
     assert main(args + (["--output", str(output)] if output is not None else [])) == 1

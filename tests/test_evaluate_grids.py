@@ -91,8 +91,10 @@ def test_reference_in_any_orientation_scores_dice_one(code):
         assert result["grid"] == "same" and result["notes"] == []
     else:
         assert result["grid"] == "reoriented"
-        note = (f"prediction reoriented RAS -> {code} onto the reference grid "
-                "(exact: axes permuted/flipped, no interpolation)")
+        note = (
+            f"prediction reoriented RAS -> {code} onto the reference grid "
+            "(exact: axes permuted/flipped, no interpolation)"
+        )
         assert result["notes"] == [note]
 
 
@@ -104,8 +106,9 @@ def test_distances_after_reorientation_are_measured_along_the_right_axis(code):
     truth[2:5, 2:5, 2:5] = 1
     pred = scan(np.roll(truth, 1, axis=0), Geometry(affine, truth.shape), "pred")
     array, ref_affine = to_orientation(truth, affine, code)
-    result = evaluate_case(pred, scan(array, Geometry(ref_affine, array.shape), "ref"), {"cube": 1},
-                           hd95=True, surface_mm=1.0)
+    result = evaluate_case(
+        pred, scan(array, Geometry(ref_affine, array.shape), "ref"), {"cube": 1}, hd95=True, surface_mm=1.0
+    )
     cube = result["classes"]["cube"]
     assert cube["dice"] == pytest.approx(2 / 3)
     assert cube["hd95"] == pytest.approx(2.0, rel=1e-6)
@@ -168,8 +171,16 @@ def test_other_shape_and_spacing_is_refused_naming_both_then_resampled_nearest()
     assert "spacing (1, 1, 1.5) vs (1.5, 1.5, 2.5) mm" in message
     assert "--resample nearest" in message
     # Corner (0, 0, 0) of the prediction against the reference's matching corner (its x runs to the left).
-    assert offset_in(message) == pytest.approx(float(np.max(np.linalg.norm(
-        pred_grid.corners() - reoriented(ref_grid, match_axes(ref_grid, pred_grid)).corners(), axis=-1))), abs=1e-3)
+    assert offset_in(message) == pytest.approx(
+        float(
+            np.max(
+                np.linalg.norm(
+                    pred_grid.corners() - reoriented(ref_grid, match_axes(ref_grid, pred_grid)).corners(), axis=-1
+                )
+            )
+        ),
+        abs=1e-3,
+    )
 
     result = evaluate_case(pred, ref, {"bg": 0, "organ": 1}, resample="nearest")
     assert result["grid"] == "resampled"
@@ -189,8 +200,9 @@ def test_nearest_resampling_picks_the_nearest_voxel_and_counts_what_lies_outside
     expected[:4] = values[1::2, 1::2, 1::2]
     for code in ("RAS", "SLP"):  # SLP: a 3-cycle of the axes, so a transposed index map would show
         array, affine = to_orientation(expected, ref_affine, code)
-        result = evaluate_case(scan(values, pred_grid, "pred"), scan(array, Geometry(affine, array.shape), "ref"),
-                               resample="nearest")
+        result = evaluate_case(
+            scan(values, pred_grid, "pred"), scan(array, Geometry(affine, array.shape), "ref"), resample="nearest"
+        )
         assert result["pixel_accuracy"] == 1.0, code
         assert result["notes"][0].endswith("; 16 of 80 reference voxels lie outside the prediction and count as 0")
 
@@ -199,16 +211,22 @@ def test_a_prediction_far_from_its_reference_is_not_resampled_into_an_empty_mask
     pred_grid = Geometry.from_spacing((4, 4, 4), (1.0, 1.0, 1.0), origin=(100.0, 0.0, 0.0))
     ref_grid = Geometry.from_spacing((5, 5, 5), (1.0, 1.0, 1.0))
     with pytest.raises(LabelError, match="does not overlap the reference grid at all"):
-        evaluate_case(scan(np.ones((4, 4, 4), np.uint8), pred_grid, "pred"),
-                      scan(np.ones((5, 5, 5), np.uint8), ref_grid, "ref"), resample="nearest")
+        evaluate_case(
+            scan(np.ones((4, 4, 4), np.uint8), pred_grid, "pred"),
+            scan(np.ones((5, 5, 5), np.uint8), ref_grid, "ref"),
+            resample="nearest",
+        )
 
 
 def test_grids_without_physical_size_are_never_resampled():
     pred_grid = Geometry.from_spacing((4, 6), (1.0, 1.0), spacing_known=False)
     ref_grid = Geometry.from_spacing((6, 4), (1.0, 1.0), spacing_known=False)
     with pytest.raises(LabelError, match="no physical pixel size") as info:
-        evaluate_case(scan(np.zeros((4, 6), np.uint8), pred_grid, "pred"),
-                      scan(np.zeros((6, 4), np.uint8), ref_grid, "ref"), resample="nearest")
+        evaluate_case(
+            scan(np.zeros((4, 6), np.uint8), pred_grid, "pred"),
+            scan(np.zeros((6, 4), np.uint8), ref_grid, "ref"),
+            resample="nearest",
+        )
     assert "reference's shape (6, 4)" in str(info.value)
 
 
@@ -229,8 +247,9 @@ def test_evaluate_command_nifti_in_two_orientations(tmp_path, capsys):
     save_nifti(ref / "flipped.nii.gz", truth, las)
     lps_array, lps = to_orientation(truth, las, "LPS")
     save_nifti(pred / "flipped.nii.gz", lps_array, lps)
-    assert np.allclose(Geometry(lps, lps_array.shape).corners()[[0, 7]],
-                       Geometry(las, truth.shape).corners()[[2, 5]])  # same corners, y reversed
+    assert np.allclose(
+        Geometry(lps, lps_array.shape).corners()[[0, 7]], Geometry(las, truth.shape).corners()[[2, 5]]
+    )  # same corners, y reversed
     coarse = np.diag([-2.0, 2.4, 4.0, 1.0])  # the same field on a grid half as fine
     coarse[:3, 3] = (79.5, -119.4, -39.0)
     coarse_grid = Geometry(coarse, (45, 50, 20))
@@ -254,8 +273,21 @@ def test_evaluate_command_nifti_in_two_orientations(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "note flipped: prediction reoriented LPS -> LAS onto the reference grid (exact" in shown
 
-    code = main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--classes", "bg=0,organ=1", "--output", str(out),
-                 "--resample", "nearest"])
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(pred),
+            "--ref",
+            str(ref),
+            "--classes",
+            "bg=0,organ=1",
+            "--output",
+            str(out),
+            "--resample",
+            "nearest",
+        ]
+    )
 
     assert code == 0
     assert (snapshot(pred), snapshot(ref)) == before  # inputs untouched

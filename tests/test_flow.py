@@ -27,12 +27,14 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="medseg-test-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)
-os.environ.update({
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",  # logs stay in the test output; fewer API calls
-})
+os.environ.update(
+    {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",  # logs stay in the test output; fewer API calls
+    }
+)
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -110,10 +112,18 @@ def first_run(prefect_server, model, tmp_path_factory) -> dict:
     images, labels = write_study(root)
     before = snapshot(images)
     loads = model_cache.loads()
-    state = segment_study(input_dir=images, output_dir=root / "out", checkpoint=model, reference_dir=labels,
-                          return_state=True)
-    return {"root": root, "images": images, "labels": labels, "output": root / "out", "state": state,
-            "loads": model_cache.loads() - loads, "inputs_before": before}
+    state = segment_study(
+        input_dir=images, output_dir=root / "out", checkpoint=model, reference_dir=labels, return_state=True
+    )
+    return {
+        "root": root,
+        "images": images,
+        "labels": labels,
+        "output": root / "out",
+        "state": state,
+        "loads": model_cache.loads() - loads,
+        "inputs_before": before,
+    }
 
 
 def test_flow_writes_masks_metrics_and_artifacts(first_run):
@@ -129,7 +139,9 @@ def test_flow_writes_masks_metrics_and_artifacts(first_run):
 
     manifest = json.loads((out / "predictions.json").read_text())
     assert manifest["classes"] == {"membrane": 0, "cell": 255}
-    assert {r["case"]: r["status"] for r in manifest["records"]} == dict.fromkeys(["ct_series", "ct_volume", "em_stack"], "written")
+    assert {r["case"]: r["status"] for r in manifest["records"]} == dict.fromkeys(
+        ["ct_series", "ct_volume", "em_stack"], "written"
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert [c["case"] for c in metrics["cases"]] == ["ct_series", "ct_volume", "em_stack"]
 
@@ -141,7 +153,9 @@ def test_flow_writes_masks_metrics_and_artifacts(first_run):
     table = Artifact.get(METRICS_KEY)
     assert table is not None and table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {(r["case"], r["class"]) for r in rows} == {(c, k) for c in ("ct_series", "ct_volume", "em_stack") for k in ("membrane", "cell")}
+    assert {(r["case"], r["class"]) for r in rows} == {
+        (c, k) for c in ("ct_series", "ct_volume", "em_stack") for k in ("membrane", "cell")
+    }
     assert all(set(r) == {"case", "class", "dice", "iou"} for r in rows)
     stack = [r for r in rows if r["case"] == "em_stack" and r["class"] == "cell"][0]
     assert 0.0 <= stack["dice"] <= 1.0
@@ -180,7 +194,11 @@ def test_rerun_skips_unchanged_scans_without_model_work(first_run, model, monkey
     os.utime(volume, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     summary = segment_study(input_dir=images, output_dir=out, checkpoint=model)
     assert summary.counts == {"written": 2, "skipped": 1, "failed": 0}
-    assert {c: r["status"] for c, r in records(out).items()} == {"ct_series": "skipped", "ct_volume": "written", "em_stack": "written"}
+    assert {c: r["status"] for c, r in records(out).items()} == {
+        "ct_series": "skipped",
+        "ct_volume": "written",
+        "em_stack": "written",
+    }
 
 
 def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, model, monkeypatch, tmp_path):
@@ -218,7 +236,9 @@ def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, mode
     assert "corrupt_scan" in Artifact.get(SUMMARY_KEY).data
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["segment corrupt_scan"])))
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["segment corrupt_scan"]))
+        )
     assert [r.state.type.value for r in runs] == ["FAILED"]
     assert "corrupt_scan.nii" in runs[0].state.message
 
@@ -226,17 +246,27 @@ def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, mode
 def test_dask_runner_gives_the_thread_pool_masks(first_run, model, tmp_path):
     pytest.importorskip("prefect_dask")
     out = tmp_path / "dask"
-    summary = segment_study(input_dir=first_run["images"], output_dir=out, checkpoint=model,
-                            reference_dir=first_run["labels"], task_runner="dask", workers=1)
+    summary = segment_study(
+        input_dir=first_run["images"],
+        output_dir=out,
+        checkpoint=model,
+        reference_dir=first_run["labels"],
+        task_runner="dask",
+        workers=1,
+    )
     assert summary.counts == {"written": 3, "skipped": 0, "failed": 0}
     for name in EXPECTED_MASKS:
         if name.endswith(".seg.dcm"):
             continue  # new UIDs per write; its pixels equal the NIfTI's (tests/test_predict.py)
         assert np.array_equal(read_mask(out / name), read_mask(first_run["output"] / name)), name
-    assert (out / "metrics.csv").read_text().replace(str(out), "") == (first_run["output"] / "metrics.csv").read_text().replace(str(first_run["output"]), "")
+    assert (out / "metrics.csv").read_text().replace(str(out), "") == (
+        first_run["output"] / "metrics.csv"
+    ).read_text().replace(str(first_run["output"]), "")
 
 
-def test_missing_prefect_dask_fails_at_start_with_install_command(prefect_server, first_run, model, monkeypatch, tmp_path):
+def test_missing_prefect_dask_fails_at_start_with_install_command(
+    prefect_server, first_run, model, monkeypatch, tmp_path
+):
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'medseg\[dask\]'"):
         segment_study(input_dir=first_run["images"], output_dir=tmp_path / "out", checkpoint=model, task_runner="dask")
@@ -332,16 +362,34 @@ def test_nightly_deployment_served_and_run_by_name(model, tmp_path):
     processes: list[subprocess.Popen] = []
     try:
         server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
-            env=env, stdout=logs["server"], stderr=subprocess.STDOUT,
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            env=env,
+            stdout=logs["server"],
+            stderr=subprocess.STDOUT,
         )
         processes.append(server)
         _wait_until(lambda: _healthy(api), 90, "prefect server start", [server])
-        serve = subprocess.Popen([str(BIN / "medseg"), "serve", "--config", str(nightly)],
-                                 cwd=tmp_path, env=env, stdout=logs["serve"], stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [str(BIN / "medseg"), "serve", "--config", str(nightly)],
+            cwd=tmp_path,
+            env=env,
+            stdout=logs["serve"],
+            stderr=subprocess.STDOUT,
+        )
         processes.insert(0, serve)
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+
             def deployed() -> bool:
                 try:
                     return client.read_deployment_by_name("segment-study/nightly") is not None
@@ -354,9 +402,19 @@ def test_nightly_deployment_served_and_run_by_name(model, tmp_path):
             assert deployment.parameters["input_dir"] == str(images)
 
             started = subprocess.run(
-                [str(BIN / "prefect"), "deployment", "run", "segment-study/nightly",
-                 "--param", f"output_dir={tmp_path / 'out-manual'}"],
-                env=env, capture_output=True, text=True, timeout=60, check=True,
+                [
+                    str(BIN / "prefect"),
+                    "deployment",
+                    "run",
+                    "segment-study/nightly",
+                    "--param",
+                    f"output_dir={tmp_path / 'out-manual'}",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
             )
             run_id = UUID(next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line))
             _wait_until(lambda: client.read_flow_run(run_id).state.is_final(), 120, "the nightly flow run", [serve])
@@ -384,8 +442,23 @@ def test_one_run_per_output_folder(prefect_server, model, tmp_path):
         state = segment_study(input_dir=images, output_dir=out, checkpoint=model, return_state=True)
         assert state.is_failed() and "is being written by process" in state.message
         assert not list(out.glob("*.nii.gz")) and not (out / "predictions.json").exists()
-        done = subprocess.run([sys.executable, "-m", "medseg", "predict", "--checkpoint", str(model), "--input",
-                               str(images), "--output", str(out)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medseg",
+                "predict",
+                "--checkpoint",
+                str(model),
+                "--input",
+                str(images),
+                "--output",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 1 and "is being written by process" in done.stderr, done.stderr
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -32,12 +32,18 @@ def test_every_file_verifies_against_the_shared_copy(tmp_path):
 
 
 def _config(fold: int, folds: int = 5):
-    return config_from_dict({
-        "data": {"dataset": DATASET, "root": str(SHARED_DATA), "classes": {"background": 0, "anterior": 1, "posterior": 2},
-                 "split": {"mode": "kfold", "folds": folds, "fold": fold}},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 3, "depth": 3},
-        "train": {"patch_size": [32, 48, 32]},
-    })
+    return config_from_dict(
+        {
+            "data": {
+                "dataset": DATASET,
+                "root": str(SHARED_DATA),
+                "classes": {"background": 0, "anterior": 1, "posterior": 2},
+                "split": {"mode": "kfold", "folds": folds, "fold": fold},
+            },
+            "model": {"name": "unet", "spatial_dims": 3, "out_channels": 3, "depth": 3},
+            "train": {"patch_size": [32, 48, 32]},
+        }
+    )
 
 
 @needs_data
@@ -56,8 +62,10 @@ def test_kfold_uses_the_manifests_folds():
 
 
 def test_a_bad_fold_value_is_a_manifest_error(tmp_path):
-    text = (manifest.default_manifest_path().read_text().splitlines()[0] + "\n"
-            "x,c1,image,a.nii.gz," + "0" * 64 + ",train,https://example.org/a,CC0,10,five\n")
+    text = (
+        manifest.default_manifest_path().read_text().splitlines()[0] + "\n"
+        "x,c1,image,a.nii.gz," + "0" * 64 + ",train,https://example.org/a,CC0,10,five\n"
+    )
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(ManifestError, match="fold 'five' must be a fold number"):
         manifest.read_manifest(tmp_path / "m.csv")

@@ -393,7 +393,14 @@ CORPUS = [
     Hostile("gantry tilt", gantry_tilt, act_load, ScanError, "gantry-tilted by 12.00 degrees", "IM0001.dcm"),
     Hostile("mixed orientations", mixed_orientation, act_load, ScanError, "mixes image orientations", "IM0002.dcm"),
     Hostile("mixed matrix sizes", mixed_matrix_size, act_load, ScanError, "mixes image sizes", "odd.dcm"),
-    Hostile("degenerate orientation", degenerate_orientation, act_load, ScanError, "not two orthogonal unit vectors", "IM0001.dcm"),
+    Hostile(
+        "degenerate orientation",
+        degenerate_orientation,
+        act_load,
+        ScanError,
+        "not two orthogonal unit vectors",
+        "IM0001.dcm",
+    ),
     Hostile("malformed RescaleSlope", malformed_rescale, act_load, ScanError, "RescaleSlope", "IM000"),
     Hostile("PNG named .dcm", png_named_dcm, act_load, ScanError, "holds PNG content, not DICOM"),
     Hostile("zero-byte file", zero_byte_file, act_load, ScanError, "empty file"),
@@ -411,7 +418,13 @@ CORPUS = [
     Hostile("empty folder", empty_folder, act_load, ScanError, "holds no scan"),
     Hostile("label on another grid", label_other_grid, act_label, LabelError, "label grid does not match"),
     Hostile("label of another shape", label_other_shape, act_label, LabelError, "shape"),
-    Hostile("label values outside the classes", label_unknown_values, act_label, LabelError, "not among the configured classes"),
+    Hostile(
+        "label values outside the classes",
+        label_unknown_values,
+        act_label,
+        LabelError,
+        "not among the configured classes",
+    ),
     Hostile("float label with fractions", label_fractional, act_label, LabelError, "non-integer"),
     Hostile("RGB label", label_rgb, act_label, LabelError, "3 channels"),
     Hostile("config with a wrong type", config_wrong_type, act_config, ConfigError, "train.epochs"),
@@ -420,7 +433,13 @@ CORPUS = [
     Hostile("manifest path escaping the root", manifest_escaping_path, act_manifest, ManifestError, "../../etc/passwd"),
     Hostile("manifest absolute path", manifest_absolute_path, act_manifest, ManifestError, "/etc/passwd"),
     Hostile("manifest wrong checksum", manifest_wrong_checksum, act_manifest, ManifestError, "checksum", "a.png"),
-    Hostile("checkpoint with a code-running pickle", checkpoint_pickle_exploit, act_checkpoint, CheckpointError, "refused to load"),
+    Hostile(
+        "checkpoint with a code-running pickle",
+        checkpoint_pickle_exploit,
+        act_checkpoint,
+        CheckpointError,
+        "refused to load",
+    ),
     Hostile("truncated checkpoint", checkpoint_truncated, act_checkpoint, CheckpointError, "not a readable checkpoint"),
     Hostile("foreign checkpoint", checkpoint_foreign, act_checkpoint, CheckpointError, "not a medseg checkpoint"),
 ]
@@ -439,8 +458,14 @@ def test_hostile_case_gets_its_clear_error(case: Hostile, tmp_path):
 
 
 def test_corpus_is_large_enough():
-    handled = [mixed_series_are_separated, blank_uids_use_fallback_grouping, rgb_image_becomes_grey,
-               symlink_loop_and_broken_link, non_utf8_file_name, unreadable_file_in_folder]
+    handled = [
+        mixed_series_are_separated,
+        blank_uids_use_fallback_grouping,
+        rgb_image_becomes_grey,
+        symlink_loop_and_broken_link,
+        non_utf8_file_name,
+        unreadable_file_in_folder,
+    ]
     assert len(CORPUS) + len(handled) >= 40
 
 
@@ -449,7 +474,9 @@ def test_corpus_is_large_enough():
 
 def mixed_series_are_separated(tmp_path):
     phantoms.write_dicom_series(phantoms.ct_phantom(shape=(12, 12, 4), seed=1), tmp_path / "x", series_description="a")
-    for p in phantoms.write_dicom_series(phantoms.ct_phantom(shape=(10, 12, 5), seed=2), tmp_path / "y", series_description="b", seed=7):
+    for p in phantoms.write_dicom_series(
+        phantoms.ct_phantom(shape=(10, 12, 5), seed=2), tmp_path / "y", series_description="b", seed=7
+    ):
         shutil.move(p, tmp_path / "x" / f"b_{p.name}")
     found = discover(tmp_path / "x")
     assert sorted(len(s.paths) for s in found.scans) == [4, 5] and not found.problems
@@ -510,8 +537,14 @@ def unreadable_file_in_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "check",
-    [mixed_series_are_separated, blank_uids_use_fallback_grouping, rgb_image_becomes_grey,
-     symlink_loop_and_broken_link, non_utf8_file_name, unreadable_file_in_folder],
+    [
+        mixed_series_are_separated,
+        blank_uids_use_fallback_grouping,
+        rgb_image_becomes_grey,
+        symlink_loop_and_broken_link,
+        non_utf8_file_name,
+        unreadable_file_in_folder,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_handled_inputs(check, tmp_path, request):

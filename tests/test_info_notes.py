@@ -29,19 +29,25 @@ OVERLAP = "slices 3.0 mm thick every 2.0 mm: they overlap by 1.0 mm"
 GAPS = "slices 5.0 mm thick every 6.5 mm: 1.5 mm gaps between them"
 RLE = "pixels compressed: RLE Lossless (1.2.840.10008.1.2.5)"
 J2K = "pixels compressed: JPEG 2000 Image Compression (Lossless Only) (1.2.840.10008.1.2.4.90)"
-SERIES_UID = ("SeriesInstanceUID blank, malformed or duplicated in the files: generated from the file contents "
-              "(the same on every read) so that a DICOM SEG can reference the series; see metadata generated_uids")
+SERIES_UID = (
+    "SeriesInstanceUID blank, malformed or duplicated in the files: generated from the file contents "
+    "(the same on every read) so that a DICOM SEG can reference the series; see metadata generated_uids"
+)
 
 
 def _unusable(shown: str, spacing: str = "2.0") -> str:
-    return (f"SliceThickness {shown!r} is unusable (not a positive number), so whether slices overlap or leave gaps "
-            f"is unknown; the {spacing} mm slice spacing comes from the slice positions")
+    return (
+        f"SliceThickness {shown!r} is unusable (not a positive number), so whether slices overlap or leave gaps "
+        f"is unknown; the {spacing} mm slice spacing comes from the slice positions"
+    )
 
 
 def _malformed(keyword: str) -> str:
     """The identifier reader's note on a value its VR does not allow (it reaches info too, and only once)."""
-    return (f"{keyword} not valid for their DICOM value representation: a DICOM SEG leaves them out (or empty, where "
-            "DICOM type 2 requires them)")
+    return (
+        f"{keyword} not valid for their DICOM value representation: a DICOM SEG leaves them out (or empty, where "
+        "DICOM type 2 requires them)"
+    )
 
 
 def _oblique(degrees: str) -> str:
@@ -112,8 +118,11 @@ def test_enhanced_multiframe_thickness_comes_from_the_functional_groups(tmp_path
     paths = _series(tmp_path / "ct", spacing_z=6.5)
     _edit(paths, SliceThickness="5")
     enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths], series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     assert "SliceThickness" not in enhanced  # only in the pixel measures: the reader must look there
     (tmp_path / "mf").mkdir()
@@ -191,7 +200,8 @@ def test_blank_identifiers_and_missing_patient_attributes_are_noted_once(tmp_pat
     paths = _series(tmp_path / "ct", series_uid=None)
     _edit(paths, PatientID=None, StudyDate=None)
     assert _info(tmp_path / "ct", capsys)["notes"] == [
-        SERIES_UID, "PatientID, StudyDate missing from the header: a DICOM SEG carries them empty (DICOM type 2)",
+        SERIES_UID,
+        "PatientID, StudyDate missing from the header: a DICOM SEG carries them empty (DICOM type 2)",
     ]
 
 
@@ -216,7 +226,9 @@ def test_text_listing_shows_every_note(tmp_path, capsys):
     assert main(["info", str(tmp_path / "ct")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith("  note: ")] == [
-        f"  note: {OVERLAP}", f"  note: {RLE}", f"  note: {_oblique('18.2')}",
+        f"  note: {OVERLAP}",
+        f"  note: {RLE}",
+        f"  note: {_oblique('18.2')}",
     ]
 
 
@@ -231,17 +243,20 @@ def predicted(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     from medseg.models import build_model
 
     root = tmp_path_factory.mktemp("notes")
-    paths = _series(root / "in" / "quirky", shape=(32, 32, 4), oblique=(18.2, 0.0, 0.0), transfer_syntax="rle",
-                    series_uid=None)
+    paths = _series(
+        root / "in" / "quirky", shape=(32, 32, 4), oblique=(18.2, 0.0, 0.0), transfer_syntax="rle", series_uid=None
+    )
     _edit(paths, SliceThickness="3")
     phantom = phantoms.ct_phantom(shape=(12, 10, 8), oblique=(0.0, 0.0, 30.0))
     phantoms.write_nifti(phantom.image, phantom.affine, root / "in" / "tilted.nii.gz")
-    config = config_from_dict({
-        "data": {"classes": {"background": 0, "organ": 1}},
-        "preprocess": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]},
-        "model": {"name": "unet", "spatial_dims": 3, "features": 4, "depth": 2},
-        "train": {"patch_size": [16, 16, 16]},
-    })
+    config = config_from_dict(
+        {
+            "data": {"classes": {"background": 0, "organ": 1}},
+            "preprocess": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]},
+            "model": {"name": "unet", "spatial_dims": 3, "features": 4, "depth": 2},
+            "train": {"patch_size": [16, 16, 16]},
+        }
+    )
     save_checkpoint(Checkpoint(config, build_model(config.model).state_dict()), root / "m.pt")
     report = segment_folder(Predictor(root / "m.pt"), root / "in", root / "out", progress=False)
     assert not report.failed and not report.stopped, [r.reason for r in report.failed] or report.stopped
@@ -264,12 +279,13 @@ def test_info_notes_reach_predictions_json(predicted, capsys):
 def test_review_page_shows_each_cases_notes(predicted):
     out, expected = predicted
     page = (out / "review.html").read_text()
-    data = json.loads(re.search(r'<script id="review-data" type="application/json">(.*?)</script>', page,
-                                re.DOTALL).group(1))
+    data = json.loads(
+        re.search(r'<script id="review-data" type="application/json">(.*?)</script>', page, re.DOTALL).group(1)
+    )
     for entry in data["cases"]:
         assert entry["notes"][: len(expected[entry["id"]])] == expected[entry["id"]]
         text = (out / entry["file"]).read_text()
-        payload = json.loads(text[len("medsegReview.receive("):text.rstrip().rindex(")")])
+        payload = json.loads(text[len("medsegReview.receive(") : text.rstrip().rindex(")")])
         assert payload["notes"][: len(expected[entry["id"]])] == expected[entry["id"]]
 
 
@@ -284,8 +300,9 @@ def test_review_page_keeps_only_bounded_strings_from_a_crafted_record(predicted,
     (crafted / "predictions.json").write_text(json.dumps(batch))
     page = write_review(crafted, progress=False).read_text()
     assert "<script>alert(1)</script>" not in page
-    data = json.loads(re.search(r'<script id="review-data" type="application/json">(.*?)</script>', page,
-                                re.DOTALL).group(1))
+    data = json.loads(
+        re.search(r'<script id="review-data" type="application/json">(.*?)</script>', page, re.DOTALL).group(1)
+    )
     first, second = data["cases"]
     # the first 50 entries, strings only (2 + 45), then the page's own notes on the case
     assert first["notes"][:47] == ["<script>alert(1)</script>", "x" * 1000] + ["n"] * 45

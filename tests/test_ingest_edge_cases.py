@@ -74,8 +74,11 @@ def test_single_frame_enhanced_uses_functional_groups(tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 1), oblique=(5.0, 10.0, 15.0))
     paths = phantoms.write_dicom_series(truth, tmp_path / "s")
     enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths], series_instance_uid=pydicom.uid.generate_uid(),
-        series_number=2, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     enhanced.save_as(tmp_path / "one.dcm")
     scan = load(ref_for_path(tmp_path / "one.dcm"))

@@ -24,9 +24,7 @@ from medseg.manifest import (
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data"  # the shared mirror beside the checkout
 ISBI = "isbi2012_em"
-needs_mirror = pytest.mark.skipif(
-    not (MIRROR / ISBI).is_dir(), reason=f"shared data mirror {MIRROR / ISBI} is absent"
-)
+needs_mirror = pytest.mark.skipif(not (MIRROR / ISBI).is_dir(), reason=f"shared data mirror {MIRROR / ISBI} is absent")
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +47,16 @@ def _write_manifest(path: Path, rows: list[dict[str, str]], columns=COLUMNS) -> 
 
 
 def _row(**values: str) -> dict[str, str]:
-    row = {"dataset": "tiny", "case": "c0", "role": "image", "path": "a.png", "sha256": "0" * 64,
-           "split": "train", "source_url": "", "licence": "test data"}
+    row = {
+        "dataset": "tiny",
+        "case": "c0",
+        "role": "image",
+        "path": "a.png",
+        "sha256": "0" * 64,
+        "split": "train",
+        "source_url": "",
+        "licence": "test data",
+    }
     row.update(values)
     return row
 
@@ -71,8 +77,14 @@ def tiny(tmp_path: Path) -> dict:
         (src / rel).write_bytes(data)
         rows.append(_row(role=role, path=rel, sha256=_sha(data), source_url=(src / rel).as_uri()))
     manifest = _write_manifest(tmp_path / "manifest.csv", rows)
-    return {"manifest": manifest, "src": src, "rows": rows, "files": files, "mirror": tmp_path / "src",
-            "url_mirror": src}
+    return {
+        "manifest": manifest,
+        "src": src,
+        "rows": rows,
+        "files": files,
+        "mirror": tmp_path / "src",
+        "url_mirror": src,
+    }
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -288,21 +300,28 @@ def test_cli_fetch_and_list_real_dataset(run_cli, tmp_path: Path, capsys: pytest
     assert "0 copied, 0 downloaded, 90 already verified" in capsys.readouterr().out
 
     assert run_cli(["data", "list", "--dest", str(tmp_path)]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(ISBI))
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith(ISBI))
     assert line.split()[:5] == [ISBI, "90", "90", "90", "verified"]
     assert line.split()[5] == str(tmp_path / ISBI)
 
 
-def test_cli_errors_are_actionable(
-    run_cli, tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_cli_errors_are_actionable(run_cli, tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = run_cli(["data", "fetch", "nope", "--dest", str(tmp_path), "--manifest", str(tiny["manifest"])])
     assert code == 1
     assert "medseg data: error: unknown dataset 'nope'" in capsys.readouterr().err
 
     dest = tmp_path / "dest"
-    args = ["data", "fetch", "tiny", "--dest", str(dest), "--manifest", str(tiny["manifest"]),
-            "--mirror", str(tiny["url_mirror"])]
+    args = [
+        "data",
+        "fetch",
+        "tiny",
+        "--dest",
+        str(dest),
+        "--manifest",
+        str(tiny["manifest"]),
+        "--mirror",
+        str(tiny["url_mirror"]),
+    ]
     assert run_cli(args) == 0
     assert "2 downloaded" in capsys.readouterr().out
     (dest / "tiny/img/0.png").write_bytes(b"changed")

@@ -32,13 +32,20 @@ def test_tiff_resolution_tags_without_imagej(tmp_path):
     assert np.array_equal(scan.array[0], data.T)
 
 
-
 def test_ome_tiff_pixel_size_comes_from_its_ome_xml(tmp_path):
     data = np.arange(3 * 8 * 9, dtype=np.uint16).reshape(3, 8, 9)  # (z, y, x)
     tifffile.imwrite(  # as Bio-Formats writes it: sizes in the XML, no resolution tags
-        tmp_path / "cells.ome.tif", data, ome=True,
-        metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "\u00b5m",
-                  "PhysicalSizeZ": 200.0, "PhysicalSizeZUnit": "nm"},
+        tmp_path / "cells.ome.tif",
+        data,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 0.5,
+            "PhysicalSizeY": 0.25,
+            "PhysicalSizeYUnit": "\u00b5m",
+            "PhysicalSizeZ": 200.0,
+            "PhysicalSizeZUnit": "nm",
+        },
     )
     scan = load(ref_for_path(tmp_path / "cells.ome.tif"))
     assert scan.geometry.spacing_known
@@ -51,6 +58,7 @@ def test_ome_tiff_without_physical_size_is_unknown(tmp_path):
     scan = load(ref_for_path(tmp_path / "bare.ome.tif"))
     assert not scan.geometry.spacing_known
     assert any("no pixel size" in n for n in scan.notes)
+
 
 def test_tiff_without_pixel_size_notes_it(tmp_path):
     tifffile.imwrite(tmp_path / "bare.tif", np.zeros((3, 8, 9), np.uint8), photometric="minisblack")

@@ -389,8 +389,11 @@ def test_a_model_built_on_the_meta_device_draws_no_weights():
     import subprocess
     import sys
 
-    code = ("import sys, torch\nfrom medseg.models import build_model\n"
-            "with torch.device('meta'):\n    build_model({'name': 'unet', 'spatial_dims': 3, 'in_channels': 1, 'out_channels': 2})\n"
-            "print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, torch\nfrom medseg.models import build_model\n"
+        "with torch.device('meta'):\n"
+        "    build_model({'name': 'unet', 'spatial_dims': 3, 'in_channels': 1, 'out_channels': 2})\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]

@@ -15,7 +15,9 @@ from medseg.io import load, ref_for_path
 NIBABEL_DATA = Path(data_path)
 
 
-@pytest.mark.parametrize("name", ["anatomical.nii", "functional.nii", "standard.nii.gz", "example4d.nii.gz", "example_nifti2.nii.gz"])
+@pytest.mark.parametrize(
+    "name", ["anatomical.nii", "functional.nii", "standard.nii.gz", "example4d.nii.gz", "example_nifti2.nii.gz"]
+)
 def test_nibabel_shipped_files(name):
     img = nib.load(NIBABEL_DATA / name)
     scan = load(ref_for_path(NIBABEL_DATA / name))
@@ -98,7 +100,10 @@ def test_declared_size_larger_than_file_is_reported(tmp_path):
 
 
 def test_truncated_gzip_is_reported(tmp_path):
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)), tmp_path / "t.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)),
+        tmp_path / "t.nii.gz",
+    )
     data = (tmp_path / "t.nii.gz").read_bytes()
     (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ScanError, match="t.nii.gz"):

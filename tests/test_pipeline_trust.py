@@ -373,18 +373,29 @@ def test_a_scan_that_would_resample_past_the_budget_fails_alone_before_resamplin
     from medseg.config import config_from_dict
     from medseg.models import build_model
 
-    config = config_from_dict({
-        "data": {"classes": {"background": 0, "organ": 1}},
-        "preprocess": {"orientation": "RAS", "spacing": [0.5, 0.5, 0.5]},
-        "model": {"name": "unet", "spatial_dims": 3, "features": 4, "depth": 2},
-        "train": {"patch_size": [16, 16, 16]},
-    })
+    config = config_from_dict(
+        {
+            "data": {"classes": {"background": 0, "organ": 1}},
+            "preprocess": {"orientation": "RAS", "spacing": [0.5, 0.5, 0.5]},
+            "model": {"name": "unet", "spatial_dims": 3, "features": 4, "depth": 2},
+            "train": {"patch_size": [16, 16, 16]},
+        }
+    )
     save_checkpoint(Checkpoint(config, build_model(config.model).state_dict()), tmp_path / "m.pt")
     volume = np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32)
     phantoms.write_nifti(volume, np.diag([40.0, 40.0, 40.0, 1.0]), tmp_path / "in" / "coarse.nii.gz")
     phantoms.write_nifti(volume, np.diag([0.5, 0.5, 0.5, 1.0]), tmp_path / "in" / "fine.nii.gz")
-    args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"),
-            "--output", str(tmp_path / "out"), "--memory-budget", "256"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(tmp_path / "m.pt"),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--memory-budget",
+        "256",
+    ]
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "FAILED coarse:" in out and "256" in out and "--memory-budget" in out
@@ -400,7 +411,9 @@ def test_a_bind_mounted_output_is_the_input_and_is_refused(model, tmp_path, caps
         pytest.skip(f"bind mounts need root and mount(8): {mounted.stderr.decode().strip()}")
     try:
         before = snapshot(tmp_path / "in")
-        code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+        code = main(
+            ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+        )
         err = capsys.readouterr().err
         assert code == 1 and "through a bind mount" in err and "Traceback" not in err
         assert snapshot(tmp_path / "in") == before
@@ -450,8 +463,17 @@ def test_medsegs_own_folders_linked_elsewhere_never_write_or_delete_outside(mode
 def test_an_output_behind_a_link_loop_is_one_sentence(model, tmp_path, capsys):
     _nifti_scans(tmp_path / "in", ["a"])
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"),
-                 "--output", str(tmp_path / "loop" / "out")])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(model),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "loop" / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "cannot be resolved" in err and "Traceback" not in err
 
@@ -557,7 +579,9 @@ def test_once_the_disk_is_full_no_further_scan_does_model_work(model, tmp_path, 
 
     monkeypatch.setattr(Predictor, "predict", predict)
     monkeypatch.setattr(medseg.pipeline.shutil, "disk_usage", usage)
-    code = main(["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")])
+    code = main(
+        ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "stopped early" in err and "scan b may need up to" in err
     assert predicted == ["a"]

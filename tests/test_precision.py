@@ -60,8 +60,15 @@ def _spy_dtypes(monkeypatch, module) -> set[torch.dtype]:
 
 
 def _em_config(root, out, precision: str):
-    return tiny_em_config(root, out, f"em_{precision}", epochs=3, steps_per_epoch=15,
-                          train={"precision": precision}, infer={"precision": precision})
+    return tiny_em_config(
+        root,
+        out,
+        f"em_{precision}",
+        epochs=3,
+        steps_per_epoch=15,
+        train={"precision": precision},
+        infer={"precision": precision},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,9 @@ def em_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_training_runs_the_model_in_its_precision_and_keeps_fp32_weights(em_root, tmp_path, monkeypatch, precision, dtype):
+def test_training_runs_the_model_in_its_precision_and_keeps_fp32_weights(
+    em_root, tmp_path, monkeypatch, precision, dtype
+):
     seen = _spy_dtypes(monkeypatch, medseg.train)
     result = train(_em_config(em_root, tmp_path, precision), progress=False)
     assert seen == {dtype}  # training steps and the sliding-window validation alike

@@ -38,17 +38,36 @@ def ct_model(tmp_path_factory) -> Path:
     """A tiny 3D U-Net trained briefly on CT phantoms, with resampling in its preprocessing."""
     root = tmp_path_factory.mktemp("ct")
     images, labels = phantoms.write_ct_dataset(root / "data", cases=3, seed=7)
-    config = config_from_dict({
-        "name": "ct3d",
-        "data": {"images": str(images), "labels": str(labels), "classes": CT_CLASSES,
-                 "split": {"mode": "cases", "train": ["case_000", "case_001"], "val": ["case_002"]}},
-        "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "features": 8, "depth": 2, "options": {"dropout": 0.0}},
-        "augment": {"enabled": False},
-        "train": {"epochs": 4, "steps_per_epoch": 15, "batch_size": 2, "patch_size": [24, 24, 8], "learning_rate": 0.01},
-        "infer": {"sw_batch_size": 4},
-        "output_dir": str(root / "runs"),
-    })
+    config = config_from_dict(
+        {
+            "name": "ct3d",
+            "data": {
+                "images": str(images),
+                "labels": str(labels),
+                "classes": CT_CLASSES,
+                "split": {"mode": "cases", "train": ["case_000", "case_001"], "val": ["case_002"]},
+            },
+            "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
+            "model": {
+                "name": "unet",
+                "spatial_dims": 3,
+                "out_channels": 4,
+                "features": 8,
+                "depth": 2,
+                "options": {"dropout": 0.0},
+            },
+            "augment": {"enabled": False},
+            "train": {
+                "epochs": 4,
+                "steps_per_epoch": 15,
+                "batch_size": 2,
+                "patch_size": [24, 24, 8],
+                "learning_rate": 0.01,
+            },
+            "infer": {"sw_batch_size": 4},
+            "output_dir": str(root / "runs"),
+        }
+    )
     result = train(config, progress=False)
     return result.run_dir
 
@@ -125,7 +144,9 @@ def test_dicom_seg_round_trip(ct_model, tmp_path):
     assert seg.StudyInstanceUID == source[0].StudyInstanceUID
     referenced = seg.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == source[0].SeriesInstanceUID
-    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {d.SOPInstanceUID for d in source}
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+        d.SOPInstanceUID for d in source
+    }
     assert [seg.get_segment_description(n).SegmentLabel for n in seg.segment_numbers] == ["liver", "kidney", "spine"]
     assert int(seg.NumberOfFrames) == 3 * truth.image.shape[2]  # one frame per segment and slice
     scan = load(discover(tmp_path / "in").scans[0])
@@ -167,7 +188,15 @@ def test_output_inside_input_is_refused(ct_model, tmp_path):
 def test_skip_if_done_and_overwrite(em_model, tmp_path, capsys):
     em = phantoms.em_phantom(shape=(64, 48, 3), seed=9)
     phantoms.write_tiff_stack(em.image, em.affine, tmp_path / "in" / "stack.tif")
-    args = ["predict", "--checkpoint", str(em_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(em_model),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     assert "1 written" in capsys.readouterr().out
     assert main(args) == 0
@@ -245,9 +274,11 @@ def test_tta_mirrors_only_the_axes_training_mirrored_along(em_model, tmp_path, m
     real_flip = torch.flip
     monkeypatch.setattr(torch, "flip", lambda x, dims: seen.append(tuple(dims)) or real_flip(x, dims))
     every = Counter({(2,): 2, (3,): 2, (2, 3): 2})
-    for augment, axes, flips in (({"enabled": True, "p_flip": 0.5, "flip_axes": [1]}, (1,), Counter({(3,): 2})),
-                                 ({"enabled": True, "p_flip": 0.5, "flip_axes": None}, (0, 1), every),
-                                 ({"enabled": False}, (0, 1), every)):
+    for augment, axes, flips in (
+        ({"enabled": True, "p_flip": 0.5, "flip_axes": [1]}, (1,), Counter({(3,): 2})),
+        ({"enabled": True, "p_flip": 0.5, "flip_axes": None}, (0, 1), every),
+        ({"enabled": False}, (0, 1), every),
+    ):
         for key, value in augment.items():
             setattr(state.config.augment, key, value)
         save_checkpoint(state, tmp_path / "model.pt")
@@ -284,6 +315,14 @@ def test_corrupt_scan_fails_alone(em_model, tmp_path):
 def test_empty_input_folder_is_an_error(em_model, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("no scans here")
-    args = ["predict", "--checkpoint", str(em_model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(em_model),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 1
     assert "holds no scan medseg can read" in capsys.readouterr().err

@@ -53,13 +53,13 @@ def _record(ref, status="written", outputs=(), reason="") -> CaseRecord:
 def _payload(path: Path) -> dict:
     text = path.read_text()
     assert text.startswith("medsegReview.receive(") and text.rstrip().endswith(");")
-    return json.loads(text[len("medsegReview.receive("):text.rstrip().rindex(")")])
+    return json.loads(text[len("medsegReview.receive(") : text.rstrip().rindex(")")])
 
 
 def _unpack(b64: str, dtype=np.uint8) -> np.ndarray:
     raw = np.frombuffer(zlib.decompress(base64.b64decode(b64)), dtype=np.uint8)
     if np.dtype(dtype).itemsize == 2:  # two byte planes: low bytes, then high bytes
-        return raw[: raw.size // 2].astype(np.uint16) | (raw[raw.size // 2:].astype(np.uint16) << 8)
+        return raw[: raw.size // 2].astype(np.uint16) | (raw[raw.size // 2 :].astype(np.uint16) << 8)
     return raw
 
 
@@ -78,8 +78,9 @@ def ct_batch(tmp_path_factory) -> dict[str, Path]:
     study = phantoms.write_sample_study(root / "study")
     out, run = root / "out", root / "run"
     run.mkdir()
-    plot_learning_curves([{"epoch": e, "train_loss": 1 / e, "dice_liver": 0.5 + e / 10} for e in (1, 2, 3)],
-                         run / "learning_curves.png")
+    plot_learning_curves(
+        [{"epoch": e, "train_loss": 1 / e, "dice_liver": 0.5 + e / 10} for e in (1, 2, 3)], run / "learning_curves.png"
+    )
     report = BatchReport(str(study["images"]), str(out), str(run / "best.pt"), CT)
     for ref in discover(study["images"]).scans:
         if not ref.id.startswith("ct"):
@@ -93,11 +94,16 @@ def ct_batch(tmp_path_factory) -> dict[str, Path]:
     moved = root / "moved" / "ct_moved.nii.gz"
     ct = phantoms.ct_phantom(seed=5)
     phantoms.write_nifti(ct.image, ct.affine, moved)
-    report.records.append(_record(ref_for_path(moved), outputs=export_mask(ct.label, load(ref_for_path(moved)), out, CT)))
+    report.records.append(
+        _record(ref_for_path(moved), outputs=export_mask(ct.label, load(ref_for_path(moved)), out, CT))
+    )
     shutil.rmtree(moved.parent)
     broken = root / "bad" / "broken.nii.gz"
-    report.records.append(CaseRecord("bad/broken", "nifti", str(broken), "failed",
-                                     reason=f"{broken}: truncated gzip stream (file cut short?)"))
+    report.records.append(
+        CaseRecord(
+            "bad/broken", "nifti", str(broken), "failed", reason=f"{broken}: truncated gzip stream (file cut short?)"
+        )
+    )
     write_batch_manifest(report, out)
     write_reports(evaluate_folders(out, study["labels"], progress=False), out)
     page = write_review(out)
@@ -116,8 +122,11 @@ def em_batch(tmp_path_factory) -> dict[str, Path]:
     for ref in discover(study["images"]).scans:
         if ref.id.startswith("em"):
             scan = load(ref)
-            truth = em.label[:, :, 0] if ref.id == "em_image" else load(
-                ref_for_path(next(study["labels"].glob(ref.id + "*"))), MASK).array[0]
+            truth = (
+                em.label[:, :, 0]
+                if ref.id == "em_image"
+                else load(ref_for_path(next(study["labels"].glob(ref.id + "*"))), MASK).array[0]
+            )
             report.records.append(_record(ref, outputs=export_mask(truth, scan, out, EM)))
     write_batch_manifest(report, out)
     return {"out": out, "page": write_review(out)}
@@ -135,7 +144,7 @@ def test_page_lists_every_case_scores_failures_and_plots(ct_batch):
         assert f'<td class="id">{record["case"]}</td>' in text
     assert "Failed scans (1)" in text and "truncated gzip stream (file cut short?)" in text and "bad/broken" in text
     liver = next(c for c in metrics["cases"] if c["case"] == "ct_volume")["classes"]["liver"]
-    assert f'{liver["dice"]:.3f}' in text and f'{liver["iou"]:.3f}' in text
+    assert f"{liver['dice']:.3f}" in text and f"{liver['iou']:.3f}" in text
     assert 'alt="Dice per class" src="data:image/png;base64,' in text
     assert 'alt="learning curves" src="data:image/png;base64,' in text  # found via the checkpoint's run folder
     assert text.count('class="thumb"') == 3  # every case with a mask, none for the failed scan
@@ -160,8 +169,11 @@ def test_page_is_self_contained(ct_batch, em_batch):
 
 def test_case_data_holds_scan_mask_and_reference(ct_batch):
     out = ct_batch["out"]
-    data = json.loads(re.search(r'<script id="review-data" type="application/json">(.*?)</script>',
-                                ct_batch["page"].read_text(), re.S).group(1))
+    data = json.loads(
+        re.search(
+            r'<script id="review-data" type="application/json">(.*?)</script>', ct_batch["page"].read_text(), re.S
+        ).group(1)
+    )
     entry = next(c for c in data["cases"] if c["id"] == "ct_volume")
     payload = _payload(out / entry["file"])
     mask = load(ref_for_path(out / "ct_volume.nii.gz"), MASK).array[0]
@@ -216,12 +228,17 @@ def test_large_volume_is_downsampled_within_bounds(tmp_path):
     mask[100:200, 50:150, 20:70] = 1
     out = tmp_path / "out"
     outputs = export_mask(mask, scan, out, {"background": 0, "lesion": 1})
-    write_batch_manifest(BatchReport("in", str(out), "", {"background": 0, "lesion": 1},
-                                     [_record(scan.ref, outputs=outputs)]), out)
+    write_batch_manifest(
+        BatchReport("in", str(out), "", {"background": 0, "lesion": 1}, [_record(scan.ref, outputs=outputs)]), out
+    )
     page = write_review(out, progress=False)
     payload = _payload(out / "review" / "case-0001.js")
-    assert payload["shape"] == [MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2] and payload["source_shape"] == list(shape)
-    assert payload["spacing"][0] == pytest.approx(0.7 * 299 / 255) and payload["spacing"][2] == pytest.approx(1.5 * 89 / 63)
+    assert payload["shape"] == [MAX_EDGE, MAX_EDGE, MAX_VOXELS // MAX_EDGE**2] and payload["source_shape"] == list(
+        shape
+    )
+    assert payload["spacing"][0] == pytest.approx(0.7 * 299 / 255) and payload["spacing"][2] == pytest.approx(
+        1.5 * 89 / 63
+    )
     assert (out / "review" / "case-0001.js").stat().st_size < 2 * MAX_VOXELS * 1.4 + 64 * 1024  # 16-bit noise, base64
     assert "shown downsampled at 256 x 256 x 64 of 300 x 270 x 90 voxels" in page.read_text()
 
@@ -282,8 +299,12 @@ def test_medseg_view_serves_loopback_only_and_refuses_traversal(ct_batch, tmp_pa
     # inherits an ignored signal); a handled signal is reset to its default on exec.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "medseg", "view", str(out)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medseg", "view", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     finally:
         signal.signal(signal.SIGINT, inherited)
     try:
@@ -304,8 +325,15 @@ def test_medseg_view_serves_loopback_only_and_refuses_traversal(ct_batch, tmp_pa
         assert status == 200 and body.startswith(b"medsegReview.receive(") and "javascript" in headers["Content-Type"]
         assert _get(base, "/")[0] == 302
         assert _get(base, "/review.html", {"Host": "attacker.example:80"})[0] == 403  # DNS rebinding
-        for path in ("/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/review/../../secret.txt",
-                     "/link.txt", "//etc/passwd", "/review/"):
+        for path in (
+            "/../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/..%2fsecret.txt",
+            "/review/../../secret.txt",
+            "/link.txt",
+            "//etc/passwd",
+            "/review/",
+        ):
             status, body, _ = _get(base, path)
             assert status in (400, 403, 404) and b"not for the browser" not in body, path  # 400: malformed
     finally:
@@ -364,10 +392,20 @@ def browser():
     profile = tempfile.mkdtemp(prefix="medseg-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--force-device-scale-factor=1", "--window-size=1400,1000",
-                 f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--force-device-scale-factor=1",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -382,15 +420,19 @@ def browser():
 def _wait_for_case(driver, case: str) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-        "const s = window.medsegReview && medsegReview.state;"
-        "return !!(s && s.view && s.view.id === arguments[0]);", case))
+    WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script(
+            "const s = window.medsegReview && medsegReview.state;return !!(s && s.view && s.view.id === arguments[0]);",
+            case,
+        )
+    )
 
 
 def _canvas(driver) -> np.ndarray:
     width, height, pixels = driver.execute_script(
         "const c = document.getElementById('view');"
-        "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];")
+        "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];"
+    )
     return np.array(pixels, dtype=np.uint8).reshape(height, width, 4)[..., :3]
 
 
@@ -416,8 +458,9 @@ def test_browser_slider_class_toggle_and_overlay_pixels(browser, ct_batch, tmp_p
         z = browser.execute_script("return medsegReview.state.slice[2]")
         assert z == start - 2 and browser.find_element(By.ID, "slice-out").text == f"{z + 1} / {mask.shape[2]}"
         browser.find_element(By.ID, "show-reference").click()  # outline off: only the filled prediction
-        browser.execute_script("const o = document.getElementById('opacity'); o.value = 100;"
-                               "o.dispatchEvent(new Event('input'));")
+        browser.execute_script(
+            "const o = document.getElementById('opacity'); o.value = 100;o.dispatchEvent(new Event('input'));"
+        )
         # RAS volume, axial view: patient right on screen left (x flipped), anterior up (y flipped).
         expected = mask[::-1, ::-1, z].T
         pixels = _canvas(browser)
@@ -445,7 +488,8 @@ def test_browser_slider_class_toggle_and_overlay_pixels(browser, ct_batch, tmp_p
         origin = server.url.rstrip("/")
         resources = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)"
-            ".concat(performance.getEntriesByType('navigation').map(e => e.name));")
+            ".concat(performance.getEntriesByType('navigation').map(e => e.name));"
+        )
         assert resources and all(r.startswith(origin + "/") or r.startswith("data:") for r in resources), resources
         assert any(r.endswith("/review/case-0002.js") for r in resources)
         assert not _severe(browser)

@@ -100,8 +100,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 # --- phantoms: axis-aligned and oblique ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("oblique", "order"), [(None, "sequential"), (OBLIQUE, "shuffled")],
-                         ids=["axis-aligned", "oblique-shuffled"])
+@pytest.mark.parametrize(
+    ("oblique", "order"), [(None, "sequential"), (OBLIQUE, "shuffled")], ids=["axis-aligned", "oblique-shuffled"]
+)
 def test_phantom_contours_overlay_the_mask_in_world_coordinates(tmp_path, oblique, order):
     truth, scan = _series(tmp_path, "ct", oblique, order=order)
     assert np.allclose(scan.geometry.affine, truth.affine, atol=1e-5)  # the phantom's grid is the scan's
@@ -195,8 +196,11 @@ def test_holes_islands_and_diagonal_pixels_round_trip_exactly(tmp_path):
         if value:
             assert np.array_equal(back[name], mask == value), name
     ds = pydicom.dcmread(out)
-    on_first = [c for c in ds.ROIContourSequence[0].ContourSequence
-                if c.ContourImageSequence[0].ReferencedSOPInstanceUID == scan.metadata["sop_instance_uids"][0]]
+    on_first = [
+        c
+        for c in ds.ROIContourSequence[0].ContourSequence
+        if c.ContourImageSequence[0].ReferencedSOPInstanceUID == scan.metadata["sop_instance_uids"][0]
+    ]
     assert len(on_first) == 3  # outer edge, hole, island
     assert _dice(_independent_masks(out, truth.affine, mask.shape, scan)["liver"], mask == 1) >= 0.95
     assert dciodvfy(out) == []
@@ -208,8 +212,11 @@ def test_enhanced_multiframe_source_is_referenced_frame_by_frame(tmp_path):
     truth = phantoms.ct_phantom(shape=(40, 36, 6), oblique=(10.0, 5.0, -20.0), seed=6)
     paths = phantoms.write_dicom_series(truth, tmp_path / "single")
     enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths], series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     path = tmp_path / "mf" / "enhanced.dcm"
     path.parent.mkdir()
@@ -301,11 +308,13 @@ def tiny_3d_checkpoint(tmp_path_factory) -> Path:
     from medseg.models import build_model
 
     torch.manual_seed(0)  # the same untrained weights, so the same prediction, on every run
-    config = config_from_dict({
-        "data": {"classes": dict(CT_CLASSES)},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "features": 4, "depth": 2},
-        "train": {"patch_size": [16, 16, 16]},
-    })
+    config = config_from_dict(
+        {
+            "data": {"classes": dict(CT_CLASSES)},
+            "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "features": 4, "depth": 2},
+            "train": {"patch_size": [16, 16, 16]},
+        }
+    )
     path = tmp_path_factory.mktemp("ckpt") / "m.pt"
     save_checkpoint(Checkpoint(config, build_model(config.model).state_dict()), path)
     return path
@@ -319,8 +328,9 @@ def test_segment_folder_writes_nifti_and_rtstruct_that_agree(tmp_path, tiny_3d_c
 
     truth, scan = _series(tmp_path, "case", OBLIQUE, _blank_everything)
     out = tmp_path / "out"
-    report = segment_folder(Predictor(tiny_3d_checkpoint), tmp_path / "in", out, formats=["nifti", "rtstruct"],
-                            progress=False)
+    report = segment_folder(
+        Predictor(tiny_3d_checkpoint), tmp_path / "in", out, formats=["nifti", "rtstruct"], progress=False
+    )
     assert report.counts() == {"written": 1, "skipped": 0, "failed": 0}, report.records
     assert sorted(Path(p).name for p in report.records[0].outputs) == ["case.nii.gz", "case.rtstruct.dcm"]
     nifti = np.asanyarray(nib.load(out / "case.nii.gz").dataobj)
@@ -341,8 +351,17 @@ def test_rtstruct_is_a_format_of_predict_and_of_the_flow(tmp_path, tiny_3d_check
 
     assert "rtstruct" in get_args(segment_study.MaskFormat) and "rtstruct" in get_args(settings.MaskFormat)
     _series(tmp_path, "cli", shape=(20, 18, 4))
-    args = ["predict", "--checkpoint", str(tiny_3d_checkpoint), "--input", str(tmp_path / "in"),
-            "--output", str(tmp_path / "out"), "--format", "rtstruct"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(tiny_3d_checkpoint),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--format",
+        "rtstruct",
+    ]
     assert main(args) == 0, capsys.readouterr().out
     assert [p.name for p in (tmp_path / "out").glob("*.dcm")] == ["cli.rtstruct.dcm"]
 

@@ -56,8 +56,14 @@ def checkpoint(em, tmp_path_factory) -> Path:
 
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, "-m", "medseg", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "medseg", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -91,7 +97,9 @@ def test_predict_stops_cleanly_and_says_how_to_resume(checkpoint, tmp_path, sig)
     for k, name in enumerate(names):
         Image.fromarray(np.ascontiguousarray(em.image[:, :, k].T)).save(inputs / f"{name}.png")
     proc = _start("predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out))
-    _wait_for(lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), proc)
+    _wait_for(
+        lambda: out.is_dir() and any(p.suffix == ".png" and not p.name.startswith(".") for p in out.iterdir()), proc
+    )
 
     code, err = _stop(proc, sig)
 
@@ -122,7 +130,9 @@ def test_train_stops_cleanly_and_names_the_resume_command(em, tmp_path):
 
 def test_train_terminated_before_an_epoch_says_start_again(em, tmp_path):
     config = tmp_path / "sig.yaml"
-    config.write_text(TRAIN_CONFIG.format(root=em, out=tmp_path / "runs").replace("steps_per_epoch: 3", "steps_per_epoch: 100000"))
+    config.write_text(
+        TRAIN_CONFIG.format(root=em, out=tmp_path / "runs").replace("steps_per_epoch: 3", "steps_per_epoch: 100000")
+    )
     proc = _start("train", "--config", str(config))
     started: list[str] = []
 

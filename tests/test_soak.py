@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from medseg import phantoms
@@ -84,24 +83,43 @@ def test_soak_200_scans_ten_percent_broken(tmp_path):
     data = phantoms.em_phantom(shape=(64, 64, 4), cells=10, seed=2)
     phantoms.write_png_sequence(data.image, root / "images", prefix="s")
     phantoms.write_png_sequence(data.label, root / "labels", prefix="s")
-    run = train(config_from_dict({
-        "name": "soak", "data": {"images": str(root / "images"), "labels": str(root / "labels"),
-                                 "classes": {"membrane": 0, "cell": 255}, "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]}},
-        "model": {"name": "unet", "spatial_dims": 2, "features": 4, "depth": 2},
-        "augment": {"enabled": False},
-        "train": {"epochs": 1, "steps_per_epoch": 5, "batch_size": 2, "patch_size": [32, 32]},
-        "output_dir": str(tmp_path / "runs"),
-    }), progress=False).run_dir
+    run = train(
+        config_from_dict(
+            {
+                "name": "soak",
+                "data": {
+                    "images": str(root / "images"),
+                    "labels": str(root / "labels"),
+                    "classes": {"membrane": 0, "cell": 255},
+                    "split": {"mode": "cases", "train": ["s0", "s1", "s2"], "val": ["s3"]},
+                },
+                "model": {"name": "unet", "spatial_dims": 2, "features": 4, "depth": 2},
+                "augment": {"enabled": False},
+                "train": {"epochs": 1, "steps_per_epoch": 5, "batch_size": 2, "patch_size": [32, 32]},
+                "output_dir": str(tmp_path / "runs"),
+            }
+        ),
+        progress=False,
+    ).run_dir
     scans = tmp_path / "scans"
     scans.mkdir()
     broken = _write_scans(scans, 200, broken_every=10)
     script = tmp_path / "soak.py"
     script.write_text(SOAK)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_TO_API_ENABLED": "false",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, str(script), str(scans), str(tmp_path / "out"), str(run)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, str(script), str(scans), str(tmp_path / "out"), str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["state"] == "Failed"  # some scans failed: the run says so, after finishing the rest
@@ -114,6 +132,8 @@ def test_soak_200_scans_ten_percent_broken(tmp_path):
     rss = result["rss_mb"]
     assert len(rss) == 180
     growth = rss[-1] / rss[19] - 1.0
-    (tmp_path.parent / "soak_figures.json").write_text(json.dumps({"rss_after_20_mb": rss[19], "rss_after_last_mb": rss[-1], "growth": growth}))
+    (tmp_path.parent / "soak_figures.json").write_text(
+        json.dumps({"rss_after_20_mb": rss[19], "rss_after_last_mb": rss[-1], "growth": growth})
+    )
     print(f"soak: RSS after scan 20 {rss[19]:.0f} MB, after scan 180 {rss[-1]:.0f} MB ({growth:+.1%})")
     assert abs(growth) <= 0.10

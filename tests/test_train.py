@@ -36,19 +36,22 @@ def em_folders(tmp_path_factory) -> Path:
 def _config(root: Path, out: Path, **train):
     settings = {"epochs": 3, "steps_per_epoch": 10, "batch_size": 4, "patch_size": [32, 32], "learning_rate": 0.01}
     settings.update(train)
-    return config_from_dict({
-        "name": "t",
-        "data": {
-            "images": str(root / "images"), "labels": str(root / "labels"),
-            "classes": {"membrane": 0, "cell": 255},
-            "split": {"mode": "cases", "train": [f"case{i}" for i in range(6)], "val": ["case6", "case7"]},
-        },
-        "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
-        "augment": {"sigma": 4.0, "rotate_degrees": 20},
-        "train": settings,
-        "infer": {"sw_batch_size": 8},
-        "output_dir": str(out),
-    })
+    return config_from_dict(
+        {
+            "name": "t",
+            "data": {
+                "images": str(root / "images"),
+                "labels": str(root / "labels"),
+                "classes": {"membrane": 0, "cell": 255},
+                "split": {"mode": "cases", "train": [f"case{i}" for i in range(6)], "val": ["case6", "case7"]},
+            },
+            "model": {"name": "unet", "spatial_dims": 2, "features": 8, "depth": 2},
+            "augment": {"sigma": 4.0, "rotate_degrees": 20},
+            "train": settings,
+            "infer": {"sw_batch_size": 8},
+            "output_dir": str(out),
+        }
+    )
 
 
 def test_short_training_learns_and_checkpoint_loads_safely(em_folders, tmp_path):
@@ -68,7 +71,11 @@ def test_short_training_learns_and_checkpoint_loads_safely(em_folders, tmp_path)
     for name in ("latest.pt", "best.pt", "metrics.csv", "learning_curves.png", "split.json"):
         assert (result.run_dir / name).is_file(), name
     split = json.loads((result.run_dir / "split.json").read_text())  # the run records which cases did what
-    assert (split["mode"], split["train"], split["val"]) == ("cases", [f"case{i}" for i in range(6)], ["case6", "case7"])
+    assert (split["mode"], split["train"], split["val"]) == (
+        "cases",
+        [f"case{i}" for i in range(6)],
+        ["case6", "case7"],
+    )
     header = (result.run_dir / "metrics.csv").read_text().splitlines()[0]
     assert "dice_membrane" in header and "pixel_error" in header
 
@@ -95,7 +102,9 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
     one = _averaging_state(first.run_dir / "latest.pt")
     validated = []
     real_evaluate = medseg.train.evaluate
-    monkeypatch.setattr(medseg.train, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k))
+    monkeypatch.setattr(
+        medseg.train, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k)
+    )
     resumed = train(config(tmp_path / "b"), resume=first.run_dir, progress=False)
     two = _averaging_state(resumed.run_dir / "latest.pt")
     assert resumed.step_losses == pytest.approx(full.step_losses[1:], abs=1e-6)
@@ -119,8 +128,11 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
 def _averaging_state(path: Path) -> dict:
     """The averaged and raw weights of a checkpoint, and how many updates the average holds."""
     state = load_checkpoint(path)
-    return {"model": state.weights, "training_model": state.training.training_model,
-            "ema_updates": state.training.ema_updates}
+    return {
+        "model": state.weights,
+        "training_model": state.training.training_model,
+        "ema_updates": state.training.ema_updates,
+    }
 
 
 def test_moving_average_decay_warms_up_to_the_configured_value():
@@ -135,10 +147,20 @@ def test_moving_average_decay_warms_up_to_the_configured_value():
 
 def test_resume_keeps_weight_averaging_as_the_run_started(em_folders, tmp_path):
     plain = train(_config(em_folders, tmp_path / "a", epochs=2, steps_per_epoch=1), progress=False, max_epochs=1)
-    with pytest.raises(MedsegError, match=r"a/t/latest.pt was trained without weight averaging.*--set train.ema_decay=null"):
-        train(_config(em_folders, tmp_path / "a", epochs=2, steps_per_epoch=1, ema_decay=0.9), resume=plain.run_dir, progress=False)
-    averaged = train(_config(em_folders, tmp_path / "b", epochs=2, steps_per_epoch=1, ema_decay=0.9), progress=False, max_epochs=1)
-    with pytest.raises(MedsegError, match=r"b/t/latest.pt was trained with weight averaging.*--set train.ema_decay=0.9"):
+    with pytest.raises(
+        MedsegError, match=r"a/t/latest.pt was trained without weight averaging.*--set train.ema_decay=null"
+    ):
+        train(
+            _config(em_folders, tmp_path / "a", epochs=2, steps_per_epoch=1, ema_decay=0.9),
+            resume=plain.run_dir,
+            progress=False,
+        )
+    averaged = train(
+        _config(em_folders, tmp_path / "b", epochs=2, steps_per_epoch=1, ema_decay=0.9), progress=False, max_epochs=1
+    )
+    with pytest.raises(
+        MedsegError, match=r"b/t/latest.pt was trained with weight averaging.*--set train.ema_decay=0.9"
+    ):
         train(_config(em_folders, tmp_path / "b", epochs=2, steps_per_epoch=1), resume=averaged.run_dir, progress=False)
 
 
@@ -174,8 +196,13 @@ def test_training_config_errors_name_the_key(em_folders, tmp_path):
     with pytest.raises(ConfigError, match=r"augment.flip_axes \[2\]: give distinct spatial axes in 0..1"):
         config_from_dict({"model": {"name": "unet"}, "augment": {"flip_axes": [2]}})
     with pytest.raises(ConfigError, match="augment.image_mode bicubic needs model.spatial_dims 2"):
-        config_from_dict({"model": {"name": "unet", "spatial_dims": 3}, "train": {"patch_size": [8, 8, 8]},
-                          "augment": {"image_mode": "bicubic"}})
+        config_from_dict(
+            {
+                "model": {"name": "unet", "spatial_dims": 3},
+                "train": {"patch_size": [8, 8, 8]},
+                "augment": {"image_mode": "bicubic"},
+            }
+        )
 
 
 def _free_port() -> int:
@@ -190,7 +217,8 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import _config
 from medseg.train import train
-result = train(_config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4, ema_decay={ema_decay!r}), progress=False)
+config = _config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4, ema_decay={ema_decay!r})
+result = train(config, progress=False)
 torch.save(result.model.state_dict(), Path({out!r}) / f"rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
 """
@@ -201,10 +229,21 @@ def test_ddp_two_cpu_processes_agree(em_folders, tmp_path, ema_decay):
     """Both ranks hold the same weights after an epoch: the trained ones, or with
     ``ema_decay`` the averaged ones (BatchNorm statistics included)."""
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(em_folders), out=str(tmp_path), ema_decay=ema_decay))
+    script.write_text(
+        DDP_SCRIPT.format(
+            tests=str(Path(__file__).parent), root=str(em_folders), out=str(tmp_path), ema_decay=ema_decay
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -232,8 +271,16 @@ def test_plain_cross_entropy_loss_trains(em_folders, tmp_path):
 
 
 def test_early_stopping_and_time_budget(em_folders, tmp_path):
-    stalled = _config(em_folders, tmp_path / "a", epochs=6, steps_per_epoch=2, learning_rate=1e-12,
-                      early_stop_patience=1, early_stop_min_delta=0.05, schedule="constant")
+    stalled = _config(
+        em_folders,
+        tmp_path / "a",
+        epochs=6,
+        steps_per_epoch=2,
+        learning_rate=1e-12,
+        early_stop_patience=1,
+        early_stop_min_delta=0.05,
+        schedule="constant",
+    )
     result = train(stalled, progress=False)
     assert result.epochs_run == 2  # no improvement after epoch 1: stop after one more
     budget = _config(em_folders, tmp_path / "b", epochs=50, steps_per_epoch=50, time_budget_minutes=0.0001)

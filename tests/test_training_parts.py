@@ -60,7 +60,9 @@ def test_splits_fraction_kfold_cases(tmp_path):
     cases = find_cases(DataConfig(images=tmp_path / "i", labels=tmp_path / "l"))
     train, val = split_cases(cases, SplitConfig(mode="fraction", val_fraction=0.3, seed=1))
     assert len(val) == 3 and len(train) == 7 and not {c.id for c in train} & {c.id for c in val}
-    assert [c.id for c in split_cases(cases, SplitConfig(mode="fraction", val_fraction=0.3, seed=1))[1]] == [c.id for c in val]
+    assert [c.id for c in split_cases(cases, SplitConfig(mode="fraction", val_fraction=0.3, seed=1))[1]] == [
+        c.id for c in val
+    ]
     folds = [split_cases(cases, SplitConfig(mode="kfold", folds=5, fold=f))[1] for f in range(5)]
     assert sorted(c.id for fold in folds for c in fold) == sorted(c.id for c in cases)
     train, val = split_cases(cases, SplitConfig(mode="cases", train=["0", "1"], val=["9"]))
@@ -91,11 +93,17 @@ def test_mixed_dtypes_and_float_labels_just_work(tmp_path):
     phantoms.write_nifti(np.clip(a.image, 0, 255).astype(np.uint8), a.affine, tmp_path / "im" / "b.nii.gz")
     phantoms.write_nifti(a.label.astype(np.float32), a.affine, tmp_path / "lb" / "a.nii.gz")
     phantoms.write_nifti(a.label, a.affine, tmp_path / "lb" / "b.nii.gz")
-    config = config_from_dict({
-        "data": {"images": str(tmp_path / "im"), "labels": str(tmp_path / "lb"), "classes": {"background": 0, "liver": 1, "kidney": 2, "spine": 3}},
-        "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "depth": 3},  # sizes divisible by 4
-        "train": {"patch_size": [16, 16, 8]},
-    })
+    config = config_from_dict(
+        {
+            "data": {
+                "images": str(tmp_path / "im"),
+                "labels": str(tmp_path / "lb"),
+                "classes": {"background": 0, "liver": 1, "kidney": 2, "spine": 3},
+            },
+            "model": {"name": "unet", "spatial_dims": 3, "out_channels": 4, "depth": 3},  # sizes divisible by 4
+            "train": {"patch_size": [16, 16, 8]},
+        }
+    )
     items = prepare_items(find_cases(config.data), config, with_weights=False)
     assert [i.image.dtype for i in items] == [torch.float32, torch.float32]
     assert all(abs(float(i.image.mean())) < 1e-4 for i in items)  # z-scored per case

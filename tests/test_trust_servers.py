@@ -196,13 +196,29 @@ def batch_folders(tmp_path: Path) -> dict[str, Path]:
     canary_text.write_bytes(CANARY)
     canary_scan = _png(outside / "canary.png", np.full((24, 32), 201, np.uint8))  # same shape as the good scan
     canary_mask = _png(outside / "canary_mask.png", np.ones((24, 32), np.uint8))
-    return {"root": tmp_path, "images": images, "out": out, "outside": outside, "good_scan": good_scan,
-            "good_mask": good_mask, "canary_text": canary_text, "canary_scan": canary_scan, "canary_mask": canary_mask}
+    return {
+        "root": tmp_path,
+        "images": images,
+        "out": out,
+        "outside": outside,
+        "good_scan": good_scan,
+        "good_mask": good_mask,
+        "canary_text": canary_text,
+        "canary_scan": canary_scan,
+        "canary_mask": canary_mask,
+    }
 
 
 def _good(f: dict[str, Path]) -> dict[str, Any]:
-    return {"case": "good", "kind": "png", "input": str(f["good_scan"]), "status": "written",
-            "outputs": [str(f["good_mask"])], "reason": "", "seconds": 0.1}
+    return {
+        "case": "good",
+        "kind": "png",
+        "input": str(f["good_scan"]),
+        "status": "written",
+        "outputs": [str(f["good_mask"])],
+        "reason": "",
+        "seconds": 0.1,
+    }
 
 
 def _variant(name: str, f: dict[str, Path]) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
@@ -224,8 +240,14 @@ def _variant(name: str, f: dict[str, Path]) -> tuple[dict[str, Any], list[dict[s
         (out / "seq" / "1.png").symlink_to(f["canary_mask"])
         return {}, [{**rec, "case": "seq", "outputs": []}], True
     if name == "input_is_outside_file":
-        return {}, [{**_good(f), "case": "bad", "input": str(f["canary_scan"])},
-                    {**_good(f), "case": "bad2", "input": str(f["canary_text"])}], True
+        return (
+            {},
+            [
+                {**_good(f), "case": "bad", "input": str(f["canary_scan"])},
+                {**_good(f), "case": "bad2", "input": str(f["canary_text"])},
+            ],
+            True,
+        )
     if name == "input_symlink_out":
         (f["images"] / "bad.png").symlink_to(f["canary_scan"])
         return {}, [{**_good(f), "case": "bad", "input": str(f["images"] / "bad.png")}], True
@@ -242,9 +264,18 @@ def _variant(name: str, f: dict[str, Path]) -> tuple[dict[str, Any], list[dict[s
     raise AssertionError(name)
 
 
-VARIANTS = ["absolute_output", "dotdot_output", "symlink_output", "case_id_leads_out", "png_folder_with_link_out",
-            "input_is_outside_file", "input_symlink_out", "input_folder_is_root", "nul_and_dotdot_strings",
-            "learning_curves_link_out"]
+VARIANTS = [
+    "absolute_output",
+    "dotdot_output",
+    "symlink_output",
+    "case_id_leads_out",
+    "png_folder_with_link_out",
+    "input_is_outside_file",
+    "input_symlink_out",
+    "input_folder_is_root",
+    "nul_and_dotdot_strings",
+    "learning_curves_link_out",
+]
 
 
 def _unpacked(packed: str) -> np.ndarray:
@@ -255,7 +286,7 @@ def _unpacked(packed: str) -> np.ndarray:
 
 def _payload(path: Path) -> dict[str, Any]:
     text = path.read_text()
-    return json.loads(text[len("medsegReview.receive("):text.rstrip().rindex(")")])
+    return json.loads(text[len("medsegReview.receive(") : text.rstrip().rindex(")")])
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -264,8 +295,14 @@ def test_review_page_never_embeds_or_links_files_outside_the_output_folder(
 ) -> None:
     f = batch_folders
     fields, crafted, good_scan_shown = _variant(name, f)
-    batch = {"medseg_version": "test", "input": str(f["images"]), "checkpoint": "", "classes": ["background", "cell"],
-             **fields, "records": [_good(f), *crafted]}
+    batch = {
+        "medseg_version": "test",
+        "input": str(f["images"]),
+        "checkpoint": "",
+        "classes": ["background", "cell"],
+        **fields,
+        "records": [_good(f), *crafted],
+    }
     (f["out"] / "predictions.json").write_text(json.dumps(batch))
     page = write_review(f["out"], progress=False)
 
@@ -321,8 +358,19 @@ def _manifest(path: Path, url: str, sha256: str = "0" * 64, size: int | None = N
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        writer.writerow({"dataset": "tiny", "case": "c0", "role": "image", "path": "img/a.bin", "sha256": sha256,
-                         "split": "train", "source_url": url, "licence": "test", "size": "" if size is None else size})
+        writer.writerow(
+            {
+                "dataset": "tiny",
+                "case": "c0",
+                "role": "image",
+                "path": "img/a.bin",
+                "sha256": sha256,
+                "split": "train",
+                "source_url": url,
+                "licence": "test",
+                "size": "" if size is None else size,
+            }
+        )
     return path
 
 
@@ -341,17 +389,20 @@ class _NeverOpen:
         raise AssertionError(f"opened {url}")
 
 
-@pytest.mark.parametrize("url", [
-    "ftp://example.org/a.bin",
-    "http://example.org/a.bin",
-    "HTTP://EXAMPLE.ORG/A.BIN",
-    "gopher://example.org/1a.bin",
-    "data:application/octet-stream;base64,AAAA",
-    "javascript:alert(1)",
-    "file:///etc/hostname",
-    "example.org/a.bin",
-    "https:///no-host/a.bin",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.org/a.bin",
+        "http://example.org/a.bin",
+        "HTTP://EXAMPLE.ORG/A.BIN",
+        "gopher://example.org/1a.bin",
+        "data:application/octet-stream;base64,AAAA",
+        "javascript:alert(1)",
+        "file:///etc/hostname",
+        "example.org/a.bin",
+        "https:///no-host/a.bin",
+    ],
+)
 def test_fetch_refuses_every_scheme_but_https(url: str, tmp_path: Path) -> None:
     opener = _NeverOpen()
     dest = tmp_path / "dest"
@@ -371,16 +422,23 @@ def test_fetch_reads_file_urls_only_from_inside_the_mirror(tmp_path: Path) -> No
     (outside / "img" / "a.bin").write_bytes(data)
     (mirror / "link.bin").symlink_to(outside / "img" / "a.bin")
     sha = hashlib.sha256(data).hexdigest()
-    urls = ((outside / "img" / "a.bin").as_uri(), (mirror / "link.bin").as_uri(),
-            f"{mirror.as_uri()}/../outside/img/a.bin")
+    urls = (
+        (outside / "img" / "a.bin").as_uri(),
+        (mirror / "link.bin").as_uri(),
+        f"{mirror.as_uri()}/../outside/img/a.bin",
+    )
     for url in urls:
         with pytest.raises(ManifestError, match="lies outside the mirror") as err:
             fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=_manifest(tmp_path / "m.csv", url, sha))
         assert str(err.value).startswith(url)
     assert not _files_under(tmp_path / "dest")
     (mirror / "copy.bin").write_bytes(data)  # inside the mirror: read (the rule is not "never")
-    report = fetch("tiny", tmp_path / "dest", mirror=mirror,
-                   manifest=_manifest(tmp_path / "m.csv", (mirror / "copy.bin").as_uri(), sha, len(data)))
+    report = fetch(
+        "tiny",
+        tmp_path / "dest",
+        mirror=mirror,
+        manifest=_manifest(tmp_path / "m.csv", (mirror / "copy.bin").as_uri(), sha, len(data)),
+    )
     assert report.downloaded == ["img/a.bin"] and (tmp_path / "dest/tiny/img/a.bin").read_bytes() == data
 
 
@@ -496,8 +554,12 @@ def test_fetch_caps_a_file_without_declared_size(endless: str, tmp_path: Path, m
 def test_fetch_refuses_an_announced_length_over_the_declared_size(endless: str, tmp_path: Path) -> None:
     opener = _Counting(endless + "/announced")
     with pytest.raises(ManifestError, match="more than the 1000 bytes"):
-        fetch("tiny", tmp_path / "dest", manifest=_manifest(tmp_path / "m.csv", "https://x.example/a", size=1000),
-              opener=opener)
+        fetch(
+            "tiny",
+            tmp_path / "dest",
+            manifest=_manifest(tmp_path / "m.csv", "https://x.example/a", size=1000),
+            opener=opener,
+        )
     assert opener.read_bytes == 0 and not _files_under(tmp_path / "dest")
 
 
@@ -506,8 +568,12 @@ def test_fetch_accepts_a_source_of_exactly_the_declared_size(tmp_path: Path) -> 
     source = tmp_path / "served.bin"
     source.write_bytes(data)
     opener = _Counting(source.as_uri())  # the injected transport; the manifest URL is https
-    report = fetch("tiny", tmp_path / "dest", opener=opener, manifest=_manifest(
-        tmp_path / "m.csv", "https://x.example/a.bin", hashlib.sha256(data).hexdigest(), len(data)))
+    report = fetch(
+        "tiny",
+        tmp_path / "dest",
+        opener=opener,
+        manifest=_manifest(tmp_path / "m.csv", "https://x.example/a.bin", hashlib.sha256(data).hexdigest(), len(data)),
+    )
     assert report.downloaded == ["img/a.bin"] and (tmp_path / "dest/tiny/img/a.bin").read_bytes() == data
 
 
@@ -530,12 +596,20 @@ def test_size_column_is_validated(tmp_path: Path) -> None:
     assert read_manifest(_manifest(tmp_path / "n.csv", "https://x.example/a", size=12))[0].size == 12
 
 
-def test_cli_names_the_refused_url_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_cli_names_the_refused_url_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     present = tuple(m for m in cli.COMMAND_MODULES if importlib.util.find_spec(m) is not None)
     monkeypatch.setattr(cli, "COMMAND_MODULES", present)
-    args = ["data", "fetch", "tiny", "--dest", str(tmp_path / "d"),
-            "--manifest", str(_manifest(tmp_path / "m.csv", "ftp://example.org/a.bin"))]
+    args = [
+        "data",
+        "fetch",
+        "tiny",
+        "--dest",
+        str(tmp_path / "d"),
+        "--manifest",
+        str(_manifest(tmp_path / "m.csv", "ftp://example.org/a.bin")),
+    ]
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("medseg data: error: ftp://example.org/a.bin: is a ftp: URL") and "https://" in err

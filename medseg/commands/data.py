@@ -54,9 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dest", type=Path, help="data root; datasets go to DEST/<dataset>/")
-    parser.add_argument(
-        "--manifest", type=Path, help="manifest CSV (default: the repository's data_manifest.csv)"
-    )
+    parser.add_argument("--manifest", type=Path, help="manifest CSV (default: the repository's data_manifest.csv)")
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -77,9 +75,7 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    report = manifest.fetch(
-        args.dataset, dest=args.dest, mirror=args.mirror, force=args.force, manifest=args.manifest
-    )
+    report = manifest.fetch(args.dataset, dest=args.dest, mirror=args.mirror, force=args.force, manifest=args.manifest)
     print(report.summary())
     return 0
 
@@ -87,21 +83,17 @@ def _fetch(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     statuses = manifest.dataset_status(dest=args.dest, manifest=args.manifest)
     header = ("dataset", "files", "present", "verified", "status", "where")
-    rows = [
-        (s.dataset, str(s.expected), str(s.present), str(s.verified), s.status, str(s.folder))
-        for s in statuses
-    ]
+    rows = [(s.dataset, str(s.expected), str(s.present), str(s.verified), s.status, str(s.folder)) for s in statuses]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     dest = f" --dest {args.dest}" if args.dest else ""
     for s in statuses:
         if s.corrupt:
-            print(f"{s.dataset}: {len(s.corrupt)} corrupt (first: {s.corrupt[0]}); "
-                  f"run `medseg data fetch {s.dataset}{dest} --force`")
-        elif s.status != "verified":
             print(
-                f"{s.dataset}: {len(s.missing)} missing; "
-                f"run `medseg data fetch {s.dataset}{dest} --mirror DIR`"
+                f"{s.dataset}: {len(s.corrupt)} corrupt (first: {s.corrupt[0]}); "
+                f"run `medseg data fetch {s.dataset}{dest} --force`"
             )
+        elif s.status != "verified":
+            print(f"{s.dataset}: {len(s.missing)} missing; run `medseg data fetch {s.dataset}{dest} --mirror DIR`")
     return 0

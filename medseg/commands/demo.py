@@ -11,9 +11,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="generate a phantom study, train small models, run the segment-study flow, write review pages",
     )
-    parser.add_argument("--output", type=Path, default=Path("demo-output"), help="where to write (default: ./demo-output)")
-    parser.add_argument("--data", choices=("phantom", "isbi2012"), default="phantom",
-                        help="phantom (generated, default) or isbi2012 (the real EM data, fetched or from MEDSEG_DATA_MIRROR)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("demo-output"), help="where to write (default: ./demo-output)"
+    )
+    parser.add_argument(
+        "--data",
+        choices=("phantom", "isbi2012"),
+        default="phantom",
+        help="phantom (generated, default) or isbi2012 (the real EM data, fetched or from MEDSEG_DATA_MIRROR)",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter training (what the tests run)")
     parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
     parser.set_defaults(func=run)

@@ -73,8 +73,10 @@ def _check_folders(args: argparse.Namespace) -> None:
     from medseg.pipeline import check_disjoint
 
     if Path(args.pred).resolve() == Path(args.ref).resolve():
-        raise ConfigError(f"--pred {args.pred} and --ref {args.ref} are the same folder; "
-                          "point --pred at the predicted masks and --ref at the reference masks")
+        raise ConfigError(
+            f"--pred {args.pred} and --ref {args.ref} are the same folder; "
+            "point --pred at the predicted masks and --ref at the reference masks"
+        )
     pred_folder = Path(args.pred).parent if Path(args.pred).is_file() else Path(args.pred)
     out = Path(args.output) if args.output is not None else pred_folder
     if out.is_file():

@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("path", type=Path, help="a scan file, a DICOM series folder, or a folder tree")
     parser.add_argument("--json", action="store_true", help="print JSON (keys documented in README.md)")
-    parser.add_argument("--color", choices=("grey", "channels"), default="grey", help="RGB images as grey or as channels")
+    parser.add_argument(
+        "--color", choices=("grey", "channels"), default="grey", help="RGB images as grey or as channels"
+    )
     parser.add_argument(
         "--memory-budget",
         type=float,

@@ -23,10 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             width=88,
         ),
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"nightly config: schedule and default parameters (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--check", action="store_true",
-                        help="validate the config and print the deployment's parameters, then exit without serving")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"nightly config: schedule and default parameters (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and print the deployment's parameters, then exit without serving",
+    )
     parser.set_defaults(func=run)
 
 
@@ -39,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the server otherwise
     config = load_nightly_config(args.config)
     if not config.parameters.input_dir.is_dir():
-        print(f"medseg serve: warning: input_dir {config.parameters.input_dir} does not exist (yet); "
-              "runs fail at start until it does", file=sys.stderr)
+        print(
+            f"medseg serve: warning: input_dir {config.parameters.input_dir} does not exist (yet); "
+            "runs fail at start until it does",
+            file=sys.stderr,
+        )
     if args.check:
         parameters = check_nightly(config)
         print(f"segment-study/nightly: cron {config.schedule.cron!r} ({config.schedule.timezone})")

@@ -10,7 +10,9 @@ from medseg.commands.config import add_override_argument
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a segmentation model from a config")
-    parser.add_argument("--config", type=Path, required=True, help="experiment config (YAML), e.g. configs/unet_em.yaml")
+    parser.add_argument(
+        "--config", type=Path, required=True, help="experiment config (YAML), e.g. configs/unet_em.yaml"
+    )
     add_override_argument(parser)
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")

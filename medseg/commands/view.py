@@ -24,14 +24,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("output", type=Path, metavar="OUTPUT_DIR", help="output folder of `medseg predict`")
     parser.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; "
-                        "0.0.0.0 shows the page, and the masks, to your whole network)")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; "
+        "0.0.0.0 shows the page, and the masks, to your whole network)",
+    )
     parser.add_argument("--open", action="store_true", help="open the page in a web browser")
-    parser.add_argument("--reference", type=Path, metavar="DIR",
-                        help="reference masks to outline (default: the reference folder of metrics.json)")
-    parser.add_argument("--learning-curves", type=Path, metavar="PNG",
-                        help="learning_curves.png of the training run (default: found beside the checkpoint)")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DIR",
+        help="reference masks to outline (default: the reference folder of metrics.json)",
+    )
+    parser.add_argument(
+        "--learning-curves",
+        type=Path,
+        metavar="PNG",
+        help="learning_curves.png of the training run (default: found beside the checkpoint)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="write the review page again even if up to date")
     parser.set_defaults(func=run)
 

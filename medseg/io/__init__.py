@@ -72,7 +72,9 @@ def load(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         fix = "the header is corrupt; re-export the file"
         raise ScanError(ref.paths, f"a header value is out of range ({exc})", fix) from exc
     except PermissionError as exc:
-        raise ScanError(ref.paths, f"permission denied ({exc.filename})", "make the file readable by this user") from exc
+        raise ScanError(
+            ref.paths, f"permission denied ({exc.filename})", "make the file readable by this user"
+        ) from exc
     check_geometry(ref.paths, scan.geometry.affine, scan.geometry.shape, f"the {ref.kind} reader's grid")
     return scan
 

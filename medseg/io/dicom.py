@@ -92,14 +92,27 @@ ORIENTATION_TOLERANCE = 1e-4
 # Type 2 attributes of the Patient and General Study modules: every object of a study,
 # a DICOM SEG included, carries them, empty when unknown. Anonymisers often delete them.
 PATIENT_STUDY_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
 # Image storage classes whose IOD makes the Frame of Reference module mandatory.
 _FRAME_OF_REFERENCE_REQUIRED = {
-    CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage,
-    MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage,
-    PositronEmissionTomographyImageStorage, EnhancedPETImageStorage, LegacyConvertedEnhancedPETImageStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    EnhancedPETImageStorage,
+    LegacyConvertedEnhancedPETImageStorage,
 }
 # Value representations held as text (pydicom parses some, e.g. DS and PN, into objects).
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
@@ -138,7 +151,9 @@ def _read(path: Path, pixels: bool) -> tuple[Dataset, int | None]:
     except ScanError:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise ScanError(path, f"unreadable DICOM file ({exc})", "the file is probably truncated or corrupt; re-export it") from exc
+        raise ScanError(
+            path, f"unreadable DICOM file ({exc})", "the file is probably truncated or corrupt; re-export it"
+        ) from exc
     if pixels and non_image_reason(ds) is None:
         _check_pixel_length(path, ds)
     return ds, offset
@@ -196,9 +211,13 @@ def _floats(value: Any, n: int, path: Path, name: str) -> np.ndarray:
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ScanError(path, f"{name} is not numeric ({value!r})", "the header is corrupt; re-export the series") from exc
+        raise ScanError(
+            path, f"{name} is not numeric ({value!r})", "the header is corrupt; re-export the series"
+        ) from exc
     if arr.shape != (n,):
-        raise ScanError(path, f"{name} has {arr.size} values, expected {n}", "the header is corrupt; re-export the series")
+        raise ScanError(
+            path, f"{name} has {arr.size} values, expected {n}", "the header is corrupt; re-export the series"
+        )
     return check_values(path, name, arr)  # every caller reads geometry: NaN/Inf is refused here, by name
 
 
@@ -220,7 +239,9 @@ def _int(ds: Dataset, name: str, path: Path, default: int | None = None) -> int:
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise ScanError(path, f"{name} is not an integer ({value!r})", "the header is corrupt; re-export the file") from exc
+        raise ScanError(
+            path, f"{name} is not an integer ({value!r})", "the header is corrupt; re-export the file"
+        ) from exc
 
 
 def _float(value: Any, path: Path, name: str, default: float) -> float:
@@ -229,7 +250,9 @@ def _float(value: Any, path: Path, name: str, default: float) -> float:
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
-        raise ScanError(path, f"{name} is not a number ({value!r})", "the header is corrupt; re-export the file") from exc
+        raise ScanError(
+            path, f"{name} is not a number ({value!r})", "the header is corrupt; re-export the file"
+        ) from exc
 
 
 def _blank(value: Any) -> bool:
@@ -309,7 +332,9 @@ def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeri
         series,
         "split the files into one folder per image size; they are not one volume",
     )
-    missing = [p for p, ds in zip(paths, datasets) if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds]
+    missing = [
+        p for p, ds in zip(paths, datasets) if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds
+    ]
     if missing:
         if len(paths) == 1:
             return _plan_without_geometry(paths, datasets[0], frames=())
@@ -319,8 +344,12 @@ def _plan_single_frames(paths: list[Path], datasets: list[Dataset]) -> DicomSeri
             "so the slices cannot be placed in space",
             "re-export the series with patient geometry, or keep only the images that have it",
         )
-    positions = np.stack([_floats(ds.ImagePositionPatient, 3, p, "ImagePositionPatient") for p, ds in zip(paths, datasets)])
-    orientations = np.stack([_floats(ds.ImageOrientationPatient, 6, p, "ImageOrientationPatient") for p, ds in zip(paths, datasets)])
+    positions = np.stack(
+        [_floats(ds.ImagePositionPatient, 3, p, "ImagePositionPatient") for p, ds in zip(paths, datasets)]
+    )
+    orientations = np.stack(
+        [_floats(ds.ImageOrientationPatient, 6, p, "ImageOrientationPatient") for p, ds in zip(paths, datasets)]
+    )
     spacings = np.stack([_pixel_spacing(ds, p) for p, ds in zip(paths, datasets)])
     return _plan_stack(paths, positions, orientations, spacings, datasets[0], series, frames=())
 
@@ -366,7 +395,8 @@ def _plan_stack(
     if min(norms) < 0.9 or max(norms) > 1.1 or abs(float(row_cos @ col_cos)) > 1e-2 * norms[0] * norms[1]:
         raise ScanError(
             who,
-            f"{series}: ImageOrientationPatient {np.round(orientations[0], 4).tolist()} is not two orthogonal unit vectors",
+            f"{series}: ImageOrientationPatient {np.round(orientations[0], 4).tolist()} "
+            "is not two orthogonal unit vectors",
             "the header is corrupt; re-export the series",
         )
     row_cos = row_cos / norms[0]
@@ -387,7 +417,8 @@ def _plan_stack(
                 who,
                 f"{series} has slices at duplicate positions ({dup.size} pairs; "
                 f"e.g. {names[i]} and {names[i + 1]} both at {depth[i]:.3f} mm along the slice normal)",
-                "the folder holds more than one acquisition (echoes, phases, repeats); split them into separate folders",
+                "the folder holds more than one acquisition (echoes, phases, repeats); "
+                "split them into separate folders",
             )
         off = np.flatnonzero(np.abs(gaps - median) > 0.01 + SPACING_TOLERANCE * median)
         if off.size:
@@ -454,8 +485,10 @@ def _header_notes(plan: DicomSeries, datasets: Sequence[Dataset]) -> list[str]:
         notes.append(_thickness_note(first, plan.geometry.spacing[2]))
     enhanced = "PerFrameFunctionalGroupsSequence" in first  # pixel measures in functional groups, never Imager*
     if "PixelSpacing" not in first and "ImagerPixelSpacing" in first and not enhanced:
-        notes.append("no PixelSpacing in the header: ImagerPixelSpacing (measured at the detector) taken as the pixel "
-                     "size, so sizes in the patient are overstated by the X-ray geometric magnification")
+        notes.append(
+            "no PixelSpacing in the header: ImagerPixelSpacing (measured at the detector) taken as the pixel "
+            "size, so sizes in the patient are overstated by the X-ray geometric magnification"
+        )
     return [note for note in notes if note] + _compression_notes(datasets)
 
 
@@ -484,8 +517,10 @@ def _thickness_note(ds: Dataset, spacing: float) -> str | None:
     except (TypeError, ValueError, OverflowError):
         thickness = math.nan
     if not (math.isfinite(thickness) and thickness > 0):
-        return (f"SliceThickness {str(raw).strip()[:40]!r} is unusable (not a positive number), so whether slices "
-                f"overlap or leave gaps is unknown; the {_mm(spacing)} mm slice spacing comes from the slice positions")
+        return (
+            f"SliceThickness {str(raw).strip()[:40]!r} is unusable (not a positive number), so whether slices "
+            f"overlap or leave gaps is unknown; the {_mm(spacing)} mm slice spacing comes from the slice positions"
+        )
     excess = thickness - spacing
     if abs(excess) <= THICKNESS_TOLERANCE_MM + SPACING_TOLERANCE * spacing:
         return None
@@ -550,7 +585,9 @@ def _plan_multiframe(path: Path, ds: Dataset) -> DicomSeries:
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
     if per_frame:
         if len(per_frame) != n:
-            raise ScanError(path, f"{series}: {len(per_frame)} per-frame groups for {n} frames", "the file is corrupt; re-export it")
+            raise ScanError(
+                path, f"{series}: {len(per_frame)} per-frame groups for {n} frames", "the file is corrupt; re-export it"
+            )
         positions, orientations, spacings = [], [], []
         for i, group in enumerate(per_frame):
             pos = _functional(group, shared, "PlanePositionSequence", "ImagePositionPatient")
@@ -567,7 +604,9 @@ def _plan_multiframe(path: Path, ds: Dataset) -> DicomSeries:
         thickness = None
         if measures is not None:
             thickness = _single_slice_thickness(measures)
-        return _plan_stack([path], np.stack(positions), np.stack(orientations), np.stack(spacings), ds, series, frames, thickness)
+        return _plan_stack(
+            [path], np.stack(positions), np.stack(orientations), np.stack(spacings), ds, series, frames, thickness
+        )
     if "GridFrameOffsetVector" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
         offsets = _floats(ds.GridFrameOffsetVector, n, path, "GridFrameOffsetVector")
         origin = _floats(ds.ImagePositionPatient, 3, path, "ImagePositionPatient")
@@ -604,7 +643,11 @@ def _rescale(ds: Dataset, frame: Dataset | None, shared: Dataset | None, path: P
     slope = _float(_get(source, "RescaleSlope", path), path, "RescaleSlope", 1.0)
     intercept = _float(_get(source, "RescaleIntercept", path), path, "RescaleIntercept", 0.0)
     if slope == 0.0 or not np.isfinite(slope) or not np.isfinite(intercept):
-        raise ScanError(path, f"RescaleSlope/Intercept {slope}/{intercept} cannot map stored values", "the header is corrupt; re-export the file")
+        raise ScanError(
+            path,
+            f"RescaleSlope/Intercept {slope}/{intercept} cannot map stored values",
+            "the header is corrupt; re-export the file",
+        )
     return slope, intercept
 
 
@@ -657,7 +700,9 @@ def _as_displayed(path: Path, ds: Dataset, pixels: np.ndarray, options: LoadOpti
         signed = _int(ds, "PixelRepresentation", path, default=0) == 1
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         inverted = (lo + hi) - pixels.astype(np.int64)
-        return inverted.astype(pixels.dtype), "MONOCHROME1 inverted so that higher values are brighter (as a viewer shows it)"
+        return inverted.astype(
+            pixels.dtype
+        ), "MONOCHROME1 inverted so that higher values are brighter (as a viewer shows it)"
     if kind == "PALETTE COLOR":
         try:
             rgb = apply_color_lut(pixels, ds)
@@ -758,7 +803,10 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         workers = dicom_pixels.default_workers(_series_syntax(headers[p] for p in plan.paths))
         array, shown = read_volume(
             lambda k: _read_slice(plan.paths[k], headers[plan.paths[k]], read[plan.paths[k]][1], options),
-            plan.paths, slopes, samples, workers,
+            plan.paths,
+            slopes,
+            samples,
+            workers,
         )
     array, color_notes = _color(array, options, samples)
     files = list(plan.paths[:1]) if plan.frame_order else list(plan.paths)
@@ -769,8 +817,11 @@ def load_dicom(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         geometry=plan.geometry,
         modality=str(first.get("Modality", "") or "OT"),
         metadata={**_metadata(first, sop_uids, plan.frame_order), **identifiers},
-        notes=list(plan.notes) + _header_notes(plan, [headers[p] for p in plan.paths])
-        + sorted(n for n in shown if n is not None) + color_notes + id_notes,
+        notes=list(plan.notes)
+        + _header_notes(plan, [headers[p] for p in plan.paths])
+        + sorted(n for n in shown if n is not None)
+        + color_notes
+        + id_notes,
     )
 
 
@@ -822,13 +873,18 @@ def source_identifiers(
             instances.append(derived)
             generated.setdefault("SOPInstanceUID", []).append(derived)
     first = datasets[0]
-    found = {name: _text(first, name) for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID")}
+    found = {
+        name: _text(first, name)
+        for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID")
+    }
     sop_class, how = found["SOPClassUID"], ""
     if not valid_uid(sop_class):
         sop_class, how = _infer_sop_class(first, bool(plan.frame_order), plan.has_geometry)
         generated["SOPClassUID"] = sop_class
-        notes.append(f"SOPClassUID {'blank' if not found['SOPClassUID'] else 'malformed'} in the files: "
-                     f"{pydicom.uid.UID(sop_class).name} ({sop_class}) {how}")
+        notes.append(
+            f"SOPClassUID {'blank' if not found['SOPClassUID'] else 'malformed'} in the files: "
+            f"{pydicom.uid.UID(sop_class).name} ({sop_class}) {how}"
+        )
     values = {"SOPClassUID": sop_class}
     for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         value = found[name]
@@ -838,18 +894,29 @@ def source_identifiers(
             if value:
                 generated[name] = value
         values[name] = value
-    made = [name for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID") if name in generated]
+    made = [
+        name
+        for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+        if name in generated
+    ]
     if made:
-        shown = [f"SOPInstanceUID ({len(generated[n])} of {len(instances)} files)" if n == "SOPInstanceUID" else n for n in made]
-        notes.append(f"{', '.join(shown)} blank, malformed or duplicated in the files: generated from the file contents "
-                     "(the same on every read) so that a DICOM SEG can reference the series; see metadata generated_uids")
+        shown = [
+            f"SOPInstanceUID ({len(generated[n])} of {len(instances)} files)" if n == "SOPInstanceUID" else n
+            for n in made
+        ]
+        notes.append(
+            f"{', '.join(shown)} blank, malformed or duplicated in the files: generated from the file contents "
+            "(the same on every read) so that a DICOM SEG can reference the series; see metadata generated_uids"
+        )
     missing = [name for name in PATIENT_STUDY_ATTRIBUTES if name not in first]
     if missing:
         notes.append(f"{', '.join(missing)} missing from the header: a DICOM SEG carries them empty (DICOM type 2)")
     malformed = _malformed_attributes(first)
     if malformed:
-        notes.append(f"{', '.join(malformed)} not valid for their DICOM value representation: a DICOM SEG leaves them "
-                     "out (or empty, where DICOM type 2 requires them)")
+        notes.append(
+            f"{', '.join(malformed)} not valid for their DICOM value representation: a DICOM SEG leaves them "
+            "out (or empty, where DICOM type 2 requires them)"
+        )
     metadata = {
         "study_instance_uid": values["StudyInstanceUID"],
         "series_instance_uid": values["SeriesInstanceUID"],
@@ -903,7 +970,9 @@ def _infer_sop_class(ds: Dataset, multiframe: bool, has_geometry: bool) -> tuple
             return EnhancedCTImageStorage, "inferred from Modality CT and the per-frame functional groups"
         if has_geometry and not multiframe and "RescaleIntercept" in ds:
             return CTImageStorage, "inferred from Modality CT, the image plane and the CT rescale attributes"
-    if modality == "MR" or (not modality and any(k in ds for k in ("EchoTime", "RepetitionTime", "MagneticFieldStrength"))):
+    if modality == "MR" or (
+        not modality and any(k in ds for k in ("EchoTime", "RepetitionTime", "MagneticFieldStrength"))
+    ):
         if enhanced:
             return EnhancedMRImageStorage, "inferred from Modality MR and the per-frame functional groups"
         if has_geometry and not multiframe:
@@ -915,9 +984,15 @@ def _infer_sop_class(ds: Dataset, multiframe: bool, has_geometry: bool) -> tuple
             return PositronEmissionTomographyImageStorage, "inferred from Modality PT and the image plane attributes"
     if multiframe:
         if _text(ds, "SamplesPerPixel") == "3":
-            return MultiFrameTrueColorSecondaryCaptureImageStorage, "assumed: a multi-frame colour image of no known modality"
+            return (
+                MultiFrameTrueColorSecondaryCaptureImageStorage,
+                "assumed: a multi-frame colour image of no known modality",
+            )
         if _text(ds, "BitsAllocated") == "8":
-            return MultiFrameGrayscaleByteSecondaryCaptureImageStorage, "assumed: a multi-frame 8-bit image of no known modality"
+            return (
+                MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+                "assumed: a multi-frame 8-bit image of no known modality",
+            )
         return MultiFrameGrayscaleWordSecondaryCaptureImageStorage, "assumed: a multi-frame image of no known modality"
     return SecondaryCaptureImageStorage, "assumed: the header matches no modality-specific image IOD"
 

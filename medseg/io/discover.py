@@ -32,8 +32,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
 # Files that sit beside scans and are never scans themselves.
 _NOT_SCANS = {
-    ".json", ".txt", ".csv", ".tsv", ".md", ".yaml", ".yml", ".xml", ".html", ".pdf",
-    ".pt", ".pth", ".ckpt", ".log", ".py", ".sh", ".zip", ".gz", ".tar", ".mat", ".npy", ".npz",
+    ".json",
+    ".txt",
+    ".csv",
+    ".tsv",
+    ".md",
+    ".yaml",
+    ".yml",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".log",
+    ".py",
+    ".sh",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".mat",
+    ".npy",
+    ".npz",
 }
 _CONTENT_FOR_SUFFIX = {
     ".nii": ("nifti",),
@@ -147,7 +167,9 @@ def _classify(
     elif content == "dicom" or (suffix in DICOM_SUFFIXES and content == "unknown"):
         _read_dicom_header(path, suffix, result, dicom_headers)
     elif suffix in DICOM_SUFFIXES and content != "unknown":
-        result.problems.append(Problem((path,), f"named {suffix or 'without extension'} but holds {content.upper()} content, not DICOM"))
+        result.problems.append(
+            Problem((path,), f"named {suffix or 'without extension'} but holds {content.upper()} content, not DICOM")
+        )
     elif suffix in _NOT_SCANS:
         result.skipped.append(Problem((path,), f"not a scan ({suffix} file)"))
     else:

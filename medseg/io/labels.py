@@ -70,7 +70,8 @@ def validate_label(
             raise LabelError(
                 path,
                 f"label holds {count} non-integer values (e.g. {', '.join(f'{v:g}' for v in example)})",
-                "a mask must hold integer class values; check that this is a mask and not an image or a probability map",
+                "a mask must hold integer class values; "
+                "check that this is a mask and not an image or a probability map",
             )
         values = values.astype(np.int32)
         notes.append("float label holding integers cast to int")
@@ -88,8 +89,10 @@ def validate_label(
                 "add them to data.classes in the config, or fix the mask",
             )
     values = _smallest_int(values)
-    geometry = image.geometry if not label.geometry.spacing_known else Geometry(
-        label.geometry.affine, label.geometry.shape, label.geometry.spacing_known, label.geometry.notes
+    geometry = (
+        image.geometry
+        if not label.geometry.spacing_known
+        else Geometry(label.geometry.affine, label.geometry.shape, label.geometry.spacing_known, label.geometry.notes)
     )
     return Scan(ref=label.ref, array=values, geometry=geometry, modality="SEG", metadata=label.metadata, notes=notes)
 

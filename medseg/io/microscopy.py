@@ -169,12 +169,18 @@ def _tiff_series(path: Path, tif: tifffile.TiffFile) -> tuple[np.ndarray, str]:
         shapes = {(s.shape, s.axes, str(s.dtype)) for s in series}
         if len(shapes) == 1 and set(series[0].axes) <= set("YXS"):
             return np.stack([s.asarray() for s in series]), "Z" + series[0].axes
-        raise ScanError(path, f"TIFF holds {len(series)} image series of different shapes", "save one image or stack per file")
+        raise ScanError(
+            path, f"TIFF holds {len(series)} image series of different shapes", "save one image or stack per file"
+        )
     data, axes = series[0].asarray(), series[0].axes
     declared = int((tif.imagej_metadata or {}).get("images", 0) or 0)
     planes = int(np.prod([n for n, a in zip(data.shape, axes) if a not in "YXS"], dtype=np.int64))
     if declared > planes:
-        raise ScanError(path, f"ImageJ metadata declares {declared} images but only {planes} could be read", "the file is truncated; copy it again")
+        raise ScanError(
+            path,
+            f"ImageJ metadata declares {declared} images but only {planes} could be read",
+            "the file is truncated; copy it again",
+        )
     return data, axes
 
 
@@ -189,7 +195,11 @@ def load_tiff(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
     except ScanError:
         raise
     except Exception as exc:  # tifffile and its codecs (zlib, lzw, jpeg...) raise many types
-        raise ScanError(path, f"not a readable TIFF file ({type(exc).__name__}: {exc})", "check that the file is complete and really TIFF") from exc
+        raise ScanError(
+            path,
+            f"not a readable TIFF file ({type(exc).__name__}: {exc})",
+            "check that the file is complete and really TIFF",
+        ) from exc
     array = _tiff_to_channels_first(path, data, axes)
     samples = "S" in axes.upper()
     array, color_notes = _color(array, options, has_alpha=samples, rgb=samples)
@@ -208,14 +218,20 @@ def _tiff_to_channels_first(path: Path, data: np.ndarray, axes: str) -> np.ndarr
     axes = axes.upper()
     channel_axes = [i for i, a in enumerate(axes) if a in "CS"]
     if len(channel_axes) > 1:
-        raise ScanError(path, f"TIFF axes {axes!r} have both colour samples and channels", "save one kind of channel axis")
+        raise ScanError(
+            path, f"TIFF axes {axes!r} have both colour samples and channels", "save one kind of channel axis"
+        )
     plane_axes = [i for i, a in enumerate(axes) if a not in "YXCS"]
     if "Y" not in axes or "X" not in axes:
         raise ScanError(path, f"TIFF axes {axes!r} have no Y/X image plane", "save the image as a plain TIFF stack")
     stack_axes = [i for i in plane_axes if data.shape[i] > 1]
     if len(stack_axes) > 1:
         names = "".join(axes[i] for i in stack_axes)
-        raise ScanError(path, f"TIFF has more than one stack axis ({names}, shape {data.shape})", "save one z-stack (or time series) per file")
+        raise ScanError(
+            path,
+            f"TIFF has more than one stack axis ({names}, shape {data.shape})",
+            "save one z-stack (or time series) per file",
+        )
     order = channel_axes + [axes.index("X"), axes.index("Y")] + stack_axes
     rest = [i for i in range(data.ndim) if i not in order]
     arr = np.transpose(data, order + rest).reshape([data.shape[i] for i in order] or [1])
@@ -258,7 +274,11 @@ def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[flo
     if path.suffix.lower() in (".tif", ".tiff"):
         scan = load_tiff(ScanRef(path.stem, "tiff", (path,)), options)
         if scan.array.ndim != 3:
-            raise ScanError(path, f"expected a single image, found a stack of shape {scan.array.shape[1:]}", "use one single-plane image per sequence file")
+            raise ScanError(
+                path,
+                f"expected a single image, found a stack of shape {scan.array.shape[1:]}",
+                "use one single-plane image per sequence file",
+            )
         size = scan.geometry.spacing if scan.geometry.spacing_known else (None, None)
         return scan.array, (size[0], size[1]), []
     try:
@@ -279,9 +299,15 @@ def _read_plane(path: Path, options: LoadOptions) -> tuple[np.ndarray, tuple[flo
             alpha = img.mode in ("LA", "RGBA", "PA")
             data = np.asarray(img)
     except Image.DecompressionBombError as exc:
-        raise ScanError(path, f"image too large for Pillow's safety limit ({exc})", "save large images as (BigTIFF) TIFF, which medseg reads without that limit") from exc
+        raise ScanError(
+            path,
+            f"image too large for Pillow's safety limit ({exc})",
+            "save large images as (BigTIFF) TIFF, which medseg reads without that limit",
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ScanError(path, f"not a readable image ({exc})", "check that the file is complete and of the format its name says") from exc
+        raise ScanError(
+            path, f"not a readable image ({exc})", "check that the file is complete and of the format its name says"
+        ) from exc
     del img  # Pillow's copy of the pixels; `data` has its own
     array = data.T[None] if data.ndim == 2 else np.transpose(data, (2, 1, 0))
     array, notes = _color(array, options, has_alpha=alpha, rgb=data.ndim == 3)

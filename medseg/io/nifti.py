@@ -26,8 +26,17 @@ def read_nifti_header(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     """Open a NIfTI file lazily (header only); ScanError if it is not one."""
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise ScanError(path, f"not a readable NIfTI file ({exc})", "check that the file is complete and really NIfTI") from exc
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        OSError,
+        EOFError,
+        ValueError,
+        gzip.BadGzipFile,
+    ) as exc:
+        raise ScanError(
+            path, f"not a readable NIfTI file ({exc})", "check that the file is complete and really NIfTI"
+        ) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ScanError(path, f"{type(img).__name__} is not a NIfTI image", "convert it to NIfTI (.nii.gz)")
     return img
@@ -137,7 +146,9 @@ def load_nifti(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         )
         data = np.asanyarray(img.dataobj)
     except (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, gzip.BadGzipFile, MemoryError) as exc:
-        raise ScanError(path, f"cannot read the voxel data ({exc})", "the file is truncated or corrupt; re-export it") from exc
+        raise ScanError(
+            path, f"cannot read the voxel data ({exc})", "the file is truncated or corrupt; re-export it"
+        ) from exc
     notes: list[str] = []
     if data.dtype.names:  # RGB24 / RGBA32: one structured value per voxel → colour channels
         names = data.dtype.names
@@ -174,7 +185,9 @@ def load_nifti(ref: ScanRef, options: LoadOptions = LoadOptions()) -> Scan:
         geometry=Geometry(affine, array.shape[1:]),
         modality="",
         metadata={
-            "series_description": str(hdr.get("descrip", b"").tobytes().rstrip(b"\0").decode("latin-1", "replace")).strip()
+            "series_description": str(
+                hdr.get("descrip", b"").tobytes().rstrip(b"\0").decode("latin-1", "replace")
+            ).strip()
             if hasattr(hdr.get("descrip", b""), "tobytes")
             else "",
             "sform_code": code_s,
@@ -195,4 +208,8 @@ def _channels_first(path: Path, data: np.ndarray) -> np.ndarray:
         # 4D: x, y, z, t/c. 5D (x, y, z, 1, c) is the NIfTI way to store vectors per voxel.
         channels = data.reshape(data.shape[:3] + (-1,))
         return np.moveaxis(channels, -1, 0)
-    raise ScanError(path, f"{data.ndim}-dimensional data is not supported", "store one 3D volume (optionally with a 4th channel axis) per file")
+    raise ScanError(
+        path,
+        f"{data.ndim}-dimensional data is not supported",
+        "store one 3D volume (optionally with a 4th channel axis) per file",
+    )

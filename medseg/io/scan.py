@@ -111,9 +111,7 @@ class Scan:
             "series_description": self.metadata.get("series_description", ""),
             "channels": self.channels,
             "dtype": str(self.array.dtype),
-            "intensity_range": [float(np.min(self.array)), float(np.max(self.array))]
-            if self.array.size
-            else [],
+            "intensity_range": [float(np.min(self.array)), float(np.max(self.array))] if self.array.size else [],
             **self.geometry.to_dict(),
             "notes": list(self.notes) + list(self.geometry.notes),
             "problems": [],

@@ -130,7 +130,8 @@ def check_input(
     bad = [(axis, s) for axis, s in enumerate(spatial) if s % size_divisor or s == 0]
     if bad:
         detail = "; ".join(
-            f"axis {axis} has size {s} (nearest valid: {' or '.join(map(str, sorted(set(nearest_multiples(s, size_divisor)))))})"
+            f"axis {axis} has size {s} "
+            f"(nearest valid: {' or '.join(map(str, sorted(set(nearest_multiples(s, size_divisor)))))})"
             for axis, s in bad
         )
         raise InputSizeError(

@@ -161,7 +161,10 @@ class FCN(nn.Module):
         widths = [features * w for w in VGG16_STAGE_WIDTHS]
         self.backbone = nn.ModuleList(
             nn.Sequential(
-                *(conv_block(spatial_dims, a, b, batch_norm=batch_norm) for a, b in zip([c_in] + [w] * (n - 1), [w] * n))
+                *(
+                    conv_block(spatial_dims, a, b, batch_norm=batch_norm)
+                    for a, b in zip([c_in] + [w] * (n - 1), [w] * n)
+                )
             )
             for c_in, w, n in zip([in_channels, *widths[:-1]], widths, VGG16_STAGE_CONVS)
         )

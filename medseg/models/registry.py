@@ -101,9 +101,7 @@ def build_model(cfg: Mapping[str, Any] | Any) -> nn.Module:
         kwargs["features"] = fields["features"]
     if fields.get("depth") is not None:
         if "depth" not in params:
-            raise ConfigError(
-                f"model {name!r} has a fixed depth; remove model.depth (got {fields['depth']!r})"
-            )
+            raise ConfigError(f"model {name!r} has a fixed depth; remove model.depth (got {fields['depth']!r})")
         kwargs["depth"] = fields["depth"]
 
     options = fields.get("options") or {}
@@ -132,9 +130,7 @@ def _lookup(name: str) -> Callable[..., nn.Module]:
     try:
         return _MODELS[name]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown model {name!r}; available models: {', '.join(list_models())}"
-        ) from None
+        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(list_models())}") from None
 
 
 def _read_config(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -36,9 +36,7 @@ def _macs_and_output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, tupl
             total += output.numel() * module.in_features
 
     handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
     ]
     try:
         with torch.no_grad():
@@ -70,7 +68,7 @@ def receptive_field(model: nn.Module, x: torch.Tensor, probes: int = 3) -> tuple
     if nonzero.numel() == 0:
         return tuple(0 for _ in touched.shape), False
     low, high = nonzero.min(dim=0).values, nonzero.max(dim=0).values
-    extent = tuple(int(h - l) + 1 for l, h in zip(low, high))
+    extent = tuple(int(hi - lo) + 1 for lo, hi in zip(low, high))
     clipped = bool((low == 0).any() or any(int(h) == s - 1 for h, s in zip(high, touched.shape)))
     return extent, clipped
 
