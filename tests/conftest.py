@@ -104,3 +104,47 @@ def oblique_ct():
 @pytest.fixture
 def sample_study(tmp_path: Path) -> dict[str, Path]:
     return phantoms.write_sample_study(tmp_path / "study")
+
+
+@pytest.fixture(scope="session")
+def ct_model(tmp_path_factory) -> Path:
+    """A tiny 3D U-Net trained briefly on CT phantoms, with resampling in its preprocessing.
+
+    Shared by the predict and clinical-data tests: trained once a session."""
+    root = tmp_path_factory.mktemp("ct")
+    images, labels = phantoms.write_ct_dataset(root / "data", cases=3, seed=7)
+    from medseg.config import config_from_dict
+    from medseg.train import train
+
+    config = config_from_dict(
+        {
+            "name": "ct3d",
+            "data": {
+                "images": str(images),
+                "labels": str(labels),
+                "classes": phantoms.CT_CLASSES,
+                "split": {"mode": "cases", "train": ["case_000", "case_001"], "val": ["case_002"]},
+            },
+            "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
+            "model": {
+                "name": "unet",
+                "spatial_dims": 3,
+                "out_channels": 4,
+                "features": 8,
+                "depth": 2,
+                "options": {"dropout": 0.0},
+            },
+            "augment": {"enabled": False},
+            "train": {
+                "epochs": 4,
+                "steps_per_epoch": 15,
+                "batch_size": 2,
+                "patch_size": [24, 24, 8],
+                "learning_rate": 0.01,
+            },
+            "infer": {"sw_batch_size": 4},
+            "output_dir": str(root / "runs"),
+        }
+    )
+    result = train(config, progress=False)
+    return result.run_dir

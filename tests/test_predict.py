@@ -23,7 +23,6 @@ from medseg.files import JOURNAL_DIR, TMP_MARKER
 from medseg.pipeline import OutputUnwritable, segment_folder
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.cli import main
-from medseg.config import config_from_dict
 from medseg.infer import Predictor
 from medseg.io import discover, load
 from medseg.train import train
@@ -31,45 +30,6 @@ from medseg.train import train
 from conftest import snapshot, tiny_em_config, write_em_pairs
 
 CT_CLASSES = {"background": 0, "liver": 1, "kidney": 2, "spine": 3}
-
-
-@pytest.fixture(scope="module")
-def ct_model(tmp_path_factory) -> Path:
-    """A tiny 3D U-Net trained briefly on CT phantoms, with resampling in its preprocessing."""
-    root = tmp_path_factory.mktemp("ct")
-    images, labels = phantoms.write_ct_dataset(root / "data", cases=3, seed=7)
-    config = config_from_dict(
-        {
-            "name": "ct3d",
-            "data": {
-                "images": str(images),
-                "labels": str(labels),
-                "classes": CT_CLASSES,
-                "split": {"mode": "cases", "train": ["case_000", "case_001"], "val": ["case_002"]},
-            },
-            "preprocess": {"intensity": "ct_window", "orientation": "RAS", "spacing": [1.2, 1.2, 2.5]},
-            "model": {
-                "name": "unet",
-                "spatial_dims": 3,
-                "out_channels": 4,
-                "features": 8,
-                "depth": 2,
-                "options": {"dropout": 0.0},
-            },
-            "augment": {"enabled": False},
-            "train": {
-                "epochs": 4,
-                "steps_per_epoch": 15,
-                "batch_size": 2,
-                "patch_size": [24, 24, 8],
-                "learning_rate": 0.01,
-            },
-            "infer": {"sw_batch_size": 4},
-            "output_dir": str(root / "runs"),
-        }
-    )
-    result = train(config, progress=False)
-    return result.run_dir
 
 
 @pytest.fixture(scope="module")
