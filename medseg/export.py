@@ -188,10 +188,14 @@ def export_mask(
     classes: Mapping[str, int],
     formats: Sequence[str] | None = None,
     coding: Mapping[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> list[Path]:
     """Write ``mask`` (label values, scan grid) for ``scan`` under ``output_dir`` in each format.
 
     ``coding`` is the config's ``data.classes_coding`` (plain data), for DICOM SEG segments and RTSTRUCT ROIs.
+    ``notes``: where a DICOM object (SEG, RTSTRUCT) is truly impossible for this series (no patient
+    geometry, say), its sentence goes here and the other formats are still written; without a
+    list, or when nothing else could be written, that ExportError is raised.
 
     File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.rtstruct.dcm``, ``<id>.tif``,
     ``<id>/`` (PNGs).
@@ -200,20 +204,22 @@ def export_mask(
     formats = tuple(formats or default_formats(scan.ref.kind))
     case = scan.ref.id
     written: list[Path] = []
+    refused: list[ExportError] = []
     with journal_root(output_dir):  # temporary files journalled where a later run's cleanup looks
         for fmt in formats:
             if fmt == "nifti":
                 written.append(write_nifti_mask(mask, scan, contained_path(output_dir, case, ".nii.gz")))
-            elif fmt == "dicom-seg":
-                written.append(
-                    write_dicom_seg(mask, scan, contained_path(output_dir, case, ".seg.dcm"), classes, coding=coding)
+            elif fmt in ("dicom-seg", "rtstruct"):
+                writer, suffix = (
+                    (write_dicom_seg, ".seg.dcm") if fmt == "dicom-seg" else (write_rtstruct, ".rtstruct.dcm")
                 )
-            elif fmt == "rtstruct":
-                written.append(
-                    write_rtstruct(
-                        mask, scan, contained_path(output_dir, case, ".rtstruct.dcm"), classes, coding=coding
-                    )
-                )
+                try:
+                    written.append(writer(mask, scan, contained_path(output_dir, case, suffix), classes, coding=coding))
+                except ExportError as exc:
+                    if notes is None:
+                        raise
+                    refused.append(exc)
+                    notes.append(f"{fmt} not written: {exc}")
             elif fmt == "tiff":
                 written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
             elif fmt == "png":
@@ -221,4 +227,6 @@ def export_mask(
                 written.extend(write_png_masks(mask, scan, contained_path(output_dir, case, ".png" if flat else "")))
             else:
                 raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, rtstruct, tiff or png")
+    if refused and not written:
+        raise refused[0]
     return written

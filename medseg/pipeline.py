@@ -422,10 +422,13 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
         _check_still_writable(job, ref)
         scan = _load_with_retries(ref, job)
         prediction = predictor().predict(scan)
-        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding)
+        refused: list[str] = []  # a DICOM object this series cannot have; the other masks are still written
+        outputs = export_mask(
+            prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding, notes=refused
+        )
         ledger.remember(job.output_dir, ref.id, key, outputs, str(ref.path))
         record.outputs = [str(p) for p in outputs]
-        record.notes = list(scan.notes) + list(scan.geometry.notes)
+        record.notes = list(scan.notes) + list(scan.geometry.notes) + refused
     except OutputUnwritable:
         raise
     except MedsegError as exc:

@@ -585,3 +585,20 @@ def test_once_the_disk_is_full_no_further_scan_does_model_work(model, tmp_path, 
     err = capsys.readouterr().err
     assert code == 1 and "stopped early" in err and "scan b may need up to" in err
     assert predicted == ["a"]
+
+
+def test_a_dicom_object_the_series_cannot_have_leaves_the_other_masks_and_a_sentence(model, tmp_path):
+    """A slice with no patient geometry (position, orientation): no RTSTRUCT can place contours; the NIfTI mask
+    is written and the record says why the RTSTRUCT is not. Asked for an RTSTRUCT alone, the scan fails."""
+    paths = phantoms.write_dicom_series(phantoms.ct_phantom(shape=(40, 36, 1), seed=2), tmp_path / "in" / "flat")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):
+            delattr(ds, keyword)
+        ds.save_as(path)
+    both = segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", ["nifti", "rtstruct"], False, False)
+    (record,) = both.records
+    assert record.status == "written" and [Path(p).name for p in record.outputs] == ["flat.nii.gz"]
+    assert any(n.startswith("rtstruct not written:") and "patient geometry" in n for n in record.notes), record.notes
+    alone = segment_folder(Predictor(model), tmp_path / "in", tmp_path / "rt", ["rtstruct"], False, False)
+    assert alone.records[0].status == "failed" and "patient geometry" in alone.records[0].reason
