@@ -27,6 +27,7 @@ from medseg.errors import MedsegError
 from medseg.io.scan import Scan
 
 __all__ = [
+    "checked_mask",
     "dicom_text",
     "segment_descriptions",
     "series_description",
@@ -74,27 +75,7 @@ def write_dicom_seg(
     """
     from medseg.export import atomic_path
 
-    from medseg.export import spatial_mask  # medseg.export imports this module: resolve at call time
-
-    mask = spatial_mask(mask, scan, path)
-    if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise _error(
-            f"{path}: DICOM SEG needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
-            "write NIfTI or TIFF masks for it instead"
-        )
-    segments = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
-    if not segments:
-        raise _error(
-            f"{path}: no class other than background (label value 0) to write as a segment; "
-            f"check the checkpoint's classes {dict(classes)}"
-        )
-    known = {value for _, value in segments} | {0}
-    stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
-    if stray:
-        raise _error(
-            f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
-            "the mask and the class list do not belong together"
-        )
+    mask, segments = checked_mask(mask, scan, path, classes, "a DICOM SEG", "segment")
     sources, placed = sources_and_placement(scan, path)
     if not placed and mask.shape[2] > 1:
         raise _error(
@@ -177,6 +158,38 @@ def _patient_orientation(ds: Dataset) -> list[str] | str:
     if len(values) == 2 and all(re.fullmatch(r"[ALPRHF]{1,3}", v) for v in values):
         return values
     return ""
+
+
+def checked_mask(
+    mask: np.ndarray, scan: Scan, path: Path, classes: Mapping[str, int], what: str, item: str
+) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """The mask on the scan's grid and its (name, value) classes other than background, for a DICOM object.
+
+    Shared by the SEG and RTSTRUCT writers: both need a DICOM source volume, at least one
+    class to write as a ``item``, and no mask value that no class names. ExportError naming ``path``.
+    """
+    from medseg.export import spatial_mask  # medseg.export imports this module: resolve at call time
+
+    mask = spatial_mask(mask, scan, path)
+    if scan.ref.kind != "dicom" or mask.ndim != 3:
+        raise _error(
+            f"{path}: {what} needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
+            "write NIfTI or TIFF masks for it instead"
+        )
+    named = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
+    if not named:
+        raise _error(
+            f"{path}: no class other than background (label value 0) to write as a {item}; "
+            f"check the checkpoint's classes {dict(classes)}"
+        )
+    known = {value for _, value in named} | {0}
+    stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
+    if stray:
+        raise _error(
+            f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
+            "the mask and the class list do not belong together"
+        )
+    return mask, named
 
 
 def series_number_of(value: Any) -> int:

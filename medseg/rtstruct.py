@@ -50,6 +50,7 @@ from medseg import __version__
 # Shared with the DICOM SEG writer, so both objects reference a series the same way (generated UIDs included).
 from medseg.dicom_seg import (
     SERIES_NUMBER_OFFSET,
+    checked_mask,
     dicom_text,
     series_description,
     series_number_of,
@@ -95,27 +96,9 @@ def write_rtstruct(
     rasterise to its class exactly) before it replaces ``path``. ExportError, naming
     ``path``, when the scan cannot carry an RTSTRUCT (not DICOM, no patient geometry).
     """
-    from medseg.export import atomic_path, spatial_mask  # medseg.export imports this module
+    from medseg.export import atomic_path  # medseg.export imports this module
 
-    mask = spatial_mask(mask, scan, path)
-    if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise _error(
-            f"{path}: an RTSTRUCT needs a DICOM source series and {scan.ref.path} is {scan.ref.kind}, "
-            "so write NIfTI or TIFF masks for it instead"
-        )
-    rois = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
-    if not rois:
-        raise _error(
-            f"{path}: no class other than background (label value 0) to write as an ROI; "
-            f"check the checkpoint's classes {dict(classes)}"
-        )
-    known = {value for _, value in rois} | {0}
-    stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
-    if stray:
-        raise _error(
-            f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
-            "the mask and the class list do not belong together"
-        )
+    mask, rois = checked_mask(mask, scan, path, classes, "an RTSTRUCT", "ROI")
     sources, placed = sources_and_placement(scan, path)
     if not placed or not scan.metadata.get("frame_of_reference_uid"):
         raise _error(
