@@ -10,12 +10,20 @@ the dotted key, and relative paths resolve against the config file's folder.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from medseg.checkpoint import checkpoint_file
-from medseg.config import ConfigPath, Section, describe_validation_error, load_config, read_yaml_file
+from medseg.checkpoint import CheckpointError, checkpoint_file
+from medseg.config import (
+    ConfigPath,
+    Section,
+    apply_overrides,
+    describe_validation_error,
+    load_config,
+    read_yaml_file,
+)
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -101,14 +109,18 @@ class NightlyConfig(Section):
     parameters: FlowParameters
 
 
-def load_nightly_config(path: Path | str) -> NightlyConfig:
-    """Read and validate a nightly config; errors name the file and the dotted key."""
+def load_nightly_config(path: Path | str, overrides: Sequence[str] = ()) -> NightlyConfig:
+    """Read, override (``parameters.checkpoint=...``) and validate a nightly config; errors name the file and key.
+
+    Relative paths, in the file and in overrides alike, resolve against the config file's folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: nightly config not found; pass --config PATH (see configs/nightly.yaml)")
     raw = read_yaml_file(path)  # bounded like every medseg config: no alias bomb, no endless file
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with 'schedule' and 'parameters'")
+    apply_overrides(raw, overrides, source=f"{path} (--set)")
     try:
         return NightlyConfig.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
@@ -121,4 +133,10 @@ def resolve_checkpoint(params: FlowParameters) -> Path:
         return checkpoint_file(params.checkpoint)
     assert params.config is not None  # FlowParameters guarantees one of the two
     experiment = load_config(params.config)
-    return checkpoint_file(experiment.output_dir / experiment.name)
+    run_dir = experiment.output_dir / experiment.name
+    if not (run_dir / "best.pt").is_file() and not (run_dir / "latest.pt").is_file():
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint yet (the run folder of {params.config}); create it with "
+            f"`medseg train --config {params.config}`, or set parameters.checkpoint"
+        )
+    return checkpoint_file(run_dir)

@@ -466,3 +466,23 @@ def test_one_run_per_output_folder(prefect_server, model, tmp_path):
     state = segment_study(input_dir=images, output_dir=out, checkpoint=model, return_state=True)
     assert "is being written" not in (state.message or "") and records(out)
     assert not (out / LOCK_FILE).exists()
+
+
+def test_serve_takes_set_overrides_and_says_how_to_create_a_missing_checkpoint(model, tmp_path, capsys):
+    """`medseg serve --set parameters.KEY=VALUE` overrides the nightly config (as --set does for experiment
+    configs); a checkpoint that does not exist yet is refused naming the command that creates it."""
+    nightly = REPO / "configs" / "nightly.yaml"
+    (tmp_path / "in").mkdir()
+    args = ["serve", "--config", str(nightly), "--check", "--set", f"parameters.input_dir={tmp_path / 'in'}"]
+    assert main([*args, "--set", f"parameters.checkpoint={model}"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {model}" in out and f"input_dir: {tmp_path / 'in'}" in out
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(f"name: never_trained\noutput_dir: {tmp_path / 'runs'}\nmodel: {{name: unet}}\n")
+    missing = [*args, "--set", "parameters.checkpoint=null", "--set", f"parameters.config={experiment}"]
+    assert main(missing) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint yet" in err and f"medseg train --config {experiment}" in err and "Traceback" not in err
+    assert main([*args, "--set", "parameters.nope=1"]) == 1
+    assert "parameters.nope: unknown key" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from medseg.commands.config import add_override_argument
+
 DEFAULT_CONFIG = Path("configs/nightly.yaml")
 
 
@@ -29,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_CONFIG,
         help=f"nightly config: schedule and default parameters (default: {DEFAULT_CONFIG})",
     )
+    add_override_argument(parser)  # --set parameters.checkpoint=runs/unet_em (any key of the nightly config)
     parser.add_argument(
         "--check",
         action="store_true",
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.settings import load_nightly_config
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the server otherwise
-    config = load_nightly_config(args.config)
+    config = load_nightly_config(args.config, args.overrides)
     if not config.parameters.input_dir.is_dir():
         print(
             f"medseg serve: warning: input_dir {config.parameters.input_dir} does not exist (yet); "
