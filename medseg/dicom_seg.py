@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from medseg import __version__
-from medseg.errors import MedsegError
+from medseg.errors import ExportError
 from medseg.io.scan import Scan
 
 __all__ = [
@@ -44,12 +44,6 @@ _IS_MAX = 2**31 - 1
 _NOT_TEXT = re.compile(r"[\\\x00-\x1f\x7f]")
 # highdicom and pydicom raise these for sources they cannot reference; each becomes an ExportError.
 _LIBRARY_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError, OverflowError)
-
-
-def _error(message: str) -> MedsegError:
-    from medseg.export import ExportError  # medseg.export imports this module: resolve at call time
-
-    return ExportError(message)
 
 
 def dicom_text(value: Any, limit: int = 64) -> str:
@@ -78,7 +72,7 @@ def write_dicom_seg(
     mask, segments = checked_mask(mask, scan, path, classes, "a DICOM SEG", "segment")
     sources, placed = sources_and_placement(scan, path)
     if not placed and mask.shape[2] > 1:
-        raise _error(
+        raise ExportError(
             f"{path}: a DICOM SEG of {mask.shape[2]} frames needs patient geometry (ImagePositionPatient and "
             f"ImageOrientationPatient) to place them, and {scan.ref.path} has none; "
             "only other mask formats can be written"
@@ -96,7 +90,7 @@ def write_dicom_seg(
         try:
             seg.save_as(tmp, enforce_file_format=True)
         except _LIBRARY_ERRORS as exc:
-            raise _error(f"{path}: pydicom could not encode the DICOM SEG ({type(exc).__name__}: {exc})") from exc
+            raise ExportError(f"{path}: pydicom could not encode the DICOM SEG ({type(exc).__name__}: {exc})") from exc
         _check_seg(tmp, numbers, scan, path)
     return path
 
@@ -116,7 +110,7 @@ def _build(
     try:
         descriptions = segment_descriptions([name for name, _ in segments], algorithm, coding)
     except (ValueError, TypeError) as exc:
-        raise _error(
+        raise ExportError(
             f"{path}: {exc}; fix data.classes_coding in the config (value, scheme and meaning per code)"
         ) from exc
     try:
@@ -141,7 +135,7 @@ def _build(
             omit_empty_frames=False,
         )
     except _LIBRARY_ERRORS as exc:
-        raise _error(f"{path}: highdicom cannot build a DICOM SEG for {scan.ref.path}: {exc}") from exc
+        raise ExportError(f"{path}: highdicom cannot build a DICOM SEG for {scan.ref.path}: {exc}") from exc
     if "FrameOfReferenceUID" not in seg and "PatientOrientation" not in seg:
         # No plane position/orientation, so the General Image module needs PatientOrientation (Type 2C):
         # the source's, when it is a well-formed pair of directions, else empty as Type 2 allows.
@@ -172,20 +166,20 @@ def checked_mask(
 
     mask = spatial_mask(mask, scan, path)
     if scan.ref.kind != "dicom" or mask.ndim != 3:
-        raise _error(
+        raise ExportError(
             f"{path}: {what} needs a DICOM source series, and {scan.ref.path} is {scan.ref.kind}; "
             "write NIfTI or TIFF masks for it instead"
         )
     named = [(str(name), int(value)) for name, value in classes.items() if int(value) != 0]
     if not named:
-        raise _error(
+        raise ExportError(
             f"{path}: no class other than background (label value 0) to write as a {item}; "
             f"check the checkpoint's classes {dict(classes)}"
         )
     known = {value for _, value in named} | {0}
     stray = sorted(int(v) for v in np.unique(mask) if int(v) not in known)
     if stray:
-        raise _error(
+        raise ExportError(
             f"{path}: mask holds label values {stray[:10]} that no class names ({dict(classes)}); "
             "the mask and the class list do not belong together"
         )
@@ -272,12 +266,12 @@ def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[D
         headers = {p: read_dataset(p, pixels=False) for p in paths}
         plan = plan_series(paths, headers)
     except ScanError as exc:
-        raise _error(f"{where}: the source series can no longer be read for the DICOM SEG ({exc})") from exc
+        raise ExportError(f"{where}: the source series can no longer be read for the DICOM SEG ({exc})") from exc
     meta = scan.metadata
     uids = [str(u) for u in meta.get("sop_instance_uids") or []]
     ordered = [headers[p] for p in plan.paths]
     if len(ordered) != len(uids):
-        raise _error(
+        raise ExportError(
             f"{where}: the source series has {len(ordered)} files but was loaded with {len(uids)}; "
             "it changed on disk since it was read, so load it again"
         )
@@ -291,7 +285,7 @@ def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[D
     for path, ds, uid in zip(plan.paths, ordered, uids):
         own = _uid_text(ds, "SOPInstanceUID")
         if own != uid and uid not in generated:
-            raise _error(
+            raise ExportError(
                 f"{where}: {path.name} has SOPInstanceUID {own or '(blank)'} but was loaded as {uid}; "
                 "the series changed on disk since it was read, so load it again"
             )
@@ -327,7 +321,7 @@ def _check_seg(path: Path, numbers: np.ndarray, scan: Scan, shown: Path) -> None
     try:
         seg = hd.seg.segread(path)
         if str(seg.get("FrameOfReferenceUID", "") or "") != str(scan.metadata.get("frame_of_reference_uid") or ""):
-            raise _error(f"{shown}: DICOM SEG frame of reference differs from the source series")
+            raise ExportError(f"{shown}: DICOM SEG frame of reference differs from the source series")
         if scan.metadata.get("frame_order"):
             source_uid = scan.metadata["sop_instance_uids"][0]
             pixels = seg.get_pixels_by_source_frame(
@@ -336,7 +330,9 @@ def _check_seg(path: Path, numbers: np.ndarray, scan: Scan, shown: Path) -> None
         else:
             pixels = seg.get_pixels_by_source_instance(list(scan.metadata["sop_instance_uids"]), combine_segments=True)
     except _LIBRARY_ERRORS as exc:
-        raise _error(f"{shown}: the DICOM SEG just written does not read back ({type(exc).__name__}: {exc})") from exc
+        raise ExportError(
+            f"{shown}: the DICOM SEG just written does not read back ({type(exc).__name__}: {exc})"
+        ) from exc
     expected = np.transpose(numbers, (2, 1, 0))
     if pixels.shape != expected.shape or not np.array_equal(pixels, expected):
-        raise _error(f"{shown}: DICOM SEG read back with shape {pixels.shape} or segments differing from the mask")
+        raise ExportError(f"{shown}: DICOM SEG read back with shape {pixels.shape} or segments differing from the mask")

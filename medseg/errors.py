@@ -43,3 +43,7 @@ class ScanError(MedsegError):
 
 class LabelError(ScanError):
     """A label (reference mask) does not match its image or its declared classes."""
+
+
+class ExportError(MedsegError):
+    """A mask could not be written, or did not read back as the scan's geometry."""

@@ -18,7 +18,7 @@ from PIL import Image
 
 from medseg import __version__
 from medseg.dicom_seg import write_dicom_seg
-from medseg.errors import MedsegError
+from medseg.errors import ExportError
 from medseg.files import atomic_path, contained_path, journal_root, unique_names
 from medseg.geometry import Geometry
 from medseg.io.scan import Scan
@@ -54,10 +54,6 @@ CLASS_COLOURS = [
     (0, 128, 128),
     (170, 110, 40),
 ]
-
-
-class ExportError(MedsegError):
-    """A mask could not be written, or did not read back as the scan's geometry."""
 
 
 def check_output_outside_inputs(output: Path, scan: Scan) -> None:

@@ -56,6 +56,7 @@ from medseg.dicom_seg import (
     series_number_of,
     sources_and_placement,
 )
+from medseg.errors import ExportError
 from medseg.geometry import LPS_TO_RAS
 from medseg.io.scan import Scan
 
@@ -72,12 +73,6 @@ _ORGAN_CATEGORIES = {"91723000", "85756007"}  # Anatomical Structure, Tissue
 _PLANE_TOLERANCE = 0.05
 # Exceptions pydicom, scikit-image and numpy raise on bad input; each becomes an ExportError.
 _LIBRARY_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
-
-
-def _error(message: str) -> Exception:
-    from medseg.export import ExportError  # medseg.export imports this module: resolve at call time
-
-    return ExportError(message)
 
 
 def write_rtstruct(
@@ -101,7 +96,7 @@ def write_rtstruct(
     mask, rois = checked_mask(mask, scan, path, classes, "an RTSTRUCT", "ROI")
     sources, placed = sources_and_placement(scan, path)
     if not placed or not scan.metadata.get("frame_of_reference_uid"):
-        raise _error(
+        raise ExportError(
             f"{path}: RTSTRUCT contours are patient coordinates, and {scan.ref.path} has no patient "
             "geometry (ImagePositionPatient and ImageOrientationPatient); write NIfTI or DICOM SEG masks for "
             "it instead"
@@ -112,7 +107,7 @@ def write_rtstruct(
         try:
             ds.save_as(tmp, enforce_file_format=True)
         except _LIBRARY_ERRORS as exc:
-            raise _error(f"{path}: pydicom could not encode the RTSTRUCT ({type(exc).__name__}: {exc})") from exc
+            raise ExportError(f"{path}: pydicom could not encode the RTSTRUCT ({type(exc).__name__}: {exc})") from exc
         _check(tmp, mask, rois, scan, path)
     return path
 
@@ -311,7 +306,7 @@ def _observation(number: int, name: str, label: str, coding: Mapping[str, Any] |
         coded = segment_coding(name, coding)
     except (ValueError, TypeError) as exc:
         fix = "fix data.classes_coding in the config (value, scheme and meaning per code)"
-        raise _error(f"{path}: {exc}; {fix}") from exc
+        raise ExportError(f"{path}: {exc}; {fix}") from exc
     item = Dataset()
     item.ObservationNumber = number
     item.ReferencedROINumber = number
@@ -343,7 +338,7 @@ def read_rtstruct(path: Path, scan: Scan) -> dict[str, np.ndarray]:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, *_LIBRARY_ERRORS) as exc:
-        raise _error(f"{path}: not a readable DICOM file ({exc}); re-export the RTSTRUCT") from exc
+        raise ExportError(f"{path}: not a readable DICOM file ({exc}); re-export the RTSTRUCT") from exc
     return dict(_roi_masks(ds, scan, path))
 
 
@@ -351,7 +346,7 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
     """(ROI name, mask) for each ROI of ``ds``, one at a time: a model with a hundred classes never holds
     a hundred volume-sized masks."""
     if str(ds.get("SOPClassUID", "")) != RTStructureSetStorage:
-        raise _error(
+        raise ExportError(
             f"{shown}: not an RT Structure Set (SOP Class {ds.get('SOPClassUID', 'missing')}); "
             "point at the RTSTRUCT file of this series"
         )
@@ -361,9 +356,11 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
         frames = {str(r.ReferencedFrameOfReferenceUID) for r in ds.StructureSetROISequence}
         rois = list(ds.get("ROIContourSequence", []) or [])
     except _LIBRARY_ERRORS as exc:
-        raise _error(f"{shown}: RTSTRUCT structure is malformed ({type(exc).__name__}: {exc}); re-export it") from exc
+        raise ExportError(
+            f"{shown}: RTSTRUCT structure is malformed ({type(exc).__name__}: {exc}); re-export it"
+        ) from exc
     if frames - {frame}:
-        raise _error(
+        raise ExportError(
             f"{shown}: ROIs are in frame of reference {sorted(frames - {frame})}, the series in "
             f"{frame!r}; this RTSTRUCT belongs to another series"
         )
@@ -376,7 +373,7 @@ def _roi_masks(ds: Dataset, scan: Scan, shown: Path) -> Iterator[tuple[str, np.n
             for contour in roi.get("ContourSequence", []) or []:
                 _fill(mask, contour, to_voxel, scan, name, shown)
         except _LIBRARY_ERRORS as exc:
-            raise _error(
+            raise ExportError(
                 f"{shown}: RTSTRUCT ROI contour is malformed or names no listed ROI "
                 f"({type(exc).__name__}: {exc}); re-export it"
             ) from exc
@@ -391,7 +388,7 @@ def _fill(mask: np.ndarray, contour: Dataset, to_voxel: np.ndarray, scan: Scan, 
 
     points = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
     if points.size < 9 or points.size % 3 or not np.isfinite(points).all():
-        raise _error(
+        raise ExportError(
             f"{shown}: ROI {name!r} has a contour of {points.size} coordinates, not 3 or more finite points; "
             "re-export the RTSTRUCT"
         )
@@ -399,7 +396,7 @@ def _fill(mask: np.ndarray, contour: Dataset, to_voxel: np.ndarray, scan: Scan, 
     k = int(round(float(np.median(voxels[:, 2]))))
     off = float(np.abs(voxels[:, 2] - k).max())
     if off > _PLANE_TOLERANCE or not 0 <= k < mask.shape[2]:
-        raise _error(
+        raise ExportError(
             f"{shown}: ROI {name!r} has a contour {off:.3f} slices off the image planes of {scan.ref.path} "
             f"(nearest slice {k}); the RTSTRUCT does not belong to this series grid"
         )
@@ -422,7 +419,7 @@ def _check_reference(contour: Dataset, k: int, scan: Scan, name: str, shown: Pat
     else:
         expected, found = meta["sop_instance_uids"][k], uid
     if found != expected:
-        raise _error(
+        raise ExportError(
             f"{shown}: ROI {name!r} has a contour on slice {k} that references image {found}, "
             f"where that slice is {expected}; the RTSTRUCT and the series disagree"
         )
@@ -435,17 +432,19 @@ def _check(tmp: Path, mask: np.ndarray, rois: list[tuple[str, int]], scan: Scan,
     try:
         ds = pydicom.dcmread(tmp)
     except Exception as exc:  # pydicom raises many types for a file it cannot parse
-        raise _error(f"{shown}: the RTSTRUCT just written does not read back ({type(exc).__name__}: {exc})") from exc
+        raise ExportError(
+            f"{shown}: the RTSTRUCT just written does not read back ({type(exc).__name__}: {exc})"
+        ) from exc
     expected = {label: value for (_, value), label in zip(rois, _roi_names([name for name, _ in rois]))}
     for label, got in _roi_masks(ds, scan, shown):
         value = expected.pop(label, None)
         if value is None:
-            raise _error(f"{shown}: the RTSTRUCT just written holds an ROI {label!r} that no class names")
+            raise ExportError(f"{shown}: the RTSTRUCT just written holds an ROI {label!r} that no class names")
         differ = int(np.count_nonzero(got != (mask == value)))
         if differ:
-            raise _error(
+            raise ExportError(
                 f"{shown}: ROI {label!r} read back with {differ} voxels differing from the mask; "
                 "the contours would not overlay the scan, so the file was not kept"
             )
     if expected:
-        raise _error(f"{shown}: the RTSTRUCT just written lacks the ROIs {sorted(expected)}")
+        raise ExportError(f"{shown}: the RTSTRUCT just written lacks the ROIs {sorted(expected)}")
