@@ -59,7 +59,7 @@ def prepare_job(
     writable, room for the batch) and medseg's own temporary files of a killed run are
     cleared (finished masks stay; nothing medseg's journal does not name is touched).
     """
-    prepare_output(input_dir, output_dir, discover(input_dir).scans)
+    prepare_output(input_dir, output_dir)  # room estimated from the input tree's file sizes
     state = load_checkpoint(checkpoint)
     return Job(
         output_dir=output_dir,

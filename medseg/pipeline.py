@@ -341,8 +341,12 @@ def _check_still_writable(job: Job, ref: ScanRef) -> None:
     _check_room(job.output_dir, sum(_size(p) for p in ref.paths) + PROBE_MARGIN_BYTES // 4, f"scan {ref.id}")
 
 
-def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] = ()) -> list[Path]:
+def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] | None = None) -> list[Path]:
     """Check the output before any scan runs, then clear medseg's own litter of a killed run.
+
+    The room needed is the size of ``refs``' files, or, where the caller has not discovered
+    the scans yet (the flow discovers in its own task), of every file under ``input_path``:
+    a walk of file sizes, not a second discovery that would parse every header again.
 
     Returns the temporary files removed (only those medseg's journal names, of dead processes).
     """
@@ -364,9 +368,17 @@ def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] =
             f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
             "check its permissions and that the disk is mounted read-write"
         ) from None
-    needed = PROBE_MARGIN_BYTES + sum(_size(p) for ref in refs for p in ref.paths)
+    inputs = _tree_bytes(input_path) if refs is None else sum(_size(p) for ref in refs for p in ref.paths)
+    needed = PROBE_MARGIN_BYTES + inputs
     _check_room(output_dir, needed)
     return remove_own_temporaries(output_dir)
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of every file under ``root`` (links not followed): at least what its scans hold."""
+    if not root.is_dir():
+        return _size(root)
+    return sum(_size(Path(folder) / name) for folder, _, names in os.walk(root) for name in names)
 
 
 def _size(path: Path) -> int:
@@ -508,8 +520,7 @@ def _segment_locked(
         memory_budget_mb=predictor.memory_budget_mb,
     )
     report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
-    root = input_path if input_path.is_dir() else input_path.parent
-    report.records += [problem_record(problem, root) for problem in found.problems]
+    report.records += [problem_record(problem, input_path) for problem in found.problems]
     show = os.isatty(2) if progress is None else progress
     for ref in tqdm(found.scans, desc="predict", unit="scan", disable=not show):
         try:
