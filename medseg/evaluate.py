@@ -301,9 +301,9 @@ def write_reports(report: EvaluationReport, out_dir: Path | str | None = None) -
         folder = folder.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        csv_path = _write_atomic(folder / "metrics.csv", _csv_text(report))
+        csv_path = atomic_write_text(folder / "metrics.csv", _csv_text(report))
         json_text = json.dumps(_strict_json(report.to_dict()), indent=2, allow_nan=False)
-        json_path = _write_atomic(folder / "metrics.json", json_text + "\n")
+        json_path = atomic_write_text(folder / "metrics.json", json_text + "\n")
         tidy_journal(folder)
     except OSError as exc:
         raise ScanError(
@@ -458,11 +458,6 @@ def _strict_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict_json(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write beside ``path`` and rename (medseg's one atomic writer), so a reader never sees half a report."""
-    return atomic_write_text(path, text)
 
 
 def _fmt(value: float) -> str:

@@ -559,7 +559,7 @@ def _build_case(
     payload["notes"] = case.notes
     name = f"case-{case.index:04d}.js"
     text = "medsegReview.receive(" + _script_json(payload) + ");\n"
-    _write_atomic(data_dir / name, text)
+    atomic_write_text(data_dir / name, text)
     case.file = f"{DATA_FOLDER}/{name}"
     case.thumbnail = _thumbnail(
         view, labels, legend, tuple(payload["window"]), codes, payload["spacing"], payload["start"][2]
@@ -662,7 +662,7 @@ def _write_review(
     _remove_stale(data_dir, {Path(c.file).name for c in cases if c.file})
     notes.extend(problem for c in cases for problem in c.problems)  # in case order, after the threads
     page = _page(output_dir, batch, legend, cases, metrics, curves, notes)
-    return _write_atomic(output_dir / PAGE_NAME, page)
+    return atomic_write_text(output_dir / PAGE_NAME, page)
 
 
 MAX_RECORD_NOTES = 50  # notes per case taken from predictions.json
@@ -739,7 +739,7 @@ def _remove_stale(data_dir: Path, keep: set[str]) -> None:
             path = data_dir / name
             if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
-    _write_atomic(index, json.dumps(sorted(keep)))
+    atomic_write_text(index, json.dumps(sorted(keep)))
 
 
 def _asset(name: str) -> str:
@@ -909,10 +909,6 @@ def _score_cell(value: Any) -> str:
         return f'<td class="score" data-value="">{shown}</td>'
     hue = round(120 * min(max(number, 0.0), 1.0))
     return f'<td class="score" data-value="{number}" style="background:hsl({hue},65%,85%)">{number:.3f}</td>'
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    return atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- the server
