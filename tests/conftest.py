@@ -148,3 +148,23 @@ def ct_model(tmp_path_factory) -> Path:
     )
     result = train(config, progress=False)
     return result.run_dir
+
+
+def enhanced_multiframe(paths: list[Path], out: Path, edit=None) -> Path:
+    """A single-frame series (``paths``) converted into one Enhanced (legacy converted) multi-frame file
+    at ``out``, as scanners and PACS deliver them; ``edit(dataset)`` may alter it before it is saved."""
+    import pydicom
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    enhanced = LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+    )
+    if edit is not None:
+        edit(enhanced)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    enhanced.save_as(out)
+    return out

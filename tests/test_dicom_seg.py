@@ -37,6 +37,7 @@ from medseg.io.dicom import PATIENT_STUDY_ATTRIBUTES
 from medseg.seg_coding import known_names, normalise_name, segment_coding
 
 from conftest import dciodvfy as _dciodvfy
+from conftest import enhanced_multiframe
 
 CT_CLASSES = phantoms.CT_CLASSES  # background 0, liver 1, kidney 2, spine 3
 # dciodvfy warns (never errs) when a Type 2 attribute is empty that a DICOMDIR would index.
@@ -278,23 +279,15 @@ def test_single_slice_without_patient_geometry(tmp_path):
 
 
 def test_enhanced_multiframe_with_blank_identifiers(tmp_path):
-    from highdicom.legacy import LegacyConvertedEnhancedCTImage
-
     truth = phantoms.ct_phantom(shape=(40, 36, 6), oblique=(10.0, 5.0, -20.0), seed=6)
     paths = phantoms.write_dicom_series(truth, tmp_path / "single")
-    enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths],
-        series_instance_uid=pydicom.uid.generate_uid(),
-        series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(),
-        instance_number=1,
-    )
-    for keyword in ("SOPClassUID", "StudyInstanceUID", "SOPInstanceUID"):
-        setattr(enhanced, keyword, "")
-    enhanced.file_meta.MediaStorageSOPClassUID = enhanced.file_meta.MediaStorageSOPInstanceUID = ""
-    path = tmp_path / "mf" / "enhanced.dcm"
-    path.parent.mkdir()
-    enhanced.save_as(path)
+
+    def blank(enhanced):
+        for keyword in ("SOPClassUID", "StudyInstanceUID", "SOPInstanceUID"):
+            setattr(enhanced, keyword, "")
+        enhanced.file_meta.MediaStorageSOPClassUID = enhanced.file_meta.MediaStorageSOPInstanceUID = ""
+
+    path = enhanced_multiframe(paths, tmp_path / "mf" / "enhanced.dcm", blank)
     scan = load(ref_for_path(path))
     assert len(scan.metadata["frame_order"]) == 6
     assert scan.metadata["sop_class_uid"] == EnhancedCTImageStorage  # Modality CT + per-frame groups

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import tifffile
 
+from conftest import enhanced_multiframe
 from medseg import phantoms
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, check_geometry, check_values
@@ -113,20 +114,7 @@ def test_single_slice_with_non_finite_thickness_is_refused(tmp_path, thickness):
 
 
 def _enhanced(tmp_path: Path) -> Path:
-    from highdicom.legacy import LegacyConvertedEnhancedCTImage
-
-    paths = _series(tmp_path, slices=4)
-    enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths],
-        series_instance_uid=pydicom.uid.generate_uid(),
-        series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(),
-        instance_number=1,
-    )
-    out = tmp_path / "mf" / "enhanced.dcm"
-    out.parent.mkdir()
-    enhanced.save_as(out)
-    return out
+    return enhanced_multiframe(_series(tmp_path, slices=4), tmp_path / "mf" / "enhanced.dcm")
 
 
 @pytest.mark.parametrize(

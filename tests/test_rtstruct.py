@@ -26,7 +26,7 @@ from medseg.io import discover, load, ref_for_path
 from medseg.io.dicom import plan_series
 from medseg.rtstruct import read_rtstruct, write_rtstruct
 
-from conftest import dciodvfy
+from conftest import dciodvfy, enhanced_multiframe
 
 CT_CLASSES = phantoms.CT_CLASSES  # background 0, liver 1, kidney 2, spine 3
 OBLIQUE = (18.0, -12.0, 25.0)
@@ -207,20 +207,9 @@ def test_holes_islands_and_diagonal_pixels_round_trip_exactly(tmp_path):
 
 
 def test_enhanced_multiframe_source_is_referenced_frame_by_frame(tmp_path):
-    from highdicom.legacy import LegacyConvertedEnhancedCTImage
-
     truth = phantoms.ct_phantom(shape=(40, 36, 6), oblique=(10.0, 5.0, -20.0), seed=6)
     paths = phantoms.write_dicom_series(truth, tmp_path / "single")
-    enhanced = LegacyConvertedEnhancedCTImage(
-        [pydicom.dcmread(p) for p in paths],
-        series_instance_uid=pydicom.uid.generate_uid(),
-        series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(),
-        instance_number=1,
-    )
-    path = tmp_path / "mf" / "enhanced.dcm"
-    path.parent.mkdir()
-    enhanced.save_as(path)
+    path = enhanced_multiframe(paths, tmp_path / "mf" / "enhanced.dcm")
     scan = load(ref_for_path(path))
     assert len(scan.metadata["frame_order"]) == 6
     out = write_rtstruct(truth.label, scan, tmp_path / "out" / "mf.rtstruct.dcm", CT_CLASSES)
