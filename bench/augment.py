@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medseg.augment import ElasticAugment  # noqa: E402
+from medseg.data.augment import ElasticAugment  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "isbi2012_em" / "train"
 SIZE = 512

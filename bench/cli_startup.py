@@ -86,12 +86,12 @@ def lap(name):
 
 import torch; lap("import_torch")
 import monai; lap("import_monai")
-import medseg.infer, medseg.pipeline; lap("import_medseg_rest")
-from medseg.checkpoint import load_checkpoint
+import medseg.inference.predictor, medseg.pipeline; lap("import_medseg_rest")
+from medseg.training.checkpoint import load_checkpoint
 load_checkpoint(Path(sys.argv[1])); lap("load_checkpoint_first")
 laps["dynamo_imported_by_first_load"] = "torch._dynamo" in sys.modules
 load_checkpoint(Path(sys.argv[1])); lap("load_checkpoint_again")
-medseg.infer.Predictor(Path(sys.argv[1]), device="cpu"); lap("predictor")
+medseg.inference.predictor.Predictor(Path(sys.argv[1]), device="cpu"); lap("predictor")
 print(json.dumps(laps))
 """
 
@@ -144,9 +144,9 @@ def make_fixtures(work: Path) -> dict[str, Path]:
     import numpy as np
     from PIL import Image
 
-    from medseg import phantoms
+    from medseg.data import phantoms
     from medseg.config import config_from_dict
-    from medseg.train import train
+    from medseg.training.loop import train
 
     nifti = phantoms.write_nifti(np.zeros((32, 32, 16), np.int16), np.diag([0.8, 0.8, 2.0, 1.0]), work / "small.nii.gz")
     em = phantoms.em_phantom(shape=(128, 128, 4), cells=20, seed=1)

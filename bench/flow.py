@@ -57,13 +57,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from medseg import phantoms  # noqa: E402
+from medseg.data import phantoms  # noqa: E402
 from medseg.config import config_from_dict  # noqa: E402
-from medseg.infer import Predictor  # noqa: E402
+from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.files import sha256_file  # noqa: E402
-from medseg.io import discover  # noqa: E402
+from medseg.ingest import discover  # noqa: E402
 from medseg.pipeline import Job, segment_scan  # noqa: E402
-from medseg.train import train  # noqa: E402
+from medseg.training.loop import train  # noqa: E402
 
 from flows import model_cache  # noqa: E402
 from flows.segment_study import segment_study  # noqa: E402

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from monai.data.utils import dense_patch_slices, get_valid_patch_size  # noqa: E402
 from monai.inferers import sliding_window_inference  # noqa: E402
 
-from medseg import phantoms  # noqa: E402
+from medseg.data import phantoms  # noqa: E402
 from medseg.models import build_model, model_summary  # noqa: E402
 
 
@@ -100,9 +100,9 @@ def part_sw2d() -> dict:
 
 def part_sw3d() -> dict:
     from medseg.config import config_from_dict
-    from medseg.checkpoint import Checkpoint, save_checkpoint
-    from medseg.infer import Predictor
-    from medseg.io import ScanRef, load
+    from medseg.training.checkpoint import Checkpoint, save_checkpoint
+    from medseg.inference.predictor import Predictor
+    from medseg.ingest import ScanRef, load
 
     torch.manual_seed(0)
     cfg = {"name": "unet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": 4, "depth": 3}
@@ -150,7 +150,7 @@ def part_dicom() -> dict:
         import SimpleITK as sitk
     except ImportError:
         raise SystemExit("the dicom part compares with SimpleITK: pip install -e '.[bench]' (or pip install SimpleITK)")
-    from medseg.io import dicom_pixels
+    from medseg.ingest import dicom_pixels
 
     truth = phantoms.ct_phantom(shape=(512, 512, 120), spacing=(0.7, 0.7, 2.0), seed=1)
     result = {
@@ -185,7 +185,7 @@ def _version(package: str) -> str | None:
 
 def _versus_sitk(folder: Path, truth, sitk, repeats: int) -> dict:
     """Wall and CPU seconds (median of ``repeats`` interleaved rounds after one warm-up), voxels compared."""
-    from medseg.io import dicom_pixels, discover, load
+    from medseg.ingest import dicom_pixels, discover, load
 
     ref = discover(folder).scans[0]
     names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))  # GDCM's own slice order
@@ -295,7 +295,7 @@ def _versus_monai(tmp: Path) -> dict:
     """A shuffled oblique series: medseg vs MONAI LoadImage(reader="PydicomReader"), time and geometry."""
     from monai.transforms import LoadImage
 
-    from medseg.io import discover, load
+    from medseg.ingest import discover, load
 
     truth = phantoms.ct_phantom(shape=(512, 512, 80), spacing=(0.7, 0.7, 2.0), oblique=(20.0, -10.0, 15.0), seed=1)
     folder = tmp / "oblique"

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medseg.config import DataConfig  # noqa: E402
-from medseg.datasets import find_cases  # noqa: E402
-from medseg.io import load  # noqa: E402
-from medseg.io.labels import load_label  # noqa: E402
+from medseg.data.datasets import find_cases  # noqa: E402
+from medseg.ingest import load  # noqa: E402
+from medseg.ingest.labels import load_label  # noqa: E402
 
 SHIFTS = range(-3, 4)
 MARGIN = max(abs(s) for s in SHIFTS)

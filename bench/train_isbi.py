@@ -37,16 +37,16 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from medseg.checkpoint import load_checkpoint  # noqa: E402
+from medseg.training.checkpoint import load_checkpoint  # noqa: E402
 from medseg.config import Config, load_config  # noqa: E402
-from medseg.datasets import Case, find_cases, split_cases  # noqa: E402
-from medseg.infer import Predictor  # noqa: E402
-from medseg.io import load  # noqa: E402
-from medseg.io.labels import load_label  # noqa: E402
-from medseg.metrics import confusion_counts, mean_scores, overlap_scores  # noqa: E402
+from medseg.data.datasets import Case, find_cases, split_cases  # noqa: E402
+from medseg.inference.predictor import Predictor  # noqa: E402
+from medseg.ingest import load  # noqa: E402
+from medseg.ingest.labels import load_label  # noqa: E402
+from medseg.evaluation.metrics import confusion_counts, mean_scores, overlap_scores  # noqa: E402
 from medseg.models import register_model  # noqa: E402
-from medseg.train import train  # noqa: E402
-from medseg.transforms import label_to_index  # noqa: E402
+from medseg.training.loop import train  # noqa: E402
+from medseg.data.transforms import label_to_index  # noqa: E402
 
 CONFIGS = {
     "unet": "unet_em.yaml",

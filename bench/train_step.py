@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from medseg.config import load_config  # noqa: E402
 from medseg.device import cpu_has_native_bf16  # noqa: E402
 from medseg.models import build_model  # noqa: E402
-from medseg.train import Loss  # noqa: E402
+from medseg.training.loop import Loss  # noqa: E402
 
 CONFIGS = ("unet_em", "segnet_em", "fcn8s_em")
 

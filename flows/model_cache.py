@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.infer import Predictor
+from medseg.inference.predictor import Predictor
 
 __all__ = ["get_predictor", "loads", "worker_device"]
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from medseg.config import describe_validation_error
 from medseg.errors import ConfigError, MedsegError
-from medseg.io import ScanRef
+from medseg.ingest import ScanRef
 from medseg.pipeline import CaseRecord, check_disjoint, output_lock, problem_record
 
 from flows.reporting import Batch, Outcome, Summary, publish_reports

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from medseg.checkpoint import CheckpointError, checkpoint_file
+from medseg.training.checkpoint import CheckpointError, checkpoint_file
 from medseg.config import (
     ConfigPath,
     Section,

@@ -20,11 +20,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
-from medseg.checkpoint import load_checkpoint
+from medseg.training.checkpoint import load_checkpoint
 from medseg.errors import MedsegError
-from medseg.evaluate import MASK_OPTIONS, evaluate_case
+from medseg.evaluation.evaluate import MASK_OPTIONS, evaluate_case
 from medseg.files import sha256_file
-from medseg.io import Problem, ScanRef, discover, load, ref_for_path
+from medseg.ingest import Problem, ScanRef, discover, load, ref_for_path
 from medseg.pipeline import CaseRecord, Job, OutputUnwritable, coding_of, failure_reason, prepare_output
 from medseg.pipeline import segment_scan as segment_one
 

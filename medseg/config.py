@@ -330,7 +330,7 @@ class DataConfig(Section):
     classes: dict[str, int] = Field(default_factory=lambda: {"background": 0, "foreground": 1})
     color: Literal["grey", "channels"] = "grey"
     split: SplitConfig = Field(default_factory=SplitConfig)
-    # DICOM SEG codes per class name, over medseg.seg_coding's SNOMED CT table (e.g. for site-specific classes).
+    # DICOM SEG codes per class name, over medseg.export.seg_coding's SNOMED CT table (e.g. for site-specific classes).
     classes_coding: dict[str, ClassCodingConfig] | None = None
 
     @model_validator(mode="after")
@@ -434,7 +434,7 @@ class ModelConfig(Section):
 class AugmentConfig(Section):
     """Training augmentation: the U-Net paper's elastic deformation plus affine and grey-value changes.
 
-    Field names follow medseg.augment.ElasticAugment; ``enabled: false`` turns it all off.
+    Field names follow medseg.data.augment.ElasticAugment; ``enabled: false`` turns it all off.
     """
 
     enabled: bool = True

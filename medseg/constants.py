@@ -2,7 +2,7 @@
 
 Each is defined here once, in a module that imports only the standard library, so that
 `medseg --help`, `--version` and `medseg COMMAND --help` answer without importing torch,
-numpy or pydantic. The modules that use them (medseg.config, medseg.evaluate, medseg.grids,
+numpy or pydantic. The modules that use them (medseg.config, medseg.evaluation.evaluate, medseg.evaluation.grids,
 medseg.review) import them from here and export them as before.
 """
 
@@ -17,11 +17,11 @@ __all__ = ["CONVENTIONS", "DEFAULT_HOST", "PRECISIONS", "Precision", "RESAMPLE_M
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
-# How medseg.grids.align_to_reference may put a prediction on another grid onto its reference's
+# How medseg.evaluation.grids.align_to_reference may put a prediction on another grid onto its reference's
 # grid (`medseg evaluate --resample`).
 RESAMPLE_MODES = ("nearest",)
 
-# How medseg.evaluate scores empty classes; also the epilog of `medseg evaluate --help`.
+# How medseg.evaluation.evaluate scores empty classes; also the epilog of `medseg evaluate --help`.
 CONVENTIONS = """\
 Empty classes: a class absent from both prediction and reference scores NaN (Dice, IoU,
 HD95, surface Dice) and is left out of the means; a class present in only one of them

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from medseg import manifest, phantoms
+from medseg.data import manifest, phantoms
 from medseg.config import Config, config_from_dict
 from medseg.errors import MedsegError
 
@@ -174,7 +174,7 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run the whole pipeline under ``output``; returns what was written where."""
-    from medseg.train import train
+    from medseg.training.loop import train
 
     start = time.monotonic()
     result = DemoResult(output)

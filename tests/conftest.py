@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg import phantoms
+from medseg.data import phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -114,7 +114,7 @@ def ct_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ct")
     images, labels = phantoms.write_ct_dataset(root / "data", cases=3, seed=7)
     from medseg.config import config_from_dict
-    from medseg.train import train
+    from medseg.training.loop import train
 
     config = config_from_dict(
         {

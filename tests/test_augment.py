@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.augment import (
+from medseg.data.augment import (
     ElasticAugment,
     _grid_sample,
     control_displacements,

@@ -33,13 +33,13 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.cli import main
 from medseg.errors import ConfigError, ScanError
 from medseg.geometry import Geometry
-from medseg.io import LoadOptions, ScanRef, load, ref_for_path
-from medseg.io import budget as budget_module
-from medseg.io.budget import (
+from medseg.ingest import LoadOptions, ScanRef, load, ref_for_path
+from medseg.ingest import budget as budget_module
+from medseg.ingest.budget import (
     DEFAULT_CAP_MB,
     MIN_DEFAULT_MB,
     BudgetError,
@@ -247,7 +247,7 @@ import json, resource, sys, time
 from pathlib import Path
 
 from medseg.errors import MedsegError
-from medseg.io import LoadOptions, load, ref_for_path
+from medseg.ingest import LoadOptions, load, ref_for_path
 
 
 def status_kb(key):

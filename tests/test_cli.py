@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from medseg import __version__, phantoms
+from medseg import __version__
+from medseg.data import phantoms
 from medseg.cli import main
 
 INFO_KEYS = {

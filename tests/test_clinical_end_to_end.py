@@ -13,12 +13,12 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from conftest import dciodvfy
-from medseg import phantoms
-from medseg.evaluate import evaluate_folders
-from medseg.infer import Predictor
-from medseg.io import discover, load
+from medseg.data import phantoms
+from medseg.evaluation.evaluate import evaluate_folders
+from medseg.inference.predictor import Predictor
+from medseg.ingest import discover, load
 from medseg.pipeline import segment_folder
-from medseg.rtstruct import read_rtstruct
+from medseg.export.rtstruct import read_rtstruct
 
 
 def _blank_identifiers(ds: pydicom.Dataset, spacing: float) -> None:

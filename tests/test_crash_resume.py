@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medseg import phantoms
-from medseg.checkpoint import load_checkpoint
+from medseg.data import phantoms
+from medseg.training.checkpoint import load_checkpoint
 from medseg.files import JOURNAL_DIR, TMP_MARKER
-from medseg.ledger import LEDGER_DIR
+from medseg.pipeline.ledger import LEDGER_DIR
 
 from conftest import snapshot
 

@@ -10,7 +10,7 @@ import sys
 import nibabel as nib
 import numpy as np
 
-from medseg.io import discover, load
+from medseg.ingest import discover, load
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):

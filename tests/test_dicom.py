@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import ScanError
-from medseg.io import ScanRef, discover, load, ref_for_path
-from medseg.io.dicom import plan_series
+from medseg.ingest import ScanRef, discover, load, ref_for_path
+from medseg.ingest.dicom import plan_series
 
 from conftest import open_files, snapshot
 
@@ -202,7 +202,7 @@ def test_shipped_multiframe_without_geometry_loads_as_stack():
     assert scan.array.shape == (1, ds.Columns, ds.Rows, 30)  # grey by default
     assert any("no patient geometry" in n for n in scan.notes)
     assert not scan.geometry.spacing_known
-    from medseg.io import LoadOptions
+    from medseg.ingest import LoadOptions
 
     rgb = load(ref_for_path(_sample("examples_ybr_color.dcm")), LoadOptions(color="channels"))
     assert rgb.array.shape == (3, ds.Columns, ds.Rows, 30)

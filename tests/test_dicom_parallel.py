@@ -1,4 +1,4 @@
-"""DICOM slices decoded on a thread pool (medseg.io.dicom_pixels): the same bytes as one thread and as
+"""DICOM slices decoded on a thread pool (medseg.ingest.dicom_pixels): the same bytes as one thread and as
 stacking the decoded slices, in slice order, every failure a ScanError naming its file."""
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import ScanError
-from medseg.io import LoadOptions, dicom_pixels, load, ref_for_path
-from medseg.io import dicom as dicom_io
-from medseg.io.dicom import plan_series
-from medseg.io.dicom_pixels import default_workers, read_volume
+from medseg.ingest import LoadOptions, dicom_pixels, load, ref_for_path
+from medseg.ingest import dicom as dicom_io
+from medseg.ingest.dicom import plan_series
+from medseg.ingest.dicom_pixels import default_workers, read_volume
 
 THREADS = 4  # more than this machine's cores: the pool really interleaves
 

@@ -26,15 +26,15 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.cli import main
 from medseg.config import config_from_dict
-from medseg.dicom_seg import series_description, write_dicom_seg
+from medseg.export.dicom_seg import series_description, write_dicom_seg
 from medseg.errors import ConfigError
 from medseg.export import ExportError
-from medseg.io import discover, load, ref_for_path
-from medseg.io.dicom import PATIENT_STUDY_ATTRIBUTES
-from medseg.seg_coding import known_names, normalise_name, segment_coding
+from medseg.ingest import discover, load, ref_for_path
+from medseg.ingest.dicom import PATIENT_STUDY_ATTRIBUTES
+from medseg.export.seg_coding import known_names, normalise_name, segment_coding
 
 from conftest import dciodvfy as _dciodvfy
 from conftest import enhanced_multiframe
@@ -360,10 +360,10 @@ def test_mask_values_without_a_class_are_an_export_error(tmp_path):
 
 
 def test_export_module_reexports_the_writer():
-    import medseg.dicom_seg
+    import medseg.export.dicom_seg
     import medseg.export
 
-    assert medseg.export.write_dicom_seg is medseg.dicom_seg.write_dicom_seg
+    assert medseg.export.write_dicom_seg is medseg.export.dicom_seg.write_dicom_seg
 
 
 # --- segment coding ---------------------------------------------------------------------------

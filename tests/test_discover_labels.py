@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import LabelError
-from medseg.io import discover, load, load_label, ref_for_path
+from medseg.ingest import discover, load, load_label, ref_for_path
 
 from conftest import open_files, snapshot
 
@@ -129,7 +129,7 @@ def test_rgb_label_is_refused(tmp_path):
     Image.fromarray(np.zeros((6, 5), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "lab.png")
     scan = load(ref_for_path(tmp_path / "img.png"))
-    from medseg.io import LoadOptions, validate_label
+    from medseg.ingest import LoadOptions, validate_label
 
     rgb = load(ref_for_path(tmp_path / "lab.png"), LoadOptions(color="channels"))
     with pytest.raises(LabelError, match="3 channels"):

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 from conftest import snapshot
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.cli import main
 from medseg.errors import ConfigError, LabelError, ScanError
-from medseg.evaluate import EvaluationReport, evaluate_case, evaluate_folders, parse_classes, write_reports
+from medseg.evaluation.evaluate import EvaluationReport, evaluate_case, evaluate_folders, parse_classes, write_reports
 from medseg.geometry import Geometry
-from medseg.io import Scan, ScanRef
-from medseg.metrics import summarize
+from medseg.ingest import Scan, ScanRef
+from medseg.evaluation.metrics import summarize
 
 nan = float("nan")
 

@@ -15,11 +15,11 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from medseg.cli import main
 from medseg.errors import ConfigError, LabelError
-from medseg.evaluate import evaluate_case, evaluate_folders
+from medseg.evaluation.evaluate import evaluate_case, evaluate_folders
 from medseg.geometry import Geometry
-from medseg.grids import match_axes, reoriented, world_offset
-from medseg.io import Scan, ScanRef
-from medseg.phantoms import rotation
+from medseg.evaluation.grids import match_axes, reoriented, world_offset
+from medseg.ingest import Scan, ScanRef
+from medseg.data.phantoms import rotation
 
 # Every orientation code: each of the 6 orders of the three world axes, each axis either way.
 AXIS_CODES = [
@@ -34,7 +34,7 @@ def scan(array, geometry: Geometry, case: str) -> Scan:
 
 
 def to_orientation(array: np.ndarray, affine: np.ndarray, code: str) -> tuple[np.ndarray, np.ndarray]:
-    """The same voxels stored in the axis order ``code`` (built with nibabel, independently of medseg.grids)."""
+    """The same voxels stored in the axis order ``code`` (built with nibabel, not with medseg.evaluation.grids)."""
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(code)))
     return apply_orientation(array, transform), affine @ inv_ornt_aff(transform, array.shape)
 

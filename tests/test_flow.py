@@ -46,14 +46,14 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName  # n
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from medseg import phantoms  # noqa: E402
+from medseg.data import phantoms  # noqa: E402
 from medseg.cli import main  # noqa: E402
 from medseg.errors import ConfigError  # noqa: E402
-from medseg.evaluate import evaluate_folders, write_reports  # noqa: E402
-from medseg.infer import Predictor  # noqa: E402
-from medseg.train import train  # noqa: E402
+from medseg.evaluation.evaluate import evaluate_folders, write_reports  # noqa: E402
+from medseg.inference.predictor import Predictor  # noqa: E402
+from medseg.training.loop import train  # noqa: E402
 
-import medseg.pipeline  # noqa: E402
+import medseg.pipeline.scan  # noqa: E402
 from flows import model_cache  # noqa: E402
 from flows.deployment import check_nightly  # noqa: E402
 from flows.reporting import METRICS_KEY, SUMMARY_KEY  # noqa: E402
@@ -208,7 +208,7 @@ def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, mode
     nib.save(nib.Nifti1Image(np.asarray(good.dataobj), good.affine), corrupt)
     corrupt.write_bytes(corrupt.read_bytes()[:1000])  # header intact, most of the voxels missing
 
-    real_load, attempts = medseg.pipeline.load, []
+    real_load, attempts = medseg.pipeline.scan.load, []
 
     def flaky_load(ref, options):
         if ref.path == images / "em_stack.tif":  # the scan, not its mask or reference
@@ -217,7 +217,7 @@ def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, mode
                 raise OSError(5, "Input/output error (network share hiccup)")
         return real_load(ref, options)
 
-    monkeypatch.setattr(medseg.pipeline, "load", flaky_load)  # the pipeline retries a transient read (2 s later)
+    monkeypatch.setattr(medseg.pipeline.scan, "load", flaky_load)  # the pipeline retries a transient read (2 s later)
     out = tmp_path / "out"
     state = segment_study(input_dir=images, output_dir=out, checkpoint=model, reference_dir=labels, return_state=True)
 

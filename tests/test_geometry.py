@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from medseg.geometry import Geometry, lps_to_ras
-from medseg.phantoms import rotation
+from medseg.data.phantoms import rotation
 
 
 def test_spacing_direction_origin_of_rotated_grid():

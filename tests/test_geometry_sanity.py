@@ -17,10 +17,10 @@ import pytest
 import tifffile
 
 from conftest import enhanced_multiframe
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, check_geometry, check_values
-from medseg.io import READERS, Scan, ScanRef, load, ref_for_path
+from medseg.ingest import READERS, Scan, ScanRef, load, ref_for_path
 
 # --- DICOM --------------------------------------------------------------------------------
 

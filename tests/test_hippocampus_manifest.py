@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import SHARED_DATA
-from medseg import manifest
+from medseg.data import manifest
 from medseg.config import config_from_dict
-from medseg.datasets import find_cases, split_cases
+from medseg.data.datasets import find_cases, split_cases
 from medseg.errors import ConfigError, ManifestError
 
 DATASET = "msd_hippocampus_dev"

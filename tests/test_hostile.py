@@ -25,11 +25,11 @@ import tifffile
 import torch
 from PIL import Image
 
-from medseg import manifest, phantoms
-from medseg.checkpoint import CheckpointError, load_checkpoint
+from medseg.data import manifest, phantoms
+from medseg.training.checkpoint import CheckpointError, load_checkpoint
 from medseg.config import load_config
 from medseg.errors import ConfigError, LabelError, ManifestError, MedsegError, ScanError
-from medseg.io import discover, load, load_label, ref_for_path
+from medseg.ingest import discover, load, load_label, ref_for_path
 
 # --- builders: each writes one hostile input under `root` and returns the path to use ----
 

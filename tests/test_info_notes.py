@@ -17,11 +17,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import RLELossless
 
-from medseg import phantoms
-from medseg.checkpoint import Checkpoint, save_checkpoint
+from medseg.data import phantoms
+from medseg.training.checkpoint import Checkpoint, save_checkpoint
 from medseg.cli import main
 from medseg.geometry import Geometry, grid_notes, obliquity_degrees
-from medseg.infer import Predictor
+from medseg.inference.predictor import Predictor
 from medseg.pipeline import segment_folder
 from medseg.review import write_review
 

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import ScanError
-from medseg.io import LoadOptions, discover, load, load_label, ref_for_path
+from medseg.ingest import LoadOptions, discover, load, load_label, ref_for_path
 
 
 def test_uncompressed_nifti2_is_recognised(tmp_path):

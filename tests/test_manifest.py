@@ -1,4 +1,4 @@
-"""data_manifest.csv, `medseg.manifest` and `medseg data`: validation, fetch, verify, list."""
+"""data_manifest.csv, `medseg.data.manifest` and `medseg data`: validation, fetch, verify, list."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from medseg import cli
 from medseg.errors import ManifestError
-from medseg.manifest import (
+from medseg.data.manifest import (
     COLUMNS,
     dataset_files,
     dataset_status,
@@ -281,7 +281,7 @@ def test_missing_manifest_file(tmp_path: Path) -> None:
 def run_cli(monkeypatch: pytest.MonkeyPatch):
     """cli.main with only the command modules that exist yet (others are written in parallel)."""
     present = tuple(m for m in cli.COMMAND_MODULES if importlib.util.find_spec(m) is not None)
-    assert "medseg.commands.data" in present
+    assert "medseg.cli.data" in present
     monkeypatch.setattr(cli, "COMMAND_MODULES", present)
     return cli.main
 

@@ -7,9 +7,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.errors import ScanError
-from medseg.io import LoadOptions, ScanRef, discover, load, ref_for_path
+from medseg.ingest import LoadOptions, ScanRef, discover, load, ref_for_path
 
 
 def test_imagej_tiff_stack_keeps_pixel_size_and_axes(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from nibabel.testing import data_path
 
 from medseg.errors import ScanError
-from medseg.io import load, ref_for_path
+from medseg.ingest import load, ref_for_path
 
 NIBABEL_DATA = Path(data_path)
 

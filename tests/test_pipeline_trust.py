@@ -20,15 +20,16 @@ import torch
 
 import medseg.errors
 import medseg.files
-import medseg.pipeline
-from medseg import phantoms
-from medseg.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+import medseg.pipeline.output
+import medseg.pipeline.scan
+from medseg.data import phantoms
+from medseg.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from medseg.cli import main
 from medseg.files import JOURNAL_DIR, TMP_MARKER, contained_path, remove_own_temporaries, safe_part
-from medseg.infer import Predictor
-from medseg.io import discover
+from medseg.inference.predictor import Predictor
+from medseg.ingest import discover
 from medseg.pipeline import segment_folder
-from medseg.train import train
+from medseg.training.loop import train
 
 from conftest import snapshot, tiny_em_config, write_em_pairs
 
@@ -143,7 +144,9 @@ def test_output_that_is_a_file_is_refused_naming_it(model, tmp_path, capsys):
 
 def test_output_without_room_is_refused_before_the_batch(model, tmp_path, monkeypatch, capsys):
     _nifti_scans(tmp_path / "in", ["a", "b"])
-    monkeypatch.setattr(medseg.pipeline.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(
+        medseg.pipeline.output.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 1000)
+    )
     code = main(
         ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
     )
@@ -245,7 +248,7 @@ def test_a_full_or_read_only_output_stops_the_batch_cleanly(model, tmp_path, mon
 
 def test_transient_input_errors_are_retried_and_permanent_ones_fail_the_scan(model, tmp_path, monkeypatch):
     _nifti_scans(tmp_path / "in", ["flaky", "gone"])
-    real, attempts = medseg.pipeline.load, []
+    real, attempts = medseg.pipeline.scan.load, []
 
     def load(ref, options):
         attempts.append(ref.id)
@@ -255,8 +258,8 @@ def test_transient_input_errors_are_retried_and_permanent_ones_fail_the_scan(mod
             raise OSError(errno.ENOENT, "No such file or directory", str(ref.path))
         return real(ref, options)
 
-    monkeypatch.setattr(medseg.pipeline, "load", load)
-    monkeypatch.setattr(medseg.pipeline, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(medseg.pipeline.scan, "load", load)
+    monkeypatch.setattr(medseg.pipeline.scan, "RETRY_DELAYS", (0.0, 0.0))
     report = segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", progress=False)
     status = {r.case: r for r in report.records}
     assert status["flaky"].status == "written" and attempts.count("flaky") == 2
@@ -578,7 +581,7 @@ def test_once_the_disk_is_full_no_further_scan_does_model_work(model, tmp_path, 
         return total._replace(free=1000) if predicted else total  # full once the first scan ran
 
     monkeypatch.setattr(Predictor, "predict", predict)
-    monkeypatch.setattr(medseg.pipeline.shutil, "disk_usage", usage)
+    monkeypatch.setattr(medseg.pipeline.output.shutil, "disk_usage", usage)
     code = main(
         ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
     )

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import medseg.device
-import medseg.checkpoint
-import medseg.train
-from medseg import phantoms
+import medseg.training.checkpoint
+import medseg.training.loop
+from medseg.data import phantoms
 from medseg.config import config_from_dict
 from medseg.device import choose_precision
 from medseg.errors import ConfigError
-from medseg.infer import Predictor
-from medseg.io import discover, load
-from medseg.train import train
+from medseg.inference.predictor import Predictor
+from medseg.ingest import discover, load
+from medseg.training.loop import train
 
 from conftest import tiny_em_config, write_em_pairs
 
@@ -83,7 +83,7 @@ def em_root(tmp_path_factory):
 def test_training_runs_the_model_in_its_precision_and_keeps_fp32_weights(
     em_root, tmp_path, monkeypatch, precision, dtype
 ):
-    seen = _spy_dtypes(monkeypatch, medseg.train)
+    seen = _spy_dtypes(monkeypatch, medseg.training.loop)
     result = train(_em_config(em_root, tmp_path, precision), progress=False)
     assert seen == {dtype}  # training steps and the sliding-window validation alike
     losses = result.step_losses
@@ -95,7 +95,7 @@ def test_training_runs_the_model_in_its_precision_and_keeps_fp32_weights(
 
 def test_bf16_inference_matches_fp32(em_root, tmp_path, monkeypatch):
     run = train(_em_config(em_root, tmp_path, "fp32"), progress=False).run_dir
-    seen = _spy_dtypes(monkeypatch, medseg.checkpoint)  # Predictor builds its model from the checkpoint
+    seen = _spy_dtypes(monkeypatch, medseg.training.checkpoint)  # Predictor builds its model from the checkpoint
     scan = load(discover(em_root / "test").scans[0])
     masks = {}
     for precision in ("fp32", "bf16"):

@@ -18,14 +18,14 @@ import tifffile
 import torch
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.files import JOURNAL_DIR, TMP_MARKER
 from medseg.pipeline import OutputUnwritable, segment_folder
-from medseg.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
 from medseg.cli import main
-from medseg.infer import Predictor
-from medseg.io import discover, load
-from medseg.train import train
+from medseg.inference.predictor import Predictor
+from medseg.ingest import discover, load
+from medseg.training.loop import train
 
 from conftest import snapshot, tiny_em_config, write_em_pairs
 
@@ -209,7 +209,7 @@ def test_2d_model_on_png_sequence_writes_stack_and_slices(em_model, tmp_path):
 
 
 def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="medseg.infer"):
+    with caplog.at_level(logging.WARNING, logger="medseg.inference.predictor"):
         Predictor(em_model, tta=False)
         assert not caplog.records
         Predictor(em_model, tta=True)  # trained with augmentation off
@@ -219,7 +219,7 @@ def test_mirroring_tta_on_a_model_trained_without_mirroring_warns(em_model, tmp_
         state.config.augment.enabled, state.config.augment.p_flip = True, p_flip
         save_checkpoint(state, tmp_path / "model.pt")
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="medseg.infer"):
+        with caplog.at_level(logging.WARNING, logger="medseg.inference.predictor"):
             Predictor(tmp_path / "model.pt", tta=True)
         assert bool(caplog.records) == warns
 

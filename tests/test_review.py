@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.pipeline import BatchReport, CaseRecord, write_batch_manifest
 from medseg.cli import main
-from medseg.evaluate import evaluate_folders, write_reports
+from medseg.evaluation.evaluate import evaluate_folders, write_reports
 from medseg.export import CLASS_COLOURS, export_mask
-from medseg.io import LoadOptions, discover, load, ref_for_path
-from medseg.report import plot_learning_curves
+from medseg.ingest import LoadOptions, discover, load, ref_for_path
+from medseg.evaluation.plots import plot_learning_curves
 from medseg.review import (
     MAX_EDGE,
     MAX_VOXELS,

@@ -1,6 +1,6 @@
 """RTSTRUCT export: contours in the series' world coordinates that rasterise back onto the mask.
 
-Each file written here is read back twice: by medseg.rtstruct.read_rtstruct (which the
+Each file written here is read back twice: by medseg.export.rtstruct.read_rtstruct (which the
 writer also runs on its own output) and by an independent reader in this file that takes
 the contour points into voxel space through the phantom's own affine (the truth, not the
 loader's geometry) and fills them with matplotlib's point-in-polygon test. It must also
@@ -19,12 +19,12 @@ import pytest
 import torch
 from matplotlib.path import Path as Polygon
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.export import CLASS_COLOURS, ExportError, export_mask
 from medseg.geometry import LPS_TO_RAS
-from medseg.io import discover, load, ref_for_path
-from medseg.io.dicom import plan_series
-from medseg.rtstruct import read_rtstruct, write_rtstruct
+from medseg.ingest import discover, load, ref_for_path
+from medseg.ingest.dicom import plan_series
+from medseg.export.rtstruct import read_rtstruct, write_rtstruct
 
 from conftest import dciodvfy, enhanced_multiframe
 
@@ -261,7 +261,7 @@ def test_mask_values_without_a_class_are_refused(tmp_path):
 
 def test_a_file_whose_contours_do_not_read_back_is_not_kept(tmp_path, monkeypatch):
     """The writer's read-back is a real check: contours a pixel off are caught and nothing replaces the target."""
-    import medseg.rtstruct as rtstruct
+    import medseg.export.rtstruct as rtstruct
 
     truth, scan = _series(tmp_path, "shifted", shape=(30, 26, 4))
     trace = rtstruct._trace
@@ -292,7 +292,7 @@ def test_an_rtstruct_of_another_frame_of_reference_is_not_read_onto_this_scan(tm
 @pytest.fixture(scope="module")
 def tiny_3d_checkpoint(tmp_path_factory) -> Path:
     """An untrained 3D U-Net for the CT classes: predicts something, fast; the export is what is tested."""
-    from medseg.checkpoint import Checkpoint, save_checkpoint
+    from medseg.training.checkpoint import Checkpoint, save_checkpoint
     from medseg.config import config_from_dict
     from medseg.models import build_model
 
@@ -312,7 +312,7 @@ def tiny_3d_checkpoint(tmp_path_factory) -> Path:
 def test_segment_folder_writes_nifti_and_rtstruct_that_agree(tmp_path, tiny_3d_checkpoint):
     import nibabel as nib
 
-    from medseg.infer import Predictor
+    from medseg.inference.predictor import Predictor
     from medseg.pipeline import segment_folder
 
     truth, scan = _series(tmp_path, "case", OBLIQUE, _blank_everything)
@@ -359,7 +359,7 @@ def test_the_flow_scores_the_nifti_mask_when_rtstruct_comes_first(tmp_path):
     """evaluate-scan scores the first mask that is not a DICOM object (SEG or RTSTRUCT)."""
     import flows  # noqa: F401  (Prefect defaults before Prefect)
     from flows import tasks
-    from medseg.io import ref_for_path
+    from medseg.ingest import ref_for_path
     from medseg.pipeline import CaseRecord
 
     mask = np.zeros((6, 6, 3), np.uint8)

@@ -19,8 +19,8 @@ import pytest
 from conftest import tiny_em_config, write_em_pairs
 from PIL import Image
 
-from medseg import phantoms
-from medseg.checkpoint import load_checkpoint
+from medseg.data import phantoms
+from medseg.training.checkpoint import load_checkpoint
 from medseg.cli import main
 
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -47,7 +47,7 @@ def em(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(em, tmp_path_factory) -> Path:
-    from medseg.train import train
+    from medseg.training.loop import train
 
     out = tmp_path_factory.mktemp("signal_runs")
     result = train(tiny_em_config(em, out, "sig", epochs=1, steps_per_epoch=2), progress=False)
@@ -153,7 +153,7 @@ def test_train_terminated_before_an_epoch_says_start_again(em, tmp_path):
 
 def test_sigterm_in_process_returns_143_and_restores_the_handler(tmp_path, monkeypatch, capsys):
     """main() called in-process (tests, Prefect) turns SIGTERM into exit 143, then puts the old handler back."""
-    import medseg.commands.config as config_command
+    import medseg.cli.config as config_command
 
     def terminated_mid_command(args):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -170,7 +170,7 @@ def test_sigterm_in_process_returns_143_and_restores_the_handler(tmp_path, monke
 
 def test_sigterm_swallowed_by_a_command_still_exits_143(tmp_path, monkeypatch, capsys):
     """`medseg view` catches KeyboardInterrupt to stop its server and return 0; SIGTERM must still read as 143."""
-    import medseg.commands.config as config_command
+    import medseg.cli.config as config_command
 
     def stops_quietly(args):
         try:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.config import config_from_dict
-from medseg.train import train
+from medseg.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

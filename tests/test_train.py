@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import medseg.train
-from medseg import phantoms
-from medseg.checkpoint import load_checkpoint
+import medseg.training.loop
+from medseg.data import phantoms
+from medseg.training.checkpoint import load_checkpoint
 from medseg.cli import main
 from medseg.config import config_from_dict
 from medseg.errors import ConfigError, MedsegError
 from medseg.models import build_model
-from medseg.train import Loss, ema_update, train
+from medseg.training.loop import Loss, ema_update, train
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +101,11 @@ def test_moving_average_weights_are_validated_checkpointed_and_resumed(em_folder
     first = train(config(tmp_path / "b"), progress=False, max_epochs=1)
     one = _averaging_state(first.run_dir / "latest.pt")
     validated = []
-    real_evaluate = medseg.train.evaluate
+    real_evaluate = medseg.training.loop.evaluate
     monkeypatch.setattr(
-        medseg.train, "evaluate", lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k)
+        medseg.training.loop,
+        "evaluate",
+        lambda model, *a, **k: validated.append(model) or real_evaluate(model, *a, **k),
     )
     resumed = train(config(tmp_path / "b"), resume=first.run_dir, progress=False)
     two = _averaging_state(resumed.run_dir / "latest.pt")
@@ -216,7 +218,7 @@ import sys, torch, torch.distributed as dist
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import _config
-from medseg.train import train
+from medseg.training.loop import train
 config = _config(Path({root!r}), Path({out!r}), epochs=1, steps_per_epoch=4, ema_decay={ema_decay!r})
 result = train(config, progress=False)
 torch.save(result.model.state_dict(), Path({out!r}) / f"rank{{dist.get_rank()}}.pt")

@@ -9,15 +9,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.config import DataConfig, SplitConfig, config_from_dict
-from medseg.datasets import find_cases, split_cases
+from medseg.data.datasets import find_cases, split_cases
 from medseg.errors import ConfigError
 from medseg.geometry import Geometry
-from medseg.io import Scan, ScanRef
-from medseg.sampling import Item, PatchSampler
-from medseg.transforms import Preprocessor, index_to_label, label_to_index
-from medseg.weights import border_weight_map
+from medseg.ingest import Scan, ScanRef
+from medseg.data.sampling import Item, PatchSampler
+from medseg.data.transforms import Preprocessor, index_to_label, label_to_index
+from medseg.data.weights import border_weight_map
 
 
 def test_nnunet_layout_with_channel_suffixes(tmp_path):
@@ -73,7 +73,7 @@ def test_splits_fraction_kfold_cases(tmp_path):
 
 def test_isbi_manifest_split(tmp_path):
     from conftest import SHARED_DATA
-    from medseg import manifest
+    from medseg.data import manifest
 
     if not (SHARED_DATA / "isbi2012_em").is_dir():
         pytest.skip("shared ISBI data not present")
@@ -86,7 +86,7 @@ def test_isbi_manifest_split(tmp_path):
 
 def test_mixed_dtypes_and_float_labels_just_work(tmp_path):
     """uint8 next to float32 images, a label stored as float: training items come out alike."""
-    from medseg.train import prepare_items
+    from medseg.training.loop import prepare_items
 
     a = phantoms.ct_phantom(shape=(16, 16, 8), seed=1)
     phantoms.write_nifti(a.image.astype(np.float32), a.affine, tmp_path / "im" / "a.nii.gz")

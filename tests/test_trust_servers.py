@@ -35,9 +35,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg import cli, manifest
+from medseg import cli
+from medseg.data import manifest
 from medseg.errors import ManifestError
-from medseg.manifest import COLUMNS, fetch, read_manifest
+from medseg.data.manifest import COLUMNS, fetch, read_manifest
 from medseg.review import MAX_REQUEST_PATH, PAGE_NAME, ReviewServer, write_review
 
 CANARY = b"CANARY-5e1f: private text that lives outside every served folder\n"

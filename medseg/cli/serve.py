@@ -1,0 +1,64 @@
+"""`medseg serve [--config configs/nightly.yaml]`: serve the segment-study/nightly Prefect deployment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from medseg.cli.config import add_override_argument
+
+DEFAULT_CONFIG = Path("configs/nightly.yaml")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the nightly segment-study deployment (Prefect): scheduled and hand-started runs",
+        description=textwrap.fill(
+            "Register the deployment segment-study/nightly (cron schedule and default parameters from the "
+            "nightly config) with the Prefect server at PREFECT_API_URL and run its flow runs until stopped "
+            "(Ctrl-C pauses the schedule). Start a run by hand with: prefect deployment run "
+            "segment-study/nightly [--param input_dir=DIR ...]. Telemetry is off unless you set DO_NOT_TRACK=0.",
+            width=88,
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"nightly config: schedule and default parameters (default: {DEFAULT_CONFIG})",
+    )
+    add_override_argument(parser)  # --set parameters.checkpoint=runs/unet_em (any key of the nightly config)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and print the deployment's parameters, then exit without serving",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: `flows` sets Prefect's telemetry defaults before Prefect is first imported,
+    # and other commands should not pay for importing Prefect.
+    from flows.deployment import check_nightly, serve_nightly
+    from flows.settings import load_nightly_config
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the server otherwise
+    config = load_nightly_config(args.config, args.overrides)
+    if not config.parameters.input_dir.is_dir():
+        print(
+            f"medseg serve: warning: input_dir {config.parameters.input_dir} does not exist (yet); "
+            "runs fail at start until it does",
+            file=sys.stderr,
+        )
+    if args.check:
+        parameters = check_nightly(config)
+        print(f"segment-study/nightly: cron {config.schedule.cron!r} ({config.schedule.timezone})")
+        for key, value in parameters.items():
+            print(f"  {key}: {value}")
+        return 0
+    serve_nightly(config)
+    return 0

@@ -1,0 +1,1 @@
+"""Inference: a checkpoint becomes a Predictor (model + preprocessing); sliding-window tiling, TTA."""

@@ -1,0 +1,134 @@
+"""Incremental runs: skip a scan whose masks were made from the same bytes by the same model, and are intact.
+
+Why content, not file times: a scan copied back from an archive, or replaced in place,
+keeps or gains an mtime that says nothing about its content, and a mask truncated by a
+full disk or edited by hand is newer than everything. So each written scan leaves a small
+record in ``OUTPUT/.medseg/ledger/<case id>.json`` holding a key over
+
+- the sha256 of every input file of the scan, in reading order,
+- the sha256 of the checkpoint file,
+- what else shapes the mask: test-time augmentation, mask formats, medseg version,
+
+and, for each mask it wrote, its size and sha256 at write time. A scan is skipped only
+when the key matches and every mask still has that size and hash; then no model is
+loaded or run. Records whose scan is no longer among the inputs name orphaned outputs:
+listed in the reports, never deleted. The folder is hidden, so discovery (and
+``medseg evaluate``) never sees it; one file per case means parallel workers never write
+the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError
+from medseg.files import atomic_write_text, contained_path, ensure_inside, sha256_file
+from medseg.ingest.scan import ScanRef
+
+__all__ = ["LEDGER_DIR", "ScanKey", "scan_key", "find_outputs", "remember", "orphans"]
+
+LEDGER_DIR = ".medseg/ledger"
+
+
+@dataclass(frozen=True)
+class ScanKey:
+    """The identity of one scan's result: same key, same mask."""
+
+    key: str
+    details: dict[str, Any]
+
+
+def scan_key(ref: ScanRef, checkpoint_sha256: str, tta: bool, formats: Sequence[str]) -> ScanKey:
+    """Hash the scan's input files and combine them with the model and the settings that shape its masks."""
+    inputs = hashlib.sha256(ref.kind.encode())
+    for path in ref.paths:
+        inputs.update(bytes.fromhex(sha256_file(path)))
+    details = {
+        "inputs_sha256": inputs.hexdigest(),
+        "checkpoint_sha256": checkpoint_sha256,
+        "tta": bool(tta),
+        "formats": list(formats),
+        "medseg_version": __version__,
+    }
+    key = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()
+    return ScanKey(key, details)
+
+
+def _record_path(output_dir: Path, case: str) -> Path:
+    return contained_path(output_dir, case, ".json", folder=LEDGER_DIR)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _intact(output_dir: Path, entry: Any) -> Path | None:
+    """The mask an output entry names, if it is inside the output folder and unchanged since it was written."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return None
+    try:
+        path = contained_path(output_dir, entry["path"])
+        if not path.is_file() or path.stat().st_size != entry.get("size"):
+            return None
+        return path if sha256_file(path) == entry.get("sha256") else None
+    except (OSError, ValueError, MedsegError):  # a path through a link out of the folder is not intact either
+        return None
+
+
+def find_outputs(output_dir: Path, case: str, key: ScanKey) -> list[Path] | None:
+    """The masks recorded for ``key``, if the record matches and every mask is as it was written."""
+    record = _read(_record_path(output_dir, case))
+    if record is None or record.get("key") != key.key:
+        return None
+    entries = record.get("outputs")
+    if not isinstance(entries, list) or not entries:
+        return None
+    outputs = [_intact(output_dir, entry) for entry in entries]
+    return None if any(p is None for p in outputs) else outputs  # type: ignore[return-value]
+
+
+def remember(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path], source: str) -> Path:
+    """Record (atomically) that ``outputs`` were made for ``key``, with each mask's size and hash now."""
+    entries = []
+    for path in outputs:
+        rel = Path(path).resolve().relative_to(output_dir.resolve()).as_posix()
+        entries.append({"path": rel, "size": Path(path).stat().st_size, "sha256": sha256_file(Path(path))})
+    payload = {"case": case, "input": source, "key": key.key, **key.details, "outputs": entries}
+    path = _record_path(output_dir, case)
+    return atomic_write_text(path, json.dumps(payload, indent=2), root=output_dir)
+
+
+def orphans(output_dir: Path, cases: Sequence[str]) -> list[dict[str, Any]]:
+    """Recorded results whose scan is not among ``cases`` (its input has gone): case, input and outputs."""
+    folder = output_dir / LEDGER_DIR
+    try:
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        ensure_inside(output_dir, folder)
+    except MedsegError:
+        return []
+    current = set(cases)
+    found = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            if path.is_symlink() or not ensure_inside(output_dir, path).is_file():
+                continue  # only records medseg wrote, never a file a link points at
+        except MedsegError:
+            continue
+        record = _read(path)
+        if record is None or not isinstance(record.get("case"), str) or record["case"] in current:
+            continue
+        outputs = [
+            e["path"] for e in record.get("outputs", []) if isinstance(e, dict) and isinstance(e.get("path"), str)
+        ]
+        found.append({"case": record["case"], "input": str(record.get("input", "")), "outputs": outputs})
+    return found

@@ -1,0 +1,35 @@
+"""Review: the HTML page people open before they trust a batch, and the local server that shows it."""
+
+from medseg.review.page import (
+    DATA_FOLDER,
+    DEFAULT_HOST,
+    LOOPBACK,
+    MAX_EDGE,
+    MAX_REQUEST_PATH,
+    MAX_VOXELS,
+    PAGE_NAME,
+    ReviewError,
+    ReviewServer,
+    class_legend,
+    find_learning_curves,
+    read_batch,
+    review_is_stale,
+    write_review,
+)
+
+__all__ = [
+    "DATA_FOLDER",
+    "DEFAULT_HOST",
+    "LOOPBACK",
+    "MAX_EDGE",
+    "MAX_REQUEST_PATH",
+    "MAX_VOXELS",
+    "PAGE_NAME",
+    "ReviewError",
+    "ReviewServer",
+    "class_legend",
+    "find_learning_curves",
+    "read_batch",
+    "review_is_stale",
+    "write_review",
+]

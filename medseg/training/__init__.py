@@ -1,0 +1,1 @@
+"""Training: the loop, the typed checkpoint it writes, and what it needs to run on several processes."""
