@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from medseg.data import phantoms
 from medseg.errors import ScanError
 from medseg.ingest import ScanRef, discover, load, ref_for_path
-from medseg.ingest.dicom import plan_series
+from medseg.ingest.dicom_series import plan_series
 
 from conftest import open_files, snapshot
 

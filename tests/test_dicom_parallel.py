@@ -32,7 +32,7 @@ from medseg.data import phantoms
 from medseg.errors import ScanError
 from medseg.ingest import LoadOptions, dicom_pixels, load, ref_for_path
 from medseg.ingest import dicom as dicom_io
-from medseg.ingest.dicom import plan_series
+from medseg.ingest.dicom_series import plan_series
 from medseg.ingest.dicom_pixels import default_workers, read_volume
 
 THREADS = 4  # more than this machine's cores: the pool really interleaves

@@ -33,7 +33,7 @@ from medseg.export.dicom_seg import series_description, write_dicom_seg
 from medseg.errors import ConfigError
 from medseg.export import ExportError
 from medseg.ingest import discover, load, ref_for_path
-from medseg.ingest.dicom import PATIENT_STUDY_ATTRIBUTES
+from medseg.ingest.dicom_headers import PATIENT_STUDY_ATTRIBUTES
 from medseg.export.seg_coding import known_names, normalise_name, segment_coding
 
 from conftest import dciodvfy as _dciodvfy

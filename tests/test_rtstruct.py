@@ -23,7 +23,7 @@ from medseg.data import phantoms
 from medseg.export import CLASS_COLOURS, ExportError, export_mask
 from medseg.geometry import LPS_TO_RAS
 from medseg.ingest import discover, load, ref_for_path
-from medseg.ingest.dicom import plan_series
+from medseg.ingest.dicom_series import plan_series
 from medseg.export.rtstruct import read_rtstruct, write_rtstruct
 
 from conftest import dciodvfy, enhanced_multiframe

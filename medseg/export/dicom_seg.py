@@ -258,7 +258,9 @@ def sources_and_placement(scan: Scan, shown: Path | None = None) -> tuple[list[D
     Also returns whether the series has patient geometry (image position and orientation).
     """
     from medseg.errors import ScanError
-    from medseg.ingest.dicom import PATIENT_STUDY_ATTRIBUTES, plan_series, read_dataset, valid_uid
+    from medseg.ingest.dicom_headers import PATIENT_STUDY_ATTRIBUTES, read_dataset
+    from medseg.ingest.dicom_series import plan_series
+    from medseg.ingest.dicom_uids import valid_uid
 
     where = shown or scan.ref.path
     paths = list(scan.ref.paths)

@@ -158,7 +158,7 @@ def _build(
 ) -> Dataset:
     """The RT Structure Set IOD (PS3.3 A.19): patient, study, RT series, equipment, frame of reference,
     structure set, ROI contour, RT ROI observations, approval and SOP common modules."""
-    from medseg.ingest.dicom import PATIENT_STUDY_ATTRIBUTES
+    from medseg.ingest.dicom_headers import PATIENT_STUDY_ATTRIBUTES
 
     meta = scan.metadata
     first = sources[0]

@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 
 from medseg.errors import ScanError
 from medseg.files import natural_key, safe_part, unique_names
-from medseg.ingest import dicom
+from medseg.ingest.dicom_headers import non_image_reason, read_dataset
+from medseg.ingest.dicom_series import group_series, plan_series
 from medseg.ingest.microscopy import tiff_pages
 from medseg.ingest.scan import Problem, ScanRef
 from medseg.ingest.sniff import sniff, suffix_of
@@ -178,14 +179,14 @@ def _classify(
 
 def _read_dicom_header(path: Path, suffix: str, result: Discovery, headers: dict[Path, Dataset]) -> None:
     try:
-        ds = dicom.read_dataset(path, pixels=True)
+        ds = read_dataset(path, pixels=True)
     except ScanError as exc:
         if suffix == "" and exc.problem == "not a DICOM file":
             result.skipped.append(Problem((path,), "not a scan: neither DICOM nor a known image format"))
         else:
             result.problems.append(Problem((path,), str(exc.problem)))
         return
-    reason = dicom.non_image_reason(ds)
+    reason = non_image_reason(ds)
     if reason:
         result.skipped.append(Problem((path,), reason))
         return
@@ -195,9 +196,9 @@ def _read_dicom_header(path: Path, suffix: str, result: Discovery, headers: dict
 
 
 def _add_dicom_series(headers: dict[Path, Dataset], base: Path, result: Discovery) -> None:
-    for paths in dicom.group_series(headers):
+    for paths in group_series(headers):
         try:
-            plan = dicom.plan_series(paths, headers)
+            plan = plan_series(paths, headers)
         except ScanError as exc:
             result.problems.append(Problem(tuple(paths), exc.problem))
             continue
