@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from medseg.data import manifest, phantoms
+from medseg.data import download, manifest, phantoms
 from medseg.config import Config, config_from_dict
 from medseg.errors import MedsegError
 
@@ -190,7 +190,7 @@ def run_demo(
                     "the ISBI 2012 data is not here; fetch it first: medseg data fetch isbi2012_em --mirror DIR"
                 ) from None
             _step(say, f"fetching ISBI 2012 EM from {mirror}")
-            manifest.fetch("isbi2012_em", dest=root, mirror=mirror)
+            download.fetch("isbi2012_em", dest=root, mirror=mirror)
         _step(say, "training a U-Net on ISBI 2012 EM (2 minutes)")
         run = train(_isbi_config(runs, 0.5 if quick else 2.0), overwrite=True).run_dir
         test = root / "isbi2012_em" / "test"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import SHARED_DATA
-from medseg.data import manifest
+from medseg.data import download, manifest
 from medseg.config import config_from_dict
 from medseg.data.datasets import find_cases, split_cases
 from medseg.errors import ConfigError, ManifestError
@@ -25,7 +25,7 @@ def test_the_manifest_lists_60_cases_in_five_fixed_folds_of_twelve():
 
 @needs_data
 def test_every_file_verifies_against_the_shared_copy(tmp_path):
-    report = manifest.fetch(DATASET, dest=tmp_path, mirror=SHARED_DATA)
+    report = download.fetch(DATASET, dest=tmp_path, mirror=SHARED_DATA)
     assert len(report.copied) == 120  # each copied from the mirror and its sha256 checked
     status = next(s for s in manifest.dataset_status(dest=tmp_path) if s.dataset == DATASET)
     assert (status.expected, status.verified, status.missing, status.corrupt) == (120, 120, [], [])

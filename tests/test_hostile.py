@@ -25,7 +25,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from medseg.data import manifest, phantoms
+from medseg.data import download, manifest, phantoms
 from medseg.training.checkpoint import CheckpointError, load_checkpoint
 from medseg.config import load_config
 from medseg.errors import ConfigError, LabelError, ManifestError, MedsegError, ScanError
@@ -365,7 +365,7 @@ def act_config(path: Path):
 
 def act_manifest(path: Path):
     entries = manifest.read_manifest(path)
-    manifest.fetch("d", dest=path.parent / "dest", mirror=path.parent / "mirror", manifest=path)
+    download.fetch("d", dest=path.parent / "dest", mirror=path.parent / "mirror", manifest=path)
     return entries
 
 

@@ -11,13 +11,13 @@ import pytest
 
 from medseg import cli
 from medseg.errors import ManifestError
+from medseg.data.download import fetch
 from medseg.data.manifest import (
     COLUMNS,
     dataset_files,
     dataset_status,
     default_data_root,
     default_manifest_path,
-    fetch,
     read_manifest,
 )
 

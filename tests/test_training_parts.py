@@ -73,11 +73,11 @@ def test_splits_fraction_kfold_cases(tmp_path):
 
 def test_isbi_manifest_split(tmp_path):
     from conftest import SHARED_DATA
-    from medseg.data import manifest
+    from medseg.data import download
 
     if not (SHARED_DATA / "isbi2012_em").is_dir():
         pytest.skip("shared ISBI data not present")
-    manifest.fetch("isbi2012_em", dest=tmp_path, mirror=SHARED_DATA)
+    download.fetch("isbi2012_em", dest=tmp_path, mirror=SHARED_DATA)
     cases = find_cases(DataConfig(dataset="isbi2012_em", root=tmp_path, classes={"membrane": 0, "cell": 255}))
     train, val = split_cases(cases, SplitConfig(mode="manifest"))
     assert [c.id for c in train] == [f"train_{i}" for i in range(25)]

@@ -36,9 +36,10 @@ import pytest
 from PIL import Image
 
 from medseg import cli
-from medseg.data import manifest
+from medseg.data import download, manifest
 from medseg.errors import ManifestError
-from medseg.data.manifest import COLUMNS, fetch, read_manifest
+from medseg.data.download import fetch
+from medseg.data.manifest import COLUMNS, read_manifest
 from medseg.review import MAX_REQUEST_PATH, PAGE_NAME, ReviewServer, write_review
 
 CANARY = b"CANARY-5e1f: private text that lives outside every served folder\n"
@@ -464,7 +465,7 @@ def test_fetch_does_not_open_a_pipe_or_device_named_by_a_file_url(tmp_path: Path
 
 
 def test_redirects_are_followed_to_https_only_and_the_opener_has_no_other_schemes() -> None:
-    handler = manifest._HttpsOnlyRedirect()
+    handler = download._HttpsOnlyRedirect()
     request = urllib.request.Request("https://example.org/a.bin")
     with pytest.raises(ManifestError, match="redirects to http://example.org/b.bin, which is not an https://"):
         handler.redirect_request(request, None, 302, "Found", {}, "http://example.org/b.bin")
@@ -474,7 +475,7 @@ def test_redirects_are_followed_to_https_only_and_the_opener_has_no_other_scheme
     assert followed.full_url == "https://mirror.example.org/a.bin"
     for url in ("file:///etc/hostname", "ftp://example.org/a", "data:,x", "http://127.0.0.1:9/"):
         with pytest.raises(urllib.error.URLError, match="unknown url type"):
-            manifest._https_opener().open(url, timeout=1)
+            download._https_opener().open(url, timeout=1)
 
 
 class _Endless(http.server.BaseHTTPRequestHandler):
@@ -545,7 +546,7 @@ def test_fetch_stops_an_endless_source_at_the_declared_size(endless: str, tmp_pa
 
 
 def test_fetch_caps_a_file_without_declared_size(endless: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manifest, "MAX_UNDECLARED_BYTES", 2**20)
+    monkeypatch.setattr(download, "MAX_UNDECLARED_BYTES", 2**20)
     opener = _Counting(endless + "/zeros")
     with pytest.raises(ManifestError, match="has no size in .* add the file's size in bytes to a size column"):
         fetch("tiny", tmp_path / "dest", manifest=_manifest(tmp_path / "m.csv", "https://x.example/a"), opener=opener)

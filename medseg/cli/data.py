@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medseg.data import manifest
+from medseg.data import download, manifest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Files already present and verified are kept; a file whose checksum differs "
         "is an error unless --force. Downloads go over https:// only; a file:// source_url is read "
         "only from inside the mirror. A file is cut off (and its partial download deleted) as soon as "
-        f"it grows past the manifest's size column, or {manifest.MAX_UNDECLARED_BYTES // 2**30} GiB where "
+        f"it grows past the manifest's size column, or {download.MAX_UNDECLARED_BYTES // 2**30} GiB where "
         "the manifest gives no size.",
     )
     fetch.add_argument("dataset", help="dataset id from the manifest, e.g. isbi2012_em")
@@ -75,7 +75,7 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    report = manifest.fetch(args.dataset, dest=args.dest, mirror=args.mirror, force=args.force, manifest=args.manifest)
+    report = download.fetch(args.dataset, dest=args.dest, mirror=args.mirror, force=args.force, manifest=args.manifest)
     print(report.summary())
     return 0
 
