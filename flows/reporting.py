@@ -19,7 +19,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from medseg.evaluation.evaluate import EvaluationReport, Failure, write_reports
+from medseg.evaluation.evaluate import EvaluationReport, Failure
+from medseg.evaluation.reports import write_reports
 from medseg.pipeline import SKIP_REASON, BatchReport, CaseRecord, Job, write_batch_reports
 
 __all__ = ["METRICS_KEY", "SUMMARY_KEY", "Outcome", "Summary", "publish_reports"]

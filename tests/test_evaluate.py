@@ -17,7 +17,8 @@ from conftest import snapshot
 from medseg.data import phantoms
 from medseg.cli import main
 from medseg.errors import ConfigError, LabelError, ScanError
-from medseg.evaluation.evaluate import EvaluationReport, evaluate_case, evaluate_folders, parse_classes, write_reports
+from medseg.evaluation.evaluate import EvaluationReport, evaluate_case, evaluate_folders, parse_classes
+from medseg.evaluation.reports import write_reports
 from medseg.geometry import Geometry
 from medseg.ingest import Scan, ScanRef
 from medseg.evaluation.metrics import summarize

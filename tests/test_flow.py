@@ -49,7 +49,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from medseg.data import phantoms  # noqa: E402
 from medseg.cli import main  # noqa: E402
 from medseg.errors import ConfigError  # noqa: E402
-from medseg.evaluation.evaluate import evaluate_folders, write_reports  # noqa: E402
+from medseg.evaluation.evaluate import evaluate_folders  # noqa: E402
+from medseg.evaluation.reports import write_reports  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 

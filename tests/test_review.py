@@ -26,7 +26,8 @@ from PIL import Image
 from medseg.data import phantoms
 from medseg.pipeline import BatchReport, CaseRecord, write_batch_manifest
 from medseg.cli import main
-from medseg.evaluation.evaluate import evaluate_folders, write_reports
+from medseg.evaluation.evaluate import evaluate_folders
+from medseg.evaluation.reports import write_reports
 from medseg.export import CLASS_COLOURS, export_mask
 from medseg.ingest import LoadOptions, discover, load, ref_for_path
 from medseg.evaluation.plots import plot_learning_curves

@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from medseg import cli
-from medseg.data import download, manifest
+from medseg.data import download
 from medseg.errors import ManifestError
 from medseg.data.download import fetch
 from medseg.data.manifest import COLUMNS, read_manifest

@@ -85,7 +85,8 @@ def _check_folders(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.evaluation.evaluate import evaluate_folders, format_report, write_reports
+    from medseg.evaluation.evaluate import evaluate_folders
+    from medseg.evaluation.reports import format_report, write_reports
 
     _check_folders(args)
     report = evaluate_folders(

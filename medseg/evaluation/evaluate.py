@@ -1,4 +1,4 @@
-"""Score predicted masks against reference masks, case by case, and write the reports.
+"""Score predicted masks against reference masks, case by case (reports: `medseg.evaluation.reports`).
 
 Masks are paired by case id (the ScanRef id that ``discover`` gives each file, i.e. its
 path below the folder without suffix). Per case and class: Dice, IoU and optionally
@@ -28,13 +28,11 @@ RGB mask) becomes a failure with its reason; the other cases go on.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +42,15 @@ from tqdm import tqdm
 
 from medseg.constants import CONVENTIONS
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
-from medseg.files import atomic_write_text, natural_key, tidy_journal
 from medseg.evaluation.grids import RESAMPLE_MODES, align_to_reference
+from medseg.evaluation.metrics import (
+    class_overlap,
+    hausdorff95,
+    pixel_accuracy,
+    summarize,
+    surface_dice,
+)
+from medseg.files import natural_key
 from medseg.ingest import (
     Discovery,
     LoadOptions,
@@ -56,24 +61,14 @@ from medseg.ingest import (
     validate_label,
 )
 from medseg.ingest.sniff import suffix_of
-from medseg.evaluation.metrics import (
-    class_overlap,
-    hausdorff95,
-    pixel_accuracy,
-    summarize,
-    surface_dice,
-)
 
 __all__ = [
-    "CONVENTIONS",
     "EvaluationReport",
     "Failure",
     "evaluate_case",
     "evaluate_folders",
-    "format_report",
     "parse_classes",
     "read_prediction_classes",
-    "write_reports",
 ]
 
 MASK_OPTIONS = LoadOptions(color="channels", palette="indices")
@@ -294,64 +289,6 @@ def evaluate_folders(
     return report
 
 
-def write_reports(report: EvaluationReport, out_dir: Path | str | None = None) -> list[Path]:
-    """Write metrics.csv and metrics.json into ``out_dir`` (default: the prediction folder)."""
-    folder = Path(out_dir) if out_dir is not None else report.pred_dir
-    if folder.is_file():
-        folder = folder.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        csv_path = atomic_write_text(folder / "metrics.csv", _csv_text(report))
-        json_text = json.dumps(_strict_json(report.to_dict()), indent=2, allow_nan=False)
-        json_path = atomic_write_text(folder / "metrics.json", json_text + "\n")
-        tidy_journal(folder)
-    except OSError as exc:
-        raise ScanError(
-            folder,
-            f"cannot write the metrics reports ({exc.strerror or exc})",
-            "choose a writable folder with --output",
-        ) from exc
-    return [csv_path, json_path]
-
-
-def format_report(report: EvaluationReport) -> str:
-    """A table a person can read: per-case scores, per-class summaries, unpaired and failures."""
-    headers = ["case", "class", *report.metrics, "pixel_acc"]
-    rows = []
-    for case in report.cases:
-        for i, (name, scores) in enumerate(case["classes"].items()):
-            acc = _fmt(case["pixel_accuracy"]) if i == 0 else ""
-            rows.append([case["case"] if i == 0 else "", name, *(_fmt(scores[m]) for m in report.metrics), acc])
-    lines = _table(headers, rows) if rows else ["no case scored"]
-    summary = report.summary
-    lines += ["", f"Summary over {len(report.cases)} case(s) (NaN, a class absent from both masks, left out):"]
-    srows = [
-        [name, metric, *(_fmt(stats[s]) for s in SUMMARY_STATISTICS)]
-        for name, per_metric in summary["classes"].items()
-        for metric, stats in per_metric.items()
-    ]
-    srows.append(["(all)", "pixel_acc", *(_fmt(summary["pixel_accuracy"][s]) for s in SUMMARY_STATISTICS)])
-    lines += _table(["class", "metric", *SUMMARY_STATISTICS], srows)
-    for case in report.cases:
-        lines += [f"note {case['case']}: {note}" for note in case["notes"]]
-    if report.unpaired_predictions:
-        lines.append(
-            f"Predictions without a reference ({len(report.unpaired_predictions)}): "
-            + ", ".join(report.unpaired_predictions)
-        )
-    if report.unpaired_references:
-        lines.append(
-            f"References without a prediction ({len(report.unpaired_references)}): "
-            + ", ".join(report.unpaired_references)
-        )
-    lines += [f"FAILED {f.case}: {f.reason}" for f in report.failures]
-    if report.resample:
-        resampled = sum(c.get("grid") == "resampled" for c in report.cases)
-        lines.append(f"Resampling: {report.resample} neighbour onto the reference grid, in {resampled} case(s)")
-    lines.append(f"{len(report.cases)} case(s) scored, {len(report.failures)} failed; classes: {report.classes_source}")
-    return "\n".join(lines)
-
-
 def _load_mask(ref: ScanRef, role: str) -> Scan:
     try:
         return load(ref, MASK_OPTIONS)
@@ -422,51 +359,3 @@ def _shown(*refs: ScanRef) -> tuple[str, ...]:
 
 def _examples(ids: Sequence[str]) -> str:
     return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "") if ids else "none"
-
-
-def _csv_text(report: EvaluationReport) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "class", "statistic", *report.metrics, "pixel_accuracy"])
-    for case in report.cases:
-        for name, scores in case["classes"].items():
-            writer.writerow(
-                [case["case"], name, "", *(_cell(scores[m]) for m in report.metrics), _cell(case["pixel_accuracy"])]
-            )
-    summary = report.summary
-    for stat in SUMMARY_STATISTICS:
-        for name, per_metric in summary["classes"].items():
-            writer.writerow(["", name, stat, *(_cell(per_metric[m][stat]) for m in report.metrics), ""])
-        writer.writerow(["", "", stat, *([""] * len(report.metrics)), _cell(summary["pixel_accuracy"][stat])])
-    return buffer.getvalue()
-
-
-def _cell(value: float) -> str:
-    """repr keeps full precision and reads back with float(): 'nan', 'inf' included."""
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def _strict_json(value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.4f}")
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    rows = [list(headers), *rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
