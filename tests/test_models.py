@@ -15,7 +15,7 @@ from torch import nn
 
 from medseg.errors import ConfigError, MedsegError
 from medseg.models import (
-    FCN8s,
+    FCN,
     InputSizeError,
     SegNet,
     SegNetBasic,
@@ -194,13 +194,36 @@ def test_register_model_rejects_duplicates_and_registers_new(monkeypatch) -> Non
     assert isinstance(build_model({"name": "tiny", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}), Tiny)
 
 
+@pytest.mark.parametrize("stride", [32, 16, 8])
+def test_fcn_variants_are_one_class_with_the_stride_fixed_by_the_registry(stride: int) -> None:
+    name = f"fcn{stride}s"
+    base = {"name": name, "spatial_dims": 2, "in_channels": 1, "out_channels": 2}
+    model = build_model({**base, "features": 4})
+    assert type(model) is FCN and model.output_stride == stride
+    assert "output_stride" not in model_options(name)  # the name fixes it: not a config option
+    with pytest.raises(ConfigError, match="'output_stride' is not an option"):
+        build_model(
+            {"name": name, "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "options": {"output_stride": 8}}
+        )
+    with pytest.raises(InputSizeError, match=f"FCN-{stride}s needs every spatial size to be a multiple of 32"):
+        model(torch.zeros(1, 1, 40, 32))
+
+
+def test_register_model_refuses_to_fix_an_argument_the_model_does_not_take(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    with pytest.raises(TypeError, match="cannot fix stride"):
+        register_model("fcn-typo", stride=8)(FCN)
+    with pytest.raises(TypeError, match="cannot fix in_channels"):
+        register_model("fcn-typo", in_channels=3)(FCN)
+
+
 def test_default_parameter_counts() -> None:
     """Width 64 matches the papers' sizes (built on the meta device: no memory, no init cost)."""
     with torch.device("meta"):
         segnet = SegNet(2, 3, 3)
         segnet4 = SegNet(2, 3, 3, depth=4)
         unet = UNet(2, 1, 2, batch_norm=False)
-        fcn8s = FCN8s(2, 3, 21, batch_norm=False)
+        fcn8s = FCN(2, 3, 21, output_stride=8, batch_norm=False)
         basic = SegNetBasic(2, 3, 11)
 
     def count(m: nn.Module) -> int:

@@ -8,7 +8,8 @@ of an input must be.
 """
 
 from medseg.models.blocks import InputSizeError
-from medseg.models.fcn import FCN, FCN8s, FCN16s, FCN32s
+from medseg.models.base import SegmentationModel
+from medseg.models.fcn import FCN
 from medseg.models.registry import build_model, list_models, model_options, register_model
 from medseg.models.segnet import SegNet, SegNetBasic
 from medseg.models.summary import model_summary
@@ -16,9 +17,7 @@ from medseg.models.unet import UNet, unet_valid_input_size, unet_valid_output_si
 
 __all__ = [
     "FCN",
-    "FCN8s",
-    "FCN16s",
-    "FCN32s",
+    "SegmentationModel",
     "InputSizeError",
     "SegNet",
     "SegNetBasic",

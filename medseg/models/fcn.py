@@ -18,10 +18,11 @@ from monai.networks.layers.factories import Conv, Dropout, Pool
 from torch import nn
 from torch.nn import functional as F
 
-from medseg.models.blocks import check_input, check_spatial_dims, conv_block, he_init
+from medseg.models.base import SegmentationModel
+from medseg.models.blocks import conv_block, he_init
 from medseg.models.registry import register_model
 
-__all__ = ["FCN", "FCN8s", "FCN16s", "FCN32s", "BilinearUpsample", "bilinear_kernel"]
+__all__ = ["FCN", "BilinearUpsample", "bilinear_kernel"]
 
 VGG16_STAGE_CONVS = (2, 2, 3, 3, 3)
 VGG16_STAGE_WIDTHS = (1, 2, 4, 8, 8)
@@ -93,7 +94,10 @@ class BilinearUpsample(nn.Module):
         )
 
 
-class FCN(nn.Module):
+@register_model("fcn8s", output_stride=8)
+@register_model("fcn16s", output_stride=16)
+@register_model("fcn32s", output_stride=32)
+class FCN(SegmentationModel):
     """Fully convolutional network on a VGG16 backbone, at output stride 32, 16 or 8.
 
     Layers (names as in the paper's Caffe models): ``backbone`` (5 VGG16 stages, each
@@ -111,7 +115,8 @@ class FCN(nn.Module):
         in_channels: input channels.
         out_channels: output channels (classes).
         features: width of the first VGG16 stage; stages have ``features * (1, 2, 4, 8, 8)``.
-        output_stride: 32, 16 or 8 (the registered FCN32s/FCN16s/FCN8s fix it).
+        output_stride: 32, 16 or 8; the registry's ``fcn32s``, ``fcn16s`` and ``fcn8s`` are this
+            class with the stride fixed (not a config option there).
         fc_features: width of fc6/fc7; default ``64 * features`` (4096 at width 64, as in
             VGG16).
         fc_kernel_size: odd kernel of fc6 ('same' padded); default 7 in 2D (VGG16's
@@ -142,8 +147,7 @@ class FCN(nn.Module):
         batch_norm: bool = True,
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        check_spatial_dims(spatial_dims)
+        super().__init__(spatial_dims, in_channels, out_channels)
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
         fc_features = 64 * features if fc_features is None else fc_features
@@ -152,9 +156,6 @@ class FCN(nn.Module):
             raise ValueError(f"fc_kernel_size must be odd so that padding keeps the size, got {fc_kernel_size}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.output_stride = output_stride
 
         conv = Conv[Conv.CONV, spatial_dims]
@@ -200,8 +201,12 @@ class FCN(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def label(self) -> str:
+        return f"FCN-{self.output_stride}s"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, type(self).__name__, self.spatial_dims, self.in_channels, self.size_divisor)
+        self.check_input(x)
         pooled = []
         for stage in self.backbone:
             x = self.pool(stage(x))
@@ -212,63 +217,3 @@ class FCN(nn.Module):
         if self.output_stride == 8:
             score = self.upscore_pool4(score) + self.score_pool3(pooled[2])
         return self.upscore(score)
-
-
-@register_model("fcn32s")
-class FCN32s(FCN):
-    """FCN-32s: class scores of the stride-32 map upsampled 32x. Arguments as :class:`FCN`."""
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        features: int = 64,
-        fc_features: int | None = None,
-        fc_kernel_size: int | None = None,
-        batch_norm: bool = True,
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__(
-            spatial_dims, in_channels, out_channels, features, 32, fc_features, fc_kernel_size, batch_norm, dropout
-        )
-
-
-@register_model("fcn16s")
-class FCN16s(FCN):
-    """FCN-16s: FCN-32s scores fused with pool4 scores at stride 16. Arguments as :class:`FCN`."""
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        features: int = 64,
-        fc_features: int | None = None,
-        fc_kernel_size: int | None = None,
-        batch_norm: bool = True,
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__(
-            spatial_dims, in_channels, out_channels, features, 16, fc_features, fc_kernel_size, batch_norm, dropout
-        )
-
-
-@register_model("fcn8s")
-class FCN8s(FCN):
-    """FCN-8s: FCN-16s scores fused again with pool3 scores at stride 8. Arguments as :class:`FCN`."""
-
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        features: int = 64,
-        fc_features: int | None = None,
-        fc_kernel_size: int | None = None,
-        batch_norm: bool = True,
-        dropout: float = 0.5,
-    ) -> None:
-        super().__init__(
-            spatial_dims, in_channels, out_channels, features, 8, fc_features, fc_kernel_size, batch_norm, dropout
-        )

@@ -19,6 +19,7 @@ from medseg.errors import ConfigError
 __all__ = ["build_model", "list_models", "model_options", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_FIXED: dict[str, dict[str, Any]] = {}  # constructor arguments a registered name fixes (e.g. fcn8s: stride 8)
 
 # Fields of a model config (medseg.config.ModelConfig has exactly these).
 _CONFIG_FIELDS = ("name", "spatial_dims", "in_channels", "out_channels", "features", "depth", "options")
@@ -29,12 +30,15 @@ _COMMON_ARGS = ("spatial_dims", "in_channels", "out_channels", "features", "dept
 T = TypeVar("T", bound=Callable[..., nn.Module])
 
 
-def register_model(name: str) -> Callable[[T], T]:
+def register_model(name: str, **fixed: Any) -> Callable[[T], T]:
     """Register a model class (or factory function) under ``name``.
 
     The constructor must take ``spatial_dims, in_channels, out_channels`` and
     ``features``; ``depth`` only if the family has a variable depth. Every other
-    keyword argument becomes an accepted config option.
+    keyword argument becomes an accepted config option, except those ``fixed`` here: one
+    class registered under several names, each with its own fixed arguments (FCN-32s,
+    -16s and -8s are one class with the output stride fixed), instead of a copied
+    constructor per variant.
 
     Example:
         >>> @register_model("tiny")
@@ -50,7 +54,11 @@ def register_model(name: str) -> Callable[[T], T]:
         missing = [p for p in ("spatial_dims", "in_channels", "out_channels", "features") if p not in params]
         if missing:
             raise TypeError(f"model {name!r} ({builder!r}) must accept {', '.join(missing)}")
+        unknown = [key for key in fixed if key not in params or key in _COMMON_ARGS]
+        if unknown:
+            raise TypeError(f"model {name!r} ({builder!r}) cannot fix {', '.join(unknown)}: not an option it takes")
         _MODELS[name] = builder
+        _FIXED[name] = dict(fixed)
         return builder
 
     return add
@@ -64,10 +72,11 @@ def list_models() -> list[str]:
 def model_options(name: str) -> list[str]:
     """The option names (``cfg.options`` keys) that model ``name`` accepts, sorted."""
     params = inspect.signature(_lookup(name)).parameters
+    fixed = _FIXED.get(name, {})
     return sorted(
         p.name
         for p in params.values()
-        if p.name not in _COMMON_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if p.name not in _COMMON_ARGS and p.name not in fixed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
 
 
@@ -115,6 +124,7 @@ def build_model(cfg: Mapping[str, Any] | Any) -> nn.Module:
                 f"model {name!r}: {key!r} is {where}; accepted options: {', '.join(accepted) or '(none)'}"
             )
     kwargs.update(options)
+    kwargs.update(_FIXED.get(name, {}))
 
     try:
         return builder(**kwargs)

@@ -15,7 +15,8 @@ import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from medseg.models.blocks import check_input, check_spatial_dims, conv_block, he_init
+from medseg.models.base import SegmentationModel
+from medseg.models.blocks import conv_block, he_init
 from medseg.models.registry import register_model
 
 __all__ = ["SegNet", "SegNetBasic"]
@@ -27,7 +28,7 @@ VGG16_STAGE_CONVS = (2, 2, 3, 3, 3)
 VGG16_STAGE_WIDTHS = (1, 2, 4, 8, 8)
 
 
-class _IndexEncoderDecoder(nn.Module):
+class _IndexEncoderDecoder(SegmentationModel):
     """Encoder stages with index-keeping max-pools, mirrored decoder stages with max-unpooling.
 
     ``pools[i]`` belongs to encoder stage i (shallow first); ``unpools`` and ``decoder``
@@ -47,14 +48,10 @@ class _IndexEncoderDecoder(nn.Module):
         kernel_size: int,
         decoder_relu: bool,
     ) -> None:
-        super().__init__()
-        check_spatial_dims(spatial_dims)
+        super().__init__(spatial_dims, in_channels, out_channels)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so that padding keeps the size, got {kernel_size}")
         self._label = label  # names the model in input-size errors
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.depth = len(stage_convs)
         self.size_divisor = 2**self.depth
 
@@ -79,8 +76,12 @@ class _IndexEncoderDecoder(nn.Module):
         self.head = Conv[Conv.CONV, spatial_dims](stage_widths[0], out_channels, kernel_size=1)
         he_init(self)
 
+    @property
+    def label(self) -> str:
+        return self._label
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self._label, self.spatial_dims, self.in_channels, self.size_divisor)
+        self.check_input(x)
         indices = []
         for stage, pool in zip(self.encoder, self.pools):
             x, idx = pool(stage(x))

@@ -16,7 +16,8 @@ import torch
 from monai.networks.layers.factories import Conv, Dropout, Pool
 from torch import nn
 
-from medseg.models.blocks import InputSizeError, center_crop, check_input, check_spatial_dims, conv_block, he_init
+from medseg.models.base import SegmentationModel
+from medseg.models.blocks import InputSizeError, center_crop, conv_block, he_init
 from medseg.models.registry import register_model
 
 __all__ = ["UNet", "unet_valid_input_size", "unet_valid_output_size"]
@@ -25,7 +26,7 @@ PADDINGS = ("same", "valid")
 
 
 @register_model("unet")
-class UNet(nn.Module):
+class UNet(SegmentationModel):
     """U-Net: a contracting path, a symmetric expanding path, concatenation skips.
 
     Each level has two 3x3 convolutions (optional batch norm, ReLU); 2x2 max-pooling
@@ -67,8 +68,7 @@ class UNet(nn.Module):
         dropout: float = 0.5,
         padding: str = "same",
     ) -> None:
-        super().__init__()
-        check_spatial_dims(spatial_dims)
+        super().__init__(spatial_dims, in_channels, out_channels)
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         if features < 1:
@@ -77,9 +77,6 @@ class UNet(nn.Module):
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.depth = depth
         self.padding = padding
         self.size_divisor = 2**depth
@@ -121,11 +118,15 @@ class UNet(nn.Module):
                 raise InputSizeError(f"input spatial shape {shape}, axis {axis}: {exc}") from None
         return tuple(out)
 
+    @property
+    def label(self) -> str:
+        return f"UNet (depth {self.depth}{', valid' if self.padding == 'valid' else ''})"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "same":
-            check_input(x, f"UNet (depth {self.depth})", self.spatial_dims, self.in_channels, self.size_divisor)
+            self.check_input(x)
         else:
-            check_input(x, f"UNet (depth {self.depth}, valid)", self.spatial_dims, self.in_channels, 1)
+            self.check_input(x, size_divisor=1)
             self.output_shape(x.shape[2:])
         skips = []
         for level, block in enumerate(self.encoder):
