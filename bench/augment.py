@@ -45,6 +45,10 @@ from medseg.data.augment import ElasticAugment  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "isbi2012_em" / "train"
 SIZE = 512
 SIGMA = 10.0
+# The paper's elastic deformation alone (every sample), every other component of the recipe off.
+ELASTIC_ONLY = dict(
+    p_elastic=1.0, rotate_degrees=0.0, shift=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0, gamma=0.0, p_flip=0.0
+)
 
 
 def load_slices(folder: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -117,8 +121,8 @@ def control_point_std(samples: int, chunk: int = 64) -> dict[str, float]:
     Corners are pixels, so they are exact; the middle control points sit at 255.5 px,
     read as the mean of pixels 255 and 256.
     """
-    augment = ElasticAugment(2, grid_size=3, sigma=SIGMA, p_flip=0.0)
-    identity = ElasticAugment(2, sigma=0.0, p_flip=0.0).sampling_grid(1, (SIZE, SIZE))
+    augment = ElasticAugment(2, **ELASTIC_ONLY, grid_size=3, sigma=SIGMA)
+    identity = ElasticAugment(2, **ELASTIC_ONLY, sigma=0.0).sampling_grid(1, (SIZE, SIZE))
     gen = torch.Generator().manual_seed(1)
     corners, all_nine = [], []
     for start in range(0, samples, chunk):
@@ -140,8 +144,8 @@ def control_point_std(samples: int, chunk: int = 64) -> dict[str, float]:
 
 def rms_displacement_ours(samples: int) -> float:
     """RMS per-pixel displacement (px) over whole 512 x 512 fields, to set beside MONAI's."""
-    augment = ElasticAugment(2, grid_size=3, sigma=SIGMA, p_flip=0.0)
-    identity = ElasticAugment(2, sigma=0.0, p_flip=0.0).sampling_grid(1, (SIZE, SIZE))
+    augment = ElasticAugment(2, **ELASTIC_ONLY, grid_size=3, sigma=SIGMA)
+    identity = ElasticAugment(2, **ELASTIC_ONLY, sigma=0.0).sampling_grid(1, (SIZE, SIZE))
     grid = augment.sampling_grid(samples, (SIZE, SIZE), torch.Generator().manual_seed(2))
     return (((grid - identity) * (SIZE - 1) / 2) ** 2).mean().sqrt().item()
 
@@ -207,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {source}; image {tuple(image.shape[1:])} + label, CPU")
 
     # Ours, the paper's elastic deformation only (3 x 3 grid, sigma 10 px), image bilinear + label nearest.
-    elastic = ElasticAugment(2, grid_size=3, sigma=SIGMA, p_flip=0.0)
+    elastic = ElasticAugment(2, **ELASTIC_ONLY, grid_size=3, sigma=SIGMA)
     # Ours, everything of the paper at once: still one grid and one grid_sample per tensor.
     full = ElasticAugment(
         2,
         grid_size=3,
         sigma=SIGMA,
+        p_elastic=1.0,
         rotate_degrees=15,
         p_rotate=0.5,
         shift=0.05,

@@ -22,11 +22,14 @@ augmentation whatever device the images are on.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
+
+from medseg.config import AugmentConfig
 
 __all__ = [
     "ElasticAugment",
@@ -191,7 +194,9 @@ class ElasticAugment:
     ``image_mode``, labels with nearest so they keep exactly their class values.
     Grey-value changes touch the image only.
 
-    Args:
+    Args (the settings are the fields of the config's ``augment:`` section,
+    `medseg.config.AugmentConfig`: its defaults and ranges are the only ones, so a
+    library user and ``medseg train`` get the same recipe):
         spatial_dims: 2 for (B, C, H, W) batches, 3 for (B, C, D, H, W).
         grid_size: control points per axis (the paper: 3).
         sigma: standard deviation of the control displacements, in input pixels (paper: 10).
@@ -223,71 +228,38 @@ class ElasticAugment:
         image, label = augment(image, label, generator=torch.Generator().manual_seed(0))
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        grid_size: int = 3,
-        sigma: float = 10.0,
-        p_elastic: float = 1.0,
-        rotate_degrees: float = 0.0,
-        p_rotate: float = 0.5,
-        shift: float = 0.0,
-        p_shift: float = 0.5,
-        scale: tuple[float, float] = (1.0, 1.0),
-        p_scale: float = 0.5,
-        p_flip: float = 0.5,
-        flip_axes: Sequence[int] | None = None,
-        brightness: float = 0.0,
-        contrast: float = 0.0,
-        gamma: float = 0.0,
-        p_intensity: float = 0.5,
-        image_mode: Literal["bilinear", "bicubic"] = "bilinear",
-        padding_mode: Literal["reflection", "zeros", "border"] = "reflection",
-    ) -> None:
+    def __init__(self, spatial_dims: int, **settings: Any) -> None:
+        try:
+            cfg = AugmentConfig(**settings)  # the one source of defaults and ranges (the config's `augment:`)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, first['loc'])) or 'augment'}: {first['msg']}") from None
+        self.settings = cfg
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if grid_size < 2:
-            raise ValueError(f"grid_size must be >= 2 (control points at both edges), got {grid_size}")
-        if image_mode not in ("bilinear", "bicubic"):
-            raise ValueError(f"image_mode must be 'bilinear' or 'bicubic', got {image_mode!r}")
-        if image_mode == "bicubic" and spatial_dims == 3:
+        if cfg.image_mode == "bicubic" and spatial_dims == 3:
             raise ValueError("image_mode='bicubic' needs spatial_dims=2: torch samples 3D only bilinear")
-        if padding_mode not in ("reflection", "zeros", "border"):
-            raise ValueError(f"padding_mode must be reflection, zeros or border, got {padding_mode!r}")
-        if flip_axes is not None and (
-            len(set(flip_axes)) != len(flip_axes) or any(not 0 <= a < spatial_dims for a in flip_axes)
-        ):
-            raise ValueError(f"flip_axes must be distinct spatial axes in 0..{spatial_dims - 1}, got {list(flip_axes)}")
-        if not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        for name, p in (
-            ("p_elastic", p_elastic),
-            ("p_rotate", p_rotate),
-            ("p_shift", p_shift),
-            ("p_scale", p_scale),
-            ("p_flip", p_flip),
-            ("p_intensity", p_intensity),
-        ):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        axes = cfg.flip_axes
+        if axes is not None and (len(set(axes)) != len(axes) or any(not 0 <= a < spatial_dims for a in axes)):
+            raise ValueError(f"flip_axes must be distinct spatial axes in 0..{spatial_dims - 1}, got {list(axes)}")
         self.spatial_dims = spatial_dims
-        self.grid_size = grid_size
-        self.sigma = float(sigma)
-        self.p_elastic = p_elastic
-        self.rotate_degrees = float(rotate_degrees)
-        self.p_rotate = p_rotate
-        self.shift = float(shift)
-        self.p_shift = p_shift
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.p_scale = p_scale
-        self.p_flip = p_flip
-        self.flip_axes = tuple(range(spatial_dims)) if flip_axes is None else tuple(int(a) for a in flip_axes)
-        self.brightness = float(brightness)
-        self.contrast = float(contrast)
-        self.gamma = float(gamma)
-        self.p_intensity = p_intensity
-        self.image_mode = image_mode
-        self.padding_mode = padding_mode
+        self.grid_size = cfg.grid_size
+        self.sigma = cfg.sigma
+        self.p_elastic = cfg.p_elastic
+        self.rotate_degrees = cfg.rotate_degrees
+        self.p_rotate = cfg.p_rotate
+        self.shift = cfg.shift
+        self.p_shift = cfg.p_shift
+        self.scale = (float(cfg.scale[0]), float(cfg.scale[1]))
+        self.p_scale = cfg.p_scale
+        self.p_flip = cfg.p_flip
+        self.flip_axes = tuple(range(spatial_dims)) if axes is None else tuple(int(a) for a in axes)
+        self.brightness = cfg.brightness
+        self.contrast = cfg.contrast
+        self.gamma = cfg.gamma
+        self.p_intensity = cfg.p_intensity
+        self.image_mode = cfg.image_mode
+        self.padding_mode = cfg.padding_mode
 
     def __call__(
         self,
