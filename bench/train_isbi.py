@@ -43,7 +43,14 @@ from medseg.data.datasets import Case, find_cases, split_cases  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.ingest import load  # noqa: E402
 from medseg.ingest.labels import load_label  # noqa: E402
-from medseg.evaluation.metrics import confusion_counts, mean_scores, overlap_scores  # noqa: E402
+from medseg.evaluation.metrics import (  # noqa: E402
+    ISBI_THRESHOLDS,
+    confusion_counts,
+    isbi_counts,
+    isbi_pixel_error,
+    mean_scores,
+    overlap_scores,
+)
 from medseg.models import register_model  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 from medseg.data.transforms import label_to_index  # noqa: E402
@@ -93,36 +100,6 @@ def edge_errors(mask: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         near = ndimage.maximum_filter(reference, size) != ndimage.minimum_filter(reference, size)
         row[f"error_within_{reach}px_of_edge"] = float((wrong & near).mean())
     return row
-
-
-# The challenge's thresholds for its pixel error: 0.0 to 1.0 in steps of 0.1.
-ISBI_THRESHOLDS = np.linspace(0.0, 1.0, 11)
-
-
-def isbi_counts(foreground_probability: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """True positives, false positives and false negatives at each of ISBI_THRESHOLDS,
-    as the ISBI 2012 challenge counts them: reference pixels above 0 (cell interiors) are
-    positive, and the proposal is positive where its probability exceeds the threshold."""
-    truth = reference > 0
-    rows = []
-    for threshold in ISBI_THRESHOLDS:
-        proposed = foreground_probability > threshold
-        rows.append([(proposed & truth).sum(), (proposed & ~truth).sum(), (~proposed & truth).sum()])
-    return np.asarray(rows, dtype=np.float64)
-
-
-def isbi_pixel_error(counts: np.ndarray) -> tuple[float, float]:
-    """The ISBI 2012 challenge's "pixel error", the figure the U-Net paper reports (0.0611):
-    1 - the maximal F-score of pixel similarity over thresholds, from counts pooled over all
-    slices. It is not the misclassified fraction that ``pixel_error`` is: it divides the
-    wrong pixels by the cell pixels of reference and proposal together, not by all pixels
-    once, so on these slices, where four in five pixels are cell, it comes out near 0.6
-    times the misclassified fraction.
-    Returns the error and the threshold that gives it."""
-    tp, fp, fn = counts.T
-    f_score = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
-    best = int(np.argmax(f_score))
-    return float(1.0 - f_score[best]), float(ISBI_THRESHOLDS[best])
 
 
 def score_predictions(predictor: Predictor, cases: list[Case]) -> dict[str, float]:

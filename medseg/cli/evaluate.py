@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="resample a prediction on another grid (shape, spacing, origin) onto its reference's grid by "
         "nearest neighbour, and say so in the report (default: refuse such a pair)",
     )
+    parser.add_argument(
+        "--isbi",
+        action="store_true",
+        help="also the ISBI 2012 EM challenge's pixel error (1 - best F-score of cell pixels: reference values "
+        "above 0 and non-zero prediction values), per case and pooled over all cases",
+    )
     parser.add_argument("--output", type=Path, metavar="DIR", help="where to write the reports (default: --pred)")
     parser.set_defaults(func=run)
 
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         surface_mm=args.surface_dice_mm,
         stack_sequences=not args.per_image,
         resample=args.resample,
+        isbi=args.isbi,
     )
     csv_path, json_path = write_reports(report, args.output)
     print(format_report(report))

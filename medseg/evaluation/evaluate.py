@@ -44,6 +44,9 @@ from medseg.constants import CONVENTIONS
 from medseg.errors import ConfigError, LabelError, MedsegError, ScanError
 from medseg.evaluation.grids import RESAMPLE_MODES, align_to_reference
 from medseg.evaluation.metrics import (
+    ISBI_THRESHOLDS,
+    isbi_counts,
+    isbi_pixel_error,
     class_overlap,
     hausdorff95,
     pixel_accuracy,
@@ -102,6 +105,7 @@ class EvaluationReport:
     metrics: tuple[str, ...]
     surface_mm: float | None = None
     resample: str | None = None
+    isbi: bool = False
     cases: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     unpaired_predictions: list[str] = field(default_factory=list)
@@ -114,7 +118,11 @@ class EvaluationReport:
             name: {m: summarize([c["classes"][name][m] for c in self.cases]) for m in self.metrics}
             for name in self.classes
         }
-        return {"classes": per_class, "pixel_accuracy": summarize([c["pixel_accuracy"] for c in self.cases])}
+        summary = {"classes": per_class, "pixel_accuracy": summarize([c["pixel_accuracy"] for c in self.cases])}
+        if self.isbi:  # pooled over every case's pixels, as the challenge pools its slices
+            pooled = sum((np.asarray(c["isbi_counts"]) for c in self.cases), np.zeros((len(ISBI_THRESHOLDS), 3)))
+            summary["isbi_pixel_error"] = isbi_pixel_error(pooled)[0] if self.cases else math.nan
+        return summary
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +189,7 @@ def evaluate_case(
     hd95: bool = False,
     surface_mm: float | None = None,
     resample: str | None = None,
+    isbi: bool = False,
 ) -> dict[str, Any]:
     """Scores of one prediction against its reference; LabelError if they cannot be compared.
 
@@ -189,7 +198,9 @@ def evaluate_case(
     "nearest" resamples any other prediction grid onto the reference grid.
     Returns {"case", "prediction", "reference", "grid" ("same", "reoriented" or "resampled"),
     "pixel_accuracy", "classes": {name: {"value", "dice", "iou", ["hd95"], ["surface_dice"]}},
-    "distance_unit" (with distances), "notes"}.
+    "distance_unit" (with distances), ["isbi_counts", "isbi_pixel_error"] (with isbi), "notes"}.
+    isbi: also the ISBI 2012 challenge's pixel error (`isbi_pixel_error`): reference values
+    above 0 are positive, and so are the prediction's non-zero values.
     """
     aligned = align_to_reference(validate_label(pred, pred), ref, resample)
     p, r = aligned.array, validate_label(ref, ref).array[0]
@@ -224,6 +235,10 @@ def evaluate_case(
         "pixel_accuracy": pixel_accuracy(p, r),
         "classes": scores,
     }
+    if isbi:
+        counts = isbi_counts((p != 0).astype(np.float32), r)
+        result["isbi_counts"] = counts.tolist()
+        result["isbi_pixel_error"] = isbi_pixel_error(counts)[0]
     if distances:
         result["distance_unit"] = "mm" if ref.geometry.spacing_known else "pixel"
         if not ref.geometry.spacing_known:
@@ -241,6 +256,7 @@ def evaluate_folders(
     stack_sequences: bool = True,
     progress: bool | None = None,
     resample: str | None = None,
+    isbi: bool = False,
 ) -> EvaluationReport:
     """Score every prediction in ``pred_dir`` that has a reference with the same case id.
 
@@ -249,6 +265,8 @@ def evaluate_folders(
     (see ``evaluate_case``); None refuses such a pair as a failure naming the offset.
     stack_sequences: numbered 2D images in one folder form one 3D case, as `medseg predict`
     reads them; False scores each image as a case of its own.
+    isbi: also the ISBI 2012 challenge's pixel error, per case and pooled over all cases as
+    the challenge pools its slices (``report.summary["isbi_pixel_error"]``).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if surface_mm is not None and not (math.isfinite(surface_mm) and surface_mm >= 0):
@@ -263,7 +281,7 @@ def evaluate_folders(
         mapping = read_prediction_classes(pred_dir)
         source = "predictions.json" if mapping is not None else "values found"
     metrics = ("dice", "iou") + (("hd95",) if hd95 else ()) + (("surface_dice",) if surface_mm is not None else ())
-    report = EvaluationReport(pred_dir, ref_dir, dict(mapping or {}), source, metrics, surface_mm, resample)
+    report = EvaluationReport(pred_dir, ref_dir, dict(mapping or {}), source, metrics, surface_mm, resample, isbi)
     pairs = _pair(preds, refs, report)
     if not pairs and not report.failures:
         raise ScanError(
@@ -278,7 +296,7 @@ def evaluate_folders(
     for pred_ref, ref_ref in tqdm(pairs, desc="evaluate", unit="case", disable=not show):
         try:
             pred, ref = _load_mask(pred_ref, "prediction"), _load_mask(ref_ref, "reference")
-            report.cases.append(evaluate_case(pred, ref, mapping, hd95, surface_mm, resample))
+            report.cases.append(evaluate_case(pred, ref, mapping, hd95, surface_mm, resample, isbi))
         except MedsegError as exc:
             report.failures.append(Failure(ref_ref.id, _shown(pred_ref, ref_ref), str(exc)))
         except (OSError, ValueError, RuntimeError) as exc:  # anything else a file can provoke

@@ -55,6 +55,12 @@ def format_report(report: EvaluationReport) -> str:
     ]
     srows.append(["(all)", "pixel_acc", *(_fmt(summary["pixel_accuracy"][s]) for s in SUMMARY_STATISTICS)])
     lines += _table(["class", "metric", *SUMMARY_STATISTICS], srows)
+    if "isbi_pixel_error" in summary:
+        per_case = ", ".join(f"{c['case']} {_fmt(c['isbi_pixel_error'])}" for c in report.cases)
+        lines.append(
+            f"ISBI 2012 pixel error (1 - best F-score of cell pixels, pooled over all cases): "
+            f"{_fmt(summary['isbi_pixel_error'])}; per case: {per_case}"
+        )
     for case in report.cases:
         lines += [f"note {case['case']}: {note}" for note in case["notes"]]
     if report.unpaired_predictions:
@@ -78,17 +84,19 @@ def format_report(report: EvaluationReport) -> str:
 def _csv_text(report: EvaluationReport) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "class", "statistic", *report.metrics, "pixel_accuracy"])
+    isbi = ["isbi_pixel_error"] if report.isbi else []
+    writer.writerow(["case", "class", "statistic", *report.metrics, "pixel_accuracy", *isbi])
     for case in report.cases:
         for name, scores in case["classes"].items():
-            writer.writerow(
-                [case["case"], name, "", *(_cell(scores[m]) for m in report.metrics), _cell(case["pixel_accuracy"])]
-            )
+            row = [case["case"], name, "", *(_cell(scores[m]) for m in report.metrics), _cell(case["pixel_accuracy"])]
+            writer.writerow(row + [_cell(case[c]) for c in isbi])
     summary = report.summary
     for stat in SUMMARY_STATISTICS:
         for name, per_metric in summary["classes"].items():
             writer.writerow(["", name, stat, *(_cell(per_metric[m][stat]) for m in report.metrics), ""])
         writer.writerow(["", "", stat, *([""] * len(report.metrics)), _cell(summary["pixel_accuracy"][stat])])
+    if isbi:
+        writer.writerow(["", "", "pooled", *([""] * len(report.metrics)), "", _cell(summary["isbi_pixel_error"])])
     return buffer.getvalue()
 
 
