@@ -31,6 +31,7 @@ from medseg.errors import ConfigError
 
 __all__ = [
     "AugmentConfig",
+    "packaged_config",
     "Config",
     "DataConfig",
     "InferConfig",
@@ -785,6 +786,24 @@ def read_yaml_file(path: Path) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped with medseg (the repository's ``configs/``, installed as ``medseg.configs``).
+
+    Why through the package: an installed wheel has no repository beside it, so a path built
+    from ``__file__`` would point nowhere; the package resource is found the same way from a
+    wheel and from a checkout.
+    """
+    from importlib import resources
+
+    if not NAME_PATTERN.fullmatch(name) or not name.endswith(".yaml"):
+        raise ConfigError(f"{name!r} is not the name of a shipped config (e.g. nightly.yaml)")
+    found = resources.files("medseg.configs").joinpath(name)
+    if not found.is_file():
+        shipped = sorted(p.name for p in resources.files("medseg.configs").iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"medseg ships no config named {name}; shipped: {', '.join(shipped)}")
+    return Path(str(found))
 
 
 def load_config(path: Path | str, overrides: Sequence[str] = ()) -> Config:

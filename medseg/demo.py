@@ -121,9 +121,8 @@ def _em_config(data: Path, runs: Path, quick: bool) -> Config:
 
 
 def _isbi_config(runs: Path, minutes: float) -> Config:
-    from medseg.config import load_config
+    from medseg.config import load_config, packaged_config
 
-    repo_config = Path(__file__).resolve().parents[1] / "configs" / "unet_em.yaml"
     overrides = [
         f"output_dir={runs}",
         "name=demo_isbi",
@@ -131,7 +130,7 @@ def _isbi_config(runs: Path, minutes: float) -> Config:
         "train.epochs=100",
         "train.steps_per_epoch=40",
     ]
-    return load_config(repo_config, overrides)
+    return load_config(packaged_config("unet_em.yaml"), overrides)
 
 
 def _run_batch(name: str, images: Path, labels: Path | None, checkpoint: Path, out: Path) -> dict[str, Any]:

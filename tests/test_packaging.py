@@ -1,0 +1,73 @@
+"""medseg installed from a wheel, away from the repository, finds its shipped configs and page assets.
+
+Why: an editable checkout hides packaging mistakes (a path built from ``__file__`` into the
+repository works there and nowhere else). The wheel is built from this tree and installed
+into a throw-away folder; the checks run in a fresh interpreter whose working directory and
+import path hold no checkout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medseg.config import load_config, packaged_config
+from medseg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_is_found_through_the_package_and_loads() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        found = packaged_config(path.name)
+        assert found.read_bytes() == path.read_bytes()
+        if path.name != "nightly.yaml":  # the nightly config is read by the flow's own settings model
+            load_config(found)
+    with pytest.raises(ConfigError, match="ships no config named nope.yaml; shipped: .*nightly.yaml"):
+        packaged_config("nope.yaml")
+    with pytest.raises(ConfigError, match="not the name of a shipped config"):
+        packaged_config("../pyproject.toml")
+
+
+def test_package_list_names_every_package_folder() -> None:
+    """pyproject lists the packages (configs/ is mapped in), so a new folder must be listed to ship."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "medseg").rglob("__init__.py")}
+    assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_elsewhere_finds_configs_and_review_assets(tmp_path: Path) -> None:
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(wheels.glob("medseg-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True)
+    probe = (
+        "import medseg, sys; from medseg.config import packaged_config; "
+        "from importlib import resources; "
+        "p = packaged_config('nightly.yaml'); "
+        "assert str(p).startswith(sys.argv[1]), p; "
+        "assert resources.files('medseg.review').joinpath('assets', 'review.js').is_file(); "
+        "print(p)"
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}", str(target)],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("nightly.yaml")
