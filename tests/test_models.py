@@ -164,6 +164,38 @@ def test_build_from_mapping_and_object_agree() -> None:
         assert torch.equal(a, b)
 
 
+def test_unet_instance_norm_and_width_cap() -> None:
+    """norm: instance puts an affine InstanceNorm after every 3x3 convolution (nnU-Net's choice) and
+    each sample is normalised alone: its output does not depend on what else is in the batch;
+    max_features caps every level's width; the older batch_norm switch still means what it meant."""
+    base = {"name": "unet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": 4, "depth": 3}
+    net = build_model({**base, "options": {"norm": "instance", "max_features": 12, "dropout": 0.0}})
+    norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm3d)]
+    assert len(norms) == 2 * (4 + 3) and all(m.affine for m in norms)  # two per double conv: 4 down, 3 up
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert [block[0][0].out_channels for block in net.encoder] == [4, 8, 12, 12]
+    net.train()
+    torch.manual_seed(0)
+    one, other = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 1, 16, 16, 16) * 5 + 3
+    with torch.no_grad():
+        alone = net(one)
+        together = net(torch.cat([one, other]))[:1]
+    assert torch.allclose(alone, together, atol=1e-4)
+    batch = build_model({**base, "options": {"norm": "batch", "dropout": 0.0}}).train()
+    with torch.no_grad():  # batch norm mixes the samples: the same input comes out otherwise
+        assert not torch.allclose(batch(one), batch(torch.cat([one, other]))[:1], atol=1e-2)
+    plain = build_model({**base, "options": {"norm": "none"}})
+    assert not any(isinstance(m, (nn.InstanceNorm3d, nn.BatchNorm3d)) for m in plain.modules())
+    legacy = build_model({**base, "options": {"batch_norm": True}})
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in legacy.modules()) == 14
+    with pytest.raises(ConfigError, match="batch_norm false turns normalisation off but norm is 'instance'"):
+        build_model({**base, "options": {"batch_norm": False, "norm": "instance"}})
+    with pytest.raises(ConfigError, match="norm must be one of batch, instance, none"):
+        build_model({**base, "options": {"norm": "group"}})
+    with pytest.raises(ConfigError, match="max_features"):
+        build_model({**base, "options": {"max_features": 2}})
+
+
 def test_config_errors_are_config_errors() -> None:
     base = {"name": "unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}
     with pytest.raises(ConfigError, match="fixed depth"):

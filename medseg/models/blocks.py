@@ -23,7 +23,11 @@ __all__ = [
     "conv_block",
     "he_init",
     "nearest_multiples",
+    "NORMS",
 ]
+
+# What may follow a convolution in a conv_block (None: nothing).
+NORMS = ("batch", "instance", None)
 
 
 class InputSizeError(MedsegError, ValueError):
@@ -46,26 +50,34 @@ def conv_block(
     out_channels: int,
     kernel_size: int = 3,
     padding: int | None = None,
-    batch_norm: bool = True,
+    norm: str | None = "batch",
     relu: bool = True,
 ) -> nn.Sequential:
-    """Convolution, optional batch norm, optional ReLU.
+    """Convolution, optional normalisation, optional ReLU.
 
-    ``padding`` defaults to 'same' (``kernel_size // 2``; kernels are odd). The convolution
-    has no bias when batch norm follows it: the norm's shift makes a bias redundant.
+    ``padding`` defaults to 'same' (``kernel_size // 2``; kernels are odd). ``norm`` is one of
+    :data:`NORMS`: 'batch' (statistics over the batch, running averages at inference),
+    'instance' (statistics per sample and channel, with a learned scale and shift: what
+    nnU-Net uses, since it does not depend on the batch size) or None. The convolution has
+    no bias when a norm follows it: the norm's shift makes a bias redundant.
 
     Example:
         >>> conv_block(3, 8, 16)  # Conv3d(8, 16, 3, padding=1) + BatchNorm3d + ReLU
+        >>> conv_block(3, 8, 16, norm="instance")  # ... + InstanceNorm3d(affine=True) + ReLU
     """
     if padding is None:
         padding = kernel_size // 2
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(map(str, NORMS))}, got {norm!r}")
     layers: list[nn.Module] = [
         Conv[Conv.CONV, spatial_dims](
-            in_channels, out_channels, kernel_size=kernel_size, padding=padding, bias=not batch_norm
+            in_channels, out_channels, kernel_size=kernel_size, padding=padding, bias=norm is None
         )
     ]
-    if batch_norm:
+    if norm == "batch":
         layers.append(Norm[Norm.BATCH, spatial_dims](out_channels))
+    elif norm == "instance":
+        layers.append(Norm[Norm.INSTANCE, spatial_dims](out_channels, affine=True))
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)

@@ -163,7 +163,7 @@ class FCN(SegmentationModel):
         self.backbone = nn.ModuleList(
             nn.Sequential(
                 *(
-                    conv_block(spatial_dims, a, b, batch_norm=batch_norm)
+                    conv_block(spatial_dims, a, b, norm="batch" if batch_norm else None)
                     for a, b in zip([c_in] + [w] * (n - 1), [w] * n)
                 )
             )

@@ -23,6 +23,7 @@ from medseg.models.registry import register_model
 __all__ = ["UNet", "unet_valid_input_size", "unet_valid_output_size"]
 
 PADDINGS = ("same", "valid")
+UNET_NORMS = ("batch", "instance", "none")
 
 
 @register_model("unet")
@@ -46,7 +47,15 @@ class UNet(SegmentationModel):
             of ``2**depth`` in 'same' mode.
         batch_norm: batch norm after every 3x3 convolution. On by default (not in the
             2015 paper) because it makes training from scratch far less sensitive to the
-            learning rate; set False for the paper's network.
+            learning rate; set False for the paper's network (no normalisation).
+        norm: the normalisation after every 3x3 convolution, when given: 'batch',
+            'instance' (per sample and channel, with a learned scale and shift, as nnU-Net:
+            it does not depend on the batch size, so a batch of 2 large 3D patches trains
+            as well as a batch of 32) or 'none'. It takes precedence over ``batch_norm``,
+            the older switch (true = 'batch', false = 'none'); setting ``batch_norm`` false
+            together with a ``norm`` other than 'none' is a contradiction and refused.
+        max_features: the widest any level may be (None: no cap). nnU-Net caps at 320 in
+            3D and 512 in 2D: past that, width adds parameters faster than accuracy.
         dropout: dropout probability at the end of the contracting path; 0 disables it.
         padding: 'same' (output size = input size) or 'valid' (the paper's unpadded
             convolutions; see :func:`unet_valid_output_size`).
@@ -67,6 +76,8 @@ class UNet(SegmentationModel):
         batch_norm: bool = True,
         dropout: float = 0.5,
         padding: str = "same",
+        norm: str | None = None,
+        max_features: int | None = None,
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels)
         if depth < 1:
@@ -77,17 +88,24 @@ class UNet(SegmentationModel):
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if norm is not None and norm not in UNET_NORMS:
+            raise ValueError(f"norm must be one of {', '.join(UNET_NORMS)}, got {norm!r}")
+        if norm not in (None, "none") and not batch_norm:
+            raise ValueError(f"batch_norm false turns normalisation off but norm is {norm!r}; remove batch_norm")
+        if max_features is not None and max_features < features:
+            raise ValueError(f"max_features ({max_features}) must be at least features ({features})")
         self.depth = depth
         self.padding = padding
         self.size_divisor = 2**depth
 
         pad = 1 if padding == "same" else 0
-        widths = [features * 2**level for level in range(depth + 1)]
+        widths = [min(features * 2**level, max_features or features * 2**level) for level in range(depth + 1)]
+        layer_norm = ("batch" if batch_norm else None) if norm is None else (None if norm == "none" else norm)
 
         def double_conv(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
-                conv_block(spatial_dims, c_in, c_out, 3, pad, batch_norm),
-                conv_block(spatial_dims, c_out, c_out, 3, pad, batch_norm),
+                conv_block(spatial_dims, c_in, c_out, 3, pad, layer_norm),
+                conv_block(spatial_dims, c_out, c_out, 3, pad, layer_norm),
             )
 
         # encoder[depth] is the bottleneck.
