@@ -31,6 +31,7 @@ from medseg.errors import ConfigError
 
 __all__ = [
     "AugmentConfig",
+    "ChannelStats",
     "packaged_config",
     "Config",
     "DataConfig",
@@ -370,20 +371,52 @@ class DataConfig(Section):
         return self
 
 
+class ChannelStats(Section):
+    """One input channel's intensities over the training set's foreground, as ``medseg plan`` measures them.
+
+    low/high: the values to clip to (nnU-Net: the 0.5th and 99.5th percentiles of the
+    foreground voxels of all training cases); mean/std: the foreground's mean and
+    standard deviation, which the clipped values are z-scored with.
+    """
+
+    low: float
+    high: float
+    mean: float
+    std: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ChannelStats:
+        if not self.low < self.high:
+            raise ValueError(f"give low < high (the values to clip to), got low {self.low} and high {self.high}")
+        return self
+
+
 class PreprocessConfig(Section):
     """Intensity normalisation and, for volumes, the model-space grid.
 
-    intensity: zscore (per case and channel, nnU-Net's default for non-CT), percentile
-    (clip to the given percentiles, scale to 0..1), ct_window (clip HU to ``window``,
-    scale to 0..1) or none. orientation/spacing apply to 3D scans with a physical
-    voxel size only; 2D images and microscopy stacks keep their pixel grid.
+    intensity: zscore (per case and channel, nnU-Net's default for non-CT), dataset_zscore
+    (clip each channel to its ``channel_stats`` low..high, then subtract the dataset's mean
+    and divide by its std: nnU-Net's CT scheme, where intensities mean the same in every
+    scan), percentile (clip to the given percentiles, scale to 0..1), ct_window (clip HU
+    to ``window``, scale to 0..1) or none. orientation/spacing apply to 3D scans with a
+    physical voxel size only; 2D images and microscopy stacks keep their pixel grid.
     """
 
-    intensity: Literal["zscore", "percentile", "ct_window", "none"] = "zscore"
+    intensity: Literal["zscore", "dataset_zscore", "percentile", "ct_window", "none"] = "zscore"
     percentiles: tuple[float, float] = (0.5, 99.5)
     window: tuple[float, float] = (-160.0, 240.0)
+    channel_stats: list[ChannelStats] | None = Field(None, max_length=1024)
     orientation: str | None = None
     spacing: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _stats_for_dataset_zscore(self) -> PreprocessConfig:
+        if self.intensity == "dataset_zscore" and not self.channel_stats:
+            raise ValueError(
+                "intensity dataset_zscore needs channel_stats (one {low, high, mean, std} per input channel; "
+                "medseg plan measures them), or use intensity zscore"
+            )
+        return self
 
     @field_validator("orientation")
     @classmethod
@@ -599,6 +632,12 @@ class Config(Section):
             raise ValueError(
                 "augment.image_mode bicubic needs model.spatial_dims 2 (torch resamples volumes "
                 "bilinear only); use image_mode bilinear for a 3D model"
+            )
+        stats = self.preprocess.channel_stats
+        if self.preprocess.intensity == "dataset_zscore" and stats and len(stats) != self.model.in_channels:
+            raise ValueError(
+                f"preprocess.channel_stats has {len(stats)} entries but model.in_channels is "
+                f"{self.model.in_channels}; give one {{low, high, mean, std}} per input channel"
             )
         if len(self.train.patch_size) != self.model.spatial_dims:
             raise ValueError(

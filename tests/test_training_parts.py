@@ -122,6 +122,56 @@ def test_preprocess_resample_and_invert_back_to_scan_grid():
     assert (back[0] == ct.label).mean() > 0.97  # nearest resampling there and back
 
 
+def test_dataset_zscore_clips_and_normalises_each_channel_with_the_dataset_statistics():
+    """nnU-Net's CT scheme: clip to the foreground percentiles, then one global z-score per channel;
+    the geometric record survives, so the prediction still inverts onto the scan's grid."""
+    ct = phantoms.ct_phantom(shape=(30, 28, 16), oblique=(10, 20, 30))
+    two = np.stack([ct.image, ct.image // 2]).astype(np.float32)
+    scan = Scan(ScanRef("x", "nifti", (Path("x"),)), two, Geometry(ct.affine, ct.image.shape), "CT")
+    stats = [
+        {"low": -100.0, "high": 200.0, "mean": 50.0, "std": 25.0},
+        {"low": 0.0, "high": 50.0, "mean": 10.0, "std": 5.0},
+    ]
+    pre = Preprocessor({"intensity": "dataset_zscore", "channel_stats": stats, "spacing": [1.2, 1.2, 2.0]})
+    out = pre(scan, ct.label[None])
+    image = np.asarray(out["image"])
+    for channel, s in enumerate(stats):
+        assert image[channel].min() == pytest.approx((s["low"] - s["mean"]) / s["std"])
+        assert image[channel].max() == pytest.approx((s["high"] - s["mean"]) / s["std"])
+    flat = Preprocessor({"intensity": "dataset_zscore", "channel_stats": stats})(scan)  # no resampling: exact values
+    expected = (np.clip(two[1], 0, 50) - 10) / 5
+    assert np.allclose(np.asarray(flat["image"])[1], expected, atol=1e-5)
+    back = Preprocessor.invert(out["label"], out)
+    assert (back[0] == ct.label).mean() > 0.97
+    with pytest.raises(ConfigError, match="dataset_zscore needs channel_stats"):
+        config_from_dict(
+            {
+                "model": {"name": "unet", "spatial_dims": 3},
+                "train": {"patch_size": [16, 16, 16]},
+                "preprocess": {"intensity": "dataset_zscore"},
+            }
+        )
+    with pytest.raises(ConfigError, match="channel_stats has 2 entries but model.in_channels is 1"):
+        config_from_dict(
+            {
+                "model": {"name": "unet", "spatial_dims": 3},
+                "train": {"patch_size": [16, 16, 16]},
+                "preprocess": {"intensity": "dataset_zscore", "channel_stats": stats},
+            }
+        )
+    with pytest.raises(ConfigError, match="low < high"):
+        config_from_dict(
+            {
+                "model": {"name": "unet", "spatial_dims": 3},
+                "train": {"patch_size": [16, 16, 16]},
+                "preprocess": {
+                    "intensity": "dataset_zscore",
+                    "channel_stats": [{"low": 5, "high": 1, "mean": 0, "std": 1}],
+                },
+            }
+        )
+
+
 def test_label_values_map_to_indices_and_back():
     label = np.array([[0, 255], [255, 0]])
     index = label_to_index(label, [255, 0])

@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     Invertd,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     ScaleIntensityRanged,
@@ -24,11 +25,11 @@ from monai.transforms import (
     Spacingd,
 )
 
-from medseg.config import PreprocessConfig
+from medseg.config import ChannelStats, PreprocessConfig
 from medseg.errors import LabelError
 from medseg.ingest.scan import Scan
 
-__all__ = ["Preprocessor", "label_to_index", "index_to_label", "to_meta_tensor"]
+__all__ = ["ClipZScored", "Preprocessor", "label_to_index", "index_to_label", "to_meta_tensor"]
 
 
 def to_meta_tensor(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
@@ -58,6 +59,37 @@ def index_to_label(index: np.ndarray, values: Sequence[int]) -> np.ndarray:
     return lut.astype(dtype)[index]
 
 
+class ClipZScored(MapTransform):
+    """Clip each channel to fixed [low, high], then z-score it with a fixed mean and std (per channel).
+
+    nnU-Net's CT normalisation: CT intensities mean the same in every scan (Hounsfield
+    units), so one set of statistics, measured over the foreground of the whole training
+    set, normalises them all, and the clip keeps air and metal from dominating. MONAI's
+    transforms clip either by each image's own percentiles or to one range for every
+    channel, so the per-channel clip is done here, in one broadcast ``clamp``; the
+    MetaTensor's metadata (and its record of geometric steps) passes through.
+    """
+
+    def __init__(self, keys: str | Sequence[str], stats: Sequence[ChannelStats]) -> None:
+        super().__init__(keys)
+        self.low = torch.tensor([s.low for s in stats], dtype=torch.float32)
+        self.high = torch.tensor([s.high for s in stats], dtype=torch.float32)
+        self.mean = torch.tensor([s.mean for s in stats], dtype=torch.float32)
+        self.std = torch.tensor([s.std for s in stats], dtype=torch.float32)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            if image.shape[0] != len(self.mean):
+                raise ValueError(f"{key} has {image.shape[0]} channel(s) but {len(self.mean)} channel_stats are given")
+            shape = (-1,) + (1,) * (image.ndim - 1)
+            low, high = self.low.view(shape).to(image.device), self.high.view(shape).to(image.device)
+            mean, std = self.mean.view(shape).to(image.device), self.std.view(shape).to(image.device)
+            out[key] = (torch.clamp(image, low, high) - mean) / std
+        return out
+
+
 class Preprocessor:
     """Scan → model-space tensor, and model-space label map → the scan's own grid.
 
@@ -83,6 +115,8 @@ class Preprocessor:
         cfg = self.config
         if cfg.intensity == "zscore":
             return [NormalizeIntensityd(keys="image", channel_wise=True)]
+        if cfg.intensity == "dataset_zscore":
+            return [ClipZScored(keys="image", stats=cfg.channel_stats or [])]
         if cfg.intensity == "percentile":
             low, high = cfg.percentiles
             return [
