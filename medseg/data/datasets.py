@@ -19,9 +19,9 @@ import numpy as np
 from medseg.data import manifest
 from medseg.config import DataConfig, SplitConfig
 from medseg.errors import ConfigError
-from medseg.ingest import ScanRef, discover, ref_for_path
+from medseg.ingest import LoadOptions, Scan, ScanRef, discover, load, ref_for_path, validate_label
 
-__all__ = ["Case", "find_cases", "split_cases"]
+__all__ = ["Case", "find_cases", "load_case", "split_cases"]
 
 _CHANNEL = re.compile(r"^(.*)_(\d{4})$")
 
@@ -35,6 +35,21 @@ class Case:
     label: ScanRef | None
     split: str = ""  # the manifest's split, when the source has one
     fold: int | None = None  # the manifest's fixed cross-validation fold, when it declares one
+
+
+def load_case(case: Case, color: str = "grey", classes: Sequence[int] | None = None) -> tuple[Scan, Scan | None]:
+    """The case's image (its channels stacked in order, float32 when there are several) and its
+    reference mask checked against it (one integer channel on the image's grid, values among
+    ``classes`` when given); the mask is None for an unlabelled case."""
+    options = LoadOptions(color=color)
+    channels = [load(ref, options) for ref in case.images]
+    scan = channels[0]
+    if len(channels) > 1:
+        scan.array = np.concatenate([c.array.astype(np.float32) for c in channels])
+    if case.label is None:
+        return scan, None
+    label = validate_label(load(case.label, LoadOptions(color="channels", palette="indices")), scan, classes)
+    return scan, label
 
 
 def find_cases(data: DataConfig) -> list[Case]:

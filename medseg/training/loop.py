@@ -33,18 +33,17 @@ from tqdm import tqdm
 from medseg.data.augment import ElasticAugment
 from medseg.training.checkpoint import Checkpoint, TrainingState, load_checkpoint, save_checkpoint
 from medseg.config import Config
-from medseg.data.datasets import Case, find_cases, split_cases
+from medseg.data.datasets import Case, find_cases, load_case, split_cases
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, MedsegError
 from medseg.files import atomic_path, atomic_write_text, tidy_journal
-from medseg.ingest import LoadOptions, load, validate_label
 from medseg.evaluation.metrics import confusion_counts, mean_scores, overlap_scores
 from medseg.models import build_model
 from medseg.data.sampling import Item, PatchSampler
 from medseg.data.transforms import Preprocessor, label_to_index
 from medseg.data.weights import border_weight_map
 
-__all__ = ["TrainResult", "prepare_items", "train", "train_one_epoch", "evaluate"]
+__all__ = ["TrainResult", "prepare_items", "prepare_run_dir", "train", "train_one_epoch", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +67,16 @@ def prepare_items(cases: Sequence[Case], config: Config, with_weights: bool) -> 
     classes = list(config.data.classes.values())
     names = list(config.data.classes)
     preprocessor = Preprocessor(config.preprocess)
-    options = LoadOptions(color=config.data.color)
     items: list[Item] = []
     for case in cases:
-        channels = [load(ref, options) for ref in case.images]
-        scan = channels[0]
-        if len(channels) > 1:
-            scan.array = np.concatenate([c.array.astype(np.float32) for c in channels])
+        scan, label = load_case(case, config.data.color, classes)
         if scan.channels != config.model.in_channels:
             raise ConfigError(
                 f"model.in_channels is {config.model.in_channels} but case {case.id} ({scan.ref.path}) has "
                 f"{scan.channels} channel(s); set model.in_channels or data.color"
             )
-        label = validate_label(load(case.label, LoadOptions(color="channels", palette="indices")), scan, classes)
+        if label is None:
+            raise ConfigError(f"case {case.id} ({scan.ref.path}) has no label; training and validation need one")
         index = label_to_index(label.array, classes, source=str(label.ref.path))
         data = preprocessor(scan, index)
         image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
@@ -282,7 +278,12 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: to
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _run_dir(config: Config, resume: Path | None, overwrite: bool) -> Path:
+def prepare_run_dir(config: Config, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """The run folder a training of ``config`` writes to, after the checks that keep it from harm: a
+    resumed folder holds a latest.pt; a new one lies outside the data and holds no run unless ``overwrite``.
+
+    Public so that a command writing into the run folder before training (``medseg train --images``
+    writes the plan there) refuses exactly what training would refuse, before it writes."""
     if resume is not None:
         if not (resume / "latest.pt").is_file():
             raise MedsegError(
@@ -399,7 +400,7 @@ def train(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    run_dir = _run_dir(config, resume, overwrite)
+    run_dir = prepare_run_dir(config, resume, overwrite)
     state = _resume_state(run_dir) if resume is not None else None
     if state is not None:
         log.info("resuming %s from epoch %d", run_dir, state.training.epoch)
