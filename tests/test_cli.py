@@ -111,7 +111,7 @@ def _command_paths() -> list[tuple[str, ...]]:
 
 def test_command_paths_cover_every_command():
     names = {path[0] for path in _command_paths()}
-    assert names == {"info", "data", "config", "train", "predict", "evaluate", "demo", "serve", "view"}
+    assert names == {"info", "data", "config", "plan", "train", "predict", "evaluate", "demo", "serve", "view"}
     assert ("data", "fetch") in _command_paths()
 
 

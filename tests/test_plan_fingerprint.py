@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medseg import phantoms
+from medseg.data import phantoms
 from medseg.config import DataConfig
-from medseg.datasets import find_cases
+from medseg.data.datasets import find_cases
 from medseg.errors import ConfigError
 from medseg.models import build_model
 from medseg.plan.fingerprint import Fingerprint, fingerprint_cases, measure_case

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "medseg.cli.info",
     "medseg.cli.data",
     "medseg.cli.config",
+    "medseg.cli.plan",
     "medseg.cli.train",
     "medseg.cli.predict",
     "medseg.cli.evaluate",
@@ -123,6 +124,8 @@ def _resume_hint(args: argparse.Namespace, started: float) -> str:
         return "interrupted; rerun the same command to resume: files already verified are kept"
     if args.command == "train":
         run_dir = args.resume or _train_run_dir(args)
+        if run_dir is None:
+            return "interrupted while planning, before training began; rerun the same command to start again"
         latest = run_dir / "latest.pt"
         if latest.is_file() and (args.resume or latest.stat().st_mtime >= started):
             return f"interrupted; resume with --resume {run_dir} (from its last finished epoch)"
@@ -132,9 +135,15 @@ def _resume_hint(args: argparse.Namespace, started: float) -> str:
     return "interrupted; rerun the same command to start again"
 
 
-def _train_run_dir(args: argparse.Namespace) -> Path:
+def _train_run_dir(args: argparse.Namespace) -> Path | None:
+    """The run folder: as the command found it (it sets ``run_dir`` once known), else from the config;
+    None while `train --images` is still planning."""
     from medseg.config import load_config
 
+    if getattr(args, "run_dir", None) is not None:
+        return args.run_dir
+    if args.config is None:
+        return None
     config = load_config(args.config, args.overrides)
     return config.output_dir / config.name
 

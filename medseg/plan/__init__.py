@@ -60,7 +60,7 @@ def plan_dataset(
     ``overrides`` (``KEY=VALUE``, as ``--set``) replace planned values; the result is validated
     by medseg.config, so a plan that would not train is refused here.
     """
-    from medseg.datasets import find_cases
+    from medseg.data.datasets import find_cases
 
     cases = find_cases(data)
     source = str(data.images or data.csv or f"dataset {data.dataset}")

@@ -5,7 +5,7 @@ counts, the objects of each class (connected components) and intensity statistic
 each channel inside the foreground, from a bounded random sample of voxels (nnU-Net
 samples the foreground too: the background of a CT is air, of an MR noise, and neither
 says how to normalise the tissue). Then the same pooled over cases. The cases come from
-``medseg.datasets`` exactly as training reads them, so the plan describes what trains.
+``medseg.data.datasets`` exactly as training reads them, so the plan describes what trains.
 """
 
 from __future__ import annotations
@@ -284,13 +284,13 @@ def fingerprint_cases(
     seed: int = 0,
     progress: bool | None = None,
 ) -> Fingerprint:
-    """Load and measure every labelled case (``medseg.datasets.Case``) and pool the measurements.
+    """Load and measure every labelled case (``medseg.data.datasets.Case``) and pool the measurements.
 
     ``modality``: one modality for every channel or one per channel (NIfTI files name none).
     Raises ConfigError when no case has a label, or the cases disagree on channels.
     """
     import medseg
-    from medseg.datasets import load_case
+    from medseg.data.datasets import load_case
 
     labelled = [c for c in cases if c.label is not None]
     unlabelled = [c.id for c in cases if c.label is None]
