@@ -4,6 +4,7 @@ and `predict --config C --split val` predicting exactly the cases the run record
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,14 @@ from medseg.cli import main
 from medseg.config import config_from_dict
 from medseg.data import phantoms
 from medseg.data.recorded_split import SplitRecordError, read_split
+from medseg.errors import ConfigError
 from medseg.files import sha256_file
 from medseg.inference.ensemble import Ensemble, EnsembleError, load_predictor
 from medseg.inference.predictor import Predictor
 from medseg.ingest import discover, load
 from medseg.pipeline import segment_folder
 from medseg.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medseg.training.folds import fold_config
 
 from conftest import tiny_em_config, write_em_pairs
 
@@ -152,9 +155,28 @@ def test_fold_all_refuses_to_overwrite_and_resumes_only_unfinished_folds(folds_r
     path, run, _ = folds_run
     assert main(["train", "--config", str(path), "--fold", "all"]) == 1
     assert f"--resume {run}" in capsys.readouterr().err
-    before = {k: sha256_file(run / f"fold-{k}" / "best.pt") for k in range(FOLDS)}
+    # fold 2 lost (never finished): --resume keeps folds 0 and 1 as they are and trains fold 2 again
+    before = {k: sha256_file(run / f"fold-{k}" / "best.pt") for k in (0, 1)}
+    shutil.rmtree(run / "fold-2")
+    record = json.loads((run / "folds.json").read_text())
+    del record["finished"]["2"]
+    (run / "folds.json").write_text(json.dumps(record))
     assert main(["train", "--config", str(path), "--fold", "all", "--resume", str(run)]) == 0
-    assert {k: sha256_file(run / f"fold-{k}" / "best.pt") for k in range(FOLDS)} == before  # all finished: kept
+    assert {k: sha256_file(run / f"fold-{k}" / "best.pt") for k in (0, 1)} == before
+    assert (run / "fold-2" / "best.pt").is_file() and read_split(run / "fold-2").fold == 2
+    assert sorted(json.loads((run / "folds.json").read_text())["finished"]) == ["0", "1", "2"]
+
+
+def test_fold_needs_a_kfold_split_and_an_existing_fold(tmp_path):
+    write_em_pairs(tmp_path, slices=2)
+    config = tiny_em_config(tmp_path, tmp_path / "runs", "x", epochs=1, steps_per_epoch=1)
+    with pytest.raises(ConfigError, match="data.split.mode is 'cases'; set it with --set data.split.mode=kfold"):
+        fold_config(config, 0)
+    kfold = tiny_em_config(tmp_path, tmp_path / "runs", "x", 1, 1, data={"split": {"mode": "kfold", "folds": 3}})
+    with pytest.raises(ConfigError, match="folds are 0..2"):
+        fold_config(kfold, 3)
+    one = fold_config(kfold, 2)
+    assert (one.output_dir, one.name, one.data.split.fold) == (tmp_path / "runs" / "x", "fold-2", 2)
 
 
 def test_a_run_folder_of_folds_is_an_ensemble(folds_run, tmp_path, capsys):

@@ -194,5 +194,13 @@ def train_folds(
             "epochs_run": result.epochs_run,
             "best_metrics": {k_: float(v) for k_, v in result.best_metrics.items()},
         }
-        atomic_write_text(run_dir / FOLDS_FILE, json.dumps(record.payload(), indent=2) + "\n")
+        if _writes():
+            atomic_write_text(run_dir / FOLDS_FILE, json.dumps(record.payload(), indent=2) + "\n")
     return record
+
+
+def _writes() -> bool:
+    """Only rank 0 of a torchrun job writes (the others validate nothing, so their scores are empty)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
