@@ -122,6 +122,12 @@ def _resume_hint(args: argparse.Namespace, started: float) -> str:
         return f"interrupted; rerun the same command to resume: finished masks are kept in {args.output}"
     if args.command == "data" and getattr(args, "action", None) == "fetch":
         return "interrupted; rerun the same command to resume: files already verified are kept"
+    if args.command == "train" and getattr(args, "fold", None) is not None:
+        run_dir = args.resume or _train_run_dir(args)
+        return (
+            f"interrupted; go on with --fold {args.fold} --resume {run_dir} (finished folds are kept, "
+            "the interrupted one resumes from its last finished epoch)"
+        )
     if args.command == "train":
         run_dir = args.resume or _train_run_dir(args)
         if run_dir is None:

@@ -1,4 +1,5 @@
-"""`medseg predict`: segment every scan in a file or folder with a trained checkpoint."""
+"""`medseg predict`: segment every scan in a file or folder with a trained checkpoint or an ensemble of them,
+or exactly the cases a run recorded (``--config C --split val``) or named ones (``--cases``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,25 @@ from medseg.constants import PRECISIONS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="segment scans with a trained checkpoint and write masks")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="run folder (uses best.pt) or checkpoint file")
     parser.add_argument(
-        "--input", type=Path, required=True, help="a scan file, a DICOM series folder, or a folder tree"
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="run folder (uses best.pt) or checkpoint file; several, or a run folder of folds "
+        "(medseg train --fold all), average their class probabilities (an ensemble); default: the --config's run",
     )
+    parser.add_argument("--input", type=Path, help="a scan file, a DICOM series folder, or a folder tree")
+    parser.add_argument(
+        "--config", type=Path, help="experiment config: its run folder is the checkpoint, its data the cases"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("train", "val"),
+        help="with --config: predict exactly the cases of this role in the run folder's split.json "
+        "(a run of folds: each validation case by the fold that held it out)",
+    )
+    parser.add_argument("--cases", nargs="+", metavar="ID", help="with --config: predict these cases of its data")
     parser.add_argument("--output", type=Path, required=True, help="folder for the masks (outside the input folder)")
     parser.add_argument("--tta", action="store_true", help="average predictions over mirrored inputs")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -55,12 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.inference.predictor import Predictor
-    from medseg.pipeline import check_disjoint, segment_folder
+    from medseg.errors import ConfigError
+    from medseg.pipeline import check_disjoint, segment_cases, segment_folder
 
-    check_disjoint(args.input, args.output)  # before the model loads: a wrong --output fails at once
-    predictor = Predictor(
-        args.checkpoint,
+    chosen = args.split is not None or bool(args.cases)
+    if chosen and (args.config is None or args.input is not None):
+        raise ConfigError("--split and --cases choose cases of a config's data: give --config CONFIG and no --input")
+    if not chosen and (args.input is None or (args.checkpoint is None and args.config is None)):
+        raise ConfigError(
+            "give --input with --checkpoint RUN (or --config CONFIG), or --config CONFIG with --split or --cases"
+        )
+    if args.input is not None:
+        check_disjoint(args.input, args.output)  # before the model loads: a wrong --output fails at once
+    options = dict(
         device=args.device,
         tta=args.tta or None,
         precision=args.precision,
@@ -69,7 +92,22 @@ def run(args: argparse.Namespace) -> int:
         fill_holes=args.fill_holes,
         memory_budget_mb=args.memory_budget,
     )
-    report = segment_folder(predictor, args.input, args.output, args.formats, args.overwrite)
+    config = None
+    if args.config is not None:
+        from medseg.config import load_config
+
+        config = load_config(args.config)
+    if chosen:
+        from medseg.inference.selection import select_cases
+
+        selection = select_cases(config, args.split, args.cases, args.checkpoint, **options)
+        print(f"Predicting {selection.source}")
+        report = segment_cases(selection.batch, args.output, args.formats, args.overwrite, None, selection.checkpoint)
+    else:
+        from medseg.inference.ensemble import load_predictor
+
+        predictor = load_predictor(args.checkpoint or [config.output_dir / config.name], **options)
+        report = segment_folder(predictor, args.input, args.output, args.formats, args.overwrite)
     counts = report.counts()
     for record in report.records:
         if record.status == "failed":

@@ -7,6 +7,7 @@ the data first (as `medseg plan` does) and writes it, with its fingerprint, into
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from medseg.cli.config import add_override_argument
@@ -31,7 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest.pt")
     parser.add_argument("--overwrite", action="store_true", help="start over in a run folder that already holds a run")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides train.device)")
+    parser.add_argument(
+        "--fold",
+        type=_fold,
+        metavar="all|N",
+        help="cross-validation (data.split.mode kfold): train every fold ('all') or fold N, each into "
+        "RUN/fold-N (RUN: output_dir/name), a folder medseg predict averages; with --resume RUN, finished "
+        "folds are kept. Unlike nnU-Net's fold 'all' (one model on every case), 'all' here means all k folds",
+    )
     parser.set_defaults(func=run)
+
+
+def _fold(text: str) -> str | int:
+    if text == "all":
+        return text
+    if not re.fullmatch(r"[0-9]{1,4}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'all' or a fold number (0, 1, ...)")
+    return int(text)
 
 
 def _config(args: argparse.Namespace, overrides: list[str]):
@@ -81,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     config = _config(args, overrides)
     args.run_dir = args.resume or config.output_dir / config.name  # for the interrupt hint
+    if args.fold is not None:
+        from medseg.training.folds import train_folds
+
+        folds = train_folds(config, args.fold, resume=args.resume, overwrite=args.overwrite)
+        print("\n" + "\n".join(folds.summary(args.config or args.run_dir / RUN_CONFIG)))
+        return 0
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result.run_dir is None:
         return 0

@@ -9,11 +9,12 @@ label map is resampled back to the scan's own grid.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from medseg.training.checkpoint import load_checkpoint
 from medseg.config import Config
 from medseg.device import choose_device, choose_precision, in_precision
 from medseg.errors import ConfigError, ScanError
+from medseg.files import sha256_file
 from medseg.ingest.scan import Scan
 from medseg.data.transforms import Preprocessor, index_to_label
 
@@ -147,31 +149,58 @@ class Predictor:
             total = probs if total is None else total + probs
         return total / len(flips)
 
+    @functools.cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint file's sha256: the model's part of the skip rule's key (`medseg.pipeline.ledger`)."""
+        return sha256_file(self.checkpoint_file)
+
+    @property
+    def checkpoint_files(self) -> tuple[Path, ...]:
+        """The checkpoint files whose models make the masks (one here; an Ensemble has several)."""
+        return (self.checkpoint_file,)
+
     def predict(self, scan: Scan, probabilities: bool = False) -> Prediction:
         """Segment one scan; the mask comes back on the scan's own grid."""
+        data = self.prepare(scan)
+        return self.finish(self.model_probabilities(data), data, probabilities)
+
+    def prepare(self, scan: Scan, extra_maps: int = 0) -> dict[str, Any]:
+        """Check the scan against the model and its memory budget, then preprocess it into model space.
+
+        extra_maps: class-probability maps the caller holds beside ours (an ensemble's running sum),
+        counted in the budget so a scan that fits one model but not the ensemble is refused up front.
+        """
         if scan.channels != self.config.model.in_channels:
             raise ScanError(
                 scan.ref.path,
                 f"has {scan.channels} channel(s) but the model takes {self.config.model.in_channels}",
                 "load it with the colour setting used in training (data.color) or use a matching model",
             )
-        # input, running probability sum, one softmax pass and the stitched logits, all float32
-        self.preprocessor.check_budget(scan, 4 * (scan.channels + 3 * len(self.classes)), self.memory_budget_mb)
-        data = self.preprocessor(scan)
-        image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
-        spatial = image.ndim - 1
-        if spatial == self.spatial_dims:
-            probs = self._window_logits(image[None])[0]
-        elif spatial == 3 and self.spatial_dims == 2:
-            axis = self.config.train.slice_dim
-            planes = [self._window_logits(image.select(axis, k)[None])[0] for k in range(image.shape[axis])]
-            probs = torch.stack(planes, dim=axis)
-        else:
+        spatial = scan.array.ndim - 1
+        if not (spatial == self.spatial_dims or (spatial == 3 and self.spatial_dims == 2)):
             raise ScanError(
                 scan.ref.path,
                 f"has {spatial} spatial axes; a {self.spatial_dims}D model cannot segment it",
                 "use a 2D model for images",
             )
+        # input, running probability sum, one softmax pass and the stitched logits, all float32
+        maps = 3 * len(self.classes) + extra_maps
+        self.preprocessor.check_budget(scan, 4 * (scan.channels + maps), self.memory_budget_mb)
+        return self.preprocessor(scan)
+
+    def model_probabilities(self, data: dict[str, Any]) -> torch.Tensor:
+        """Softmax probabilities (K, *model-space spatial) of a preprocessed scan (from `prepare`)."""
+        image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
+        spatial = image.ndim - 1
+        if spatial == self.spatial_dims:
+            return self._window_logits(image[None])[0]
+        # a volume through a 2D model, plane by plane (`prepare` refused every other combination)
+        axis = self.config.train.slice_dim
+        planes = [self._window_logits(image.select(axis, k)[None])[0] for k in range(image.shape[axis])]
+        return torch.stack(planes, dim=axis)
+
+    def finish(self, probs: torch.Tensor, data: dict[str, Any], probabilities: bool = False) -> Prediction:
+        """Argmax and post-processing in model space, then the label map (and probabilities) on the scan's grid."""
         index = probs.argmax(0).to(torch.uint8).numpy()
         index = self._postprocess(index)
         back = Preprocessor.invert(torch.as_tensor(index[None]), data)[0]

@@ -22,7 +22,7 @@ record, scan by scan. The rules live here once:
   one byte per voxel and compressed, inputs at least that).
 """
 
-from medseg.pipeline.folder import BatchReport, segment_folder, write_batch_manifest, write_batch_reports
+from medseg.pipeline.folder import BatchReport, segment_cases, segment_folder, write_batch_manifest, write_batch_reports
 from medseg.pipeline.output import (
     LOCK_FILE,
     OutputBusy,
@@ -57,6 +57,7 @@ __all__ = [
     "output_lock",
     "prepare_output",
     "problem_record",
+    "segment_cases",
     "segment_folder",
     "segment_scan",
     "write_batch_manifest",

@@ -10,12 +10,12 @@ from typing import Any, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError, ScanError
-from medseg.files import atomic_write_text, sha256_file, tidy_journal
-from medseg.ingest import Discovery, discover
+from medseg.files import atomic_write_text, tidy_journal
+from medseg.ingest import Problem, ScanRef, discover
 from medseg.pipeline.output import OutputUnwritable, output_lock, prepare_output
 from medseg.pipeline.scan import CaseRecord, Job, coding_of, failure_reason, problem_record, segment_scan
 
-__all__ = ["BatchReport", "segment_folder", "write_batch_manifest", "write_batch_reports"]
+__all__ = ["BatchReport", "segment_cases", "segment_folder", "write_batch_manifest", "write_batch_reports"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class BatchReport:
     records: list[CaseRecord] = field(default_factory=list)
     orphans: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""  # why the batch stopped early, if it did
+    checkpoint_files: list[str] = field(default_factory=list)  # every model's file (several: an ensemble, folds)
 
     @property
     def failed(self) -> list[CaseRecord]:
@@ -49,7 +50,8 @@ def segment_folder(
 ) -> BatchReport:
     """Segment every scan under ``input_path`` with one Predictor; problems found by discovery are failures too.
 
-    The reports (predictions.json, review page) are written whatever happened to the scans;
+    ``predictor`` is a `Predictor` or an `Ensemble` (anything with their interface). The
+    reports (predictions.json, review page) are written whatever happened to the scans;
     if the output folder stopped taking writes, the report says so in ``stopped``. The
     folder is locked for the run (`output_lock`): a second run on it is refused at once.
     """
@@ -60,24 +62,38 @@ def segment_folder(
         )
     prepare_output(input_path, output_dir, found.scans)
     with output_lock(output_dir):
-        return _segment_locked(predictor, input_path, output_dir, found, formats, overwrite, progress)
+        batch = [(ref, predictor) for ref in found.scans]
+        return _segment_locked(batch, input_path, output_dir, found.problems, formats, overwrite, progress)
 
 
-def _segment_locked(
-    predictor: Any,
-    input_path: Path,
+def segment_cases(
+    batch: Sequence[tuple[ScanRef, Any]],
     output_dir: Path,
-    found: Discovery,
-    formats: Sequence[str] | None,
-    overwrite: bool,
-    progress: bool | None,
+    formats: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    checkpoint: str | None = None,
 ) -> BatchReport:
-    from tqdm import tqdm
+    """Segment chosen scans, each with its own predictor: the cases of a recorded split (each fold's
+    held-out cases by that fold's model), or cases named by id. Same rules and reports as
+    `segment_folder`; the input tree checked against the output is the folder holding every scan.
 
-    job = Job(
+    checkpoint: what predictions.json names as the model (default: the first predictor's checkpoint).
+    """
+    if not batch:
+        raise ScanError(output_dir, "no scan to segment was chosen", "name the cases with --cases or --split")
+    refs = [ref for ref, _ in batch]
+    root = Path(os.path.commonpath([str(p.resolve()) for ref in refs for p in ref.paths]))
+    prepare_output(root, output_dir, refs)
+    with output_lock(output_dir):
+        return _segment_locked(batch, root, output_dir, [], formats, overwrite, progress, checkpoint)
+
+
+def _job(predictor: Any, output_dir: Path, formats: Sequence[str] | None, overwrite: bool) -> Job:
+    return Job(
         output_dir,
         predictor.checkpoint_file,
-        sha256_file(predictor.checkpoint_file),
+        predictor.checkpoint_sha256,
         dict(predictor.classes),
         predictor.config.data.color,
         bool(predictor.tta),
@@ -86,16 +102,39 @@ def _segment_locked(
         coding=coding_of(predictor.config),
         memory_budget_mb=predictor.memory_budget_mb,
     )
-    report = BatchReport(str(input_path), str(output_dir), str(predictor.checkpoint_path), dict(predictor.classes))
-    report.records += [problem_record(problem, input_path) for problem in found.problems]
+
+
+def _segment_locked(
+    batch: Sequence[tuple[ScanRef, Any]],
+    input_path: Path,
+    output_dir: Path,
+    problems: Sequence[Problem],
+    formats: Sequence[str] | None,
+    overwrite: bool,
+    progress: bool | None,
+    checkpoint: str | None = None,
+) -> BatchReport:
+    from tqdm import tqdm
+
+    jobs: dict[int, Job] = {}
+    files: list[str] = []
+    for _, predictor in batch:
+        if id(predictor) not in jobs:
+            jobs[id(predictor)] = _job(predictor, output_dir, formats, overwrite)
+            files += [str(f) for f in predictor.checkpoint_files if str(f) not in files]
+    first = batch[0][1] if batch else None
+    label = checkpoint or (str(first.checkpoint_path) if first is not None else "")
+    classes = dict(first.classes) if first is not None else {}
+    report = BatchReport(str(input_path), str(output_dir), label, classes, checkpoint_files=files)
+    report.records += [problem_record(problem, input_path) for problem in problems]
     show = os.isatty(2) if progress is None else progress
-    for ref in tqdm(found.scans, desc="predict", unit="scan", disable=not show):
+    for ref, predictor in tqdm(batch, desc="predict", unit="scan", disable=not show):
         try:
-            report.records.append(segment_scan(ref, job, lambda: predictor))
+            report.records.append(segment_scan(ref, jobs[id(predictor)], lambda: predictor))
         except OutputUnwritable as exc:
             report.stopped = str(exc)
             break
-    write_batch_reports(report, output_dir, [ref.id for ref in found.scans])
+    write_batch_reports(report, output_dir, [ref.id for ref, _ in batch])
     return report
 
 
@@ -110,6 +149,8 @@ def write_batch_manifest(report: BatchReport, output_dir: Path) -> Path:
         "records": [asdict(r) for r in report.records],
         "orphans": report.orphans,
     }
+    if report.checkpoint_files:
+        payload["checkpoint_files"] = report.checkpoint_files
     if report.stopped:
         payload["stopped"] = report.stopped
     return atomic_write_text(output_dir / "predictions.json", json.dumps(payload, indent=2), root=output_dir)

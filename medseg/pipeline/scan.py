@@ -76,8 +76,8 @@ class Job:
     """What every scan of a batch shares: small, immutable, cheap to send to a worker process."""
 
     output_dir: Path
-    checkpoint: Path  # the file, not the run folder
-    checkpoint_sha256: str
+    checkpoint: Path  # the file, not the run folder (an ensemble: its first member's)
+    checkpoint_sha256: str  # the file's sha256 (an ensemble: one key over every member's, `Ensemble.checkpoint_sha256`)
     classes: dict[str, int]
     color: str
     tta: bool
