@@ -59,6 +59,7 @@ def test_a_wheel_installed_elsewhere_finds_configs_and_review_assets(tmp_path: P
         "p = packaged_config('nightly.yaml'); "
         "assert str(p).startswith(sys.argv[1]), p; "
         "assert resources.files('medseg.review').joinpath('assets', 'review.js').is_file(); "
+        "assert p.with_name('msd_hippocampus_dev.fingerprint.json').is_file(); "
         "print(p)"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
