@@ -7,12 +7,15 @@ run draws exactly the patches the uninterrupted run would have drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Item", "PatchSampler"]
+if TYPE_CHECKING:
+    from medseg.data.augment import ElasticAugment
+
+__all__ = ["Item", "PatchSampler", "PatchBatches"]
 
 # Voxel positions kept per class for foreground sampling (enough to cover any volume).
 _MAX_POSITIONS = 20000
@@ -92,6 +95,34 @@ class PatchSampler:
             images.append(_pad_to(item.image[window], self.patch))
             targets.append(_pad_to(item.target[window], self.patch))
         return torch.stack(images), torch.stack(targets)
+
+
+class PatchBatches:
+    """One epoch's batches, as the torchvision reference's data loader gives them: ``steps``
+    batches of random patches, moved to the device and augmented there (with the sampler's
+    generator, so a resumed run draws and deforms exactly what the whole run would have)."""
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        augment: ElasticAugment | None,
+        batch_size: int,
+        steps: int,
+        device: torch.device,
+        channels_last: bool = False,
+    ) -> None:
+        self.sampler, self.augment, self.batch_size, self.steps = sampler, augment, batch_size, steps
+        self.device, self.channels_last = device, channels_last
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):
+            images, targets = self.sampler.sample(self.batch_size)
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                images, targets = self.augment(images, targets, generator=self.sampler.generator)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, targets
 
 
 def _pad_to(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
