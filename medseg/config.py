@@ -517,6 +517,10 @@ class TrainConfig(Section):
     the average covers mostly the last fifth of the steps so far, and ema_decay caps it after.
     ``precision``: auto is mixed fp16 on CUDA, bf16 on CPUs with native bf16 arithmetic
     (AVX512-BF16/AMX, about 2x faster there) and fp32 otherwise; fp32 forces full precision.
+    ``log_every_seconds``, ``log_every_steps``: without a terminal (a job's log file, a
+    Prefect worker) progress is a log line with loss, speed and time left whenever either
+    many seconds or steps have passed since the last line (null turns that rule off), and
+    a line per epoch; in a terminal it is a bar.
     """
 
     epochs: int = Field(50, ge=1, le=MAX_STEPS)
@@ -544,6 +548,8 @@ class TrainConfig(Section):
     channels_last: bool = True
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "auto"
+    log_every_seconds: float | None = Field(30.0, gt=0.0, le=24 * 3600.0)
+    log_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
 
     @field_validator("patch_size")
     @classmethod

@@ -220,9 +220,10 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     # The data: every rank trains on its own patches; rank 0 alone validates and writes.
-    train_cases, val_cases = split_cases(find_cases(config.data), config.data.split)
+    cases = find_cases(config.data)
+    train_cases, val_cases = split_cases(cases, config.data.split)
     if group.is_main:
-        run.write_split(config.data.split, train_cases, val_cases)
+        run.write_split(config.data.split, train_cases, val_cases, cases)
     train_items = prepare_items(train_cases, config, with_weights=config.train.loss == "weighted_ce")
     val_items = prepare_items(val_cases, config, with_weights=False) if group.is_main else []
     log.info("%d training items, %d validation items", len(train_items), len(val_items))
@@ -252,7 +253,7 @@ def train(
     net = group.wrap(model)
 
     stop_epoch = config.train.epochs if max_epochs is None else min(config.train.epochs, epoch + max_epochs)
-    shown = Progress.for_run(progress, group.is_main, (stop_epoch - epoch) * config.train.steps_per_epoch)
+    shown = Progress.for_run(progress, group.is_main, (stop_epoch - epoch) * config.train.steps_per_epoch, config.train)
     all_losses: list[float] = []
     while epoch < stop_epoch:
         losses, out_of_time = train_one_epoch(net, criterion, optim, batches, average, shown, clock, dtype)
@@ -274,13 +275,13 @@ def train(
         if group.is_main:
             checkpoint = _checkpoint(config, model, average, optim, stopping, epoch, history, rng, clock)
             run.save(checkpoint, best=stopping.best_epoch == epoch or not val_items)
-            run.write_history(history)
+            run.write_curves(history, stopping.best_epoch, stopping.best_metrics)
             shown.epoch(row)
         if group.decided_by_main(out_of_time or stopping.should_stop):
             break
     shown.close()
     if group.is_main:
-        run.finish(history)
+        run.finish()
     group.barrier()
     return TrainResult(run.path, stopping.best_epoch, stopping.best_metrics, epoch, history, all_losses, judged)
 

@@ -1,22 +1,27 @@
 """The run folder (``output_dir/name``): what a training run leaves for people and for a resume.
 
-latest.pt (every epoch) and best.pt (the best validation so far), split.json (which cases
-trained and which validated), metrics.csv (one row per epoch) and learning_curves.png. Every
-file is written atomically, so a run killed at any moment leaves each of them whole. A new
-run never lands inside its data, and never over another run without ``--overwrite``.
+latest.pt (every epoch) and best.pt (the best validation so far), split.json (the role of
+every case the data source names), and the learning curves: metrics.csv and metrics.json
+(one row per epoch) and learning_curves.png, all rewritten after every epoch. Every file is
+written atomically, so a run killed at any moment leaves each of them whole and the curves
+up to its last finished epoch. A new run never lands inside its data, and never over
+another run without ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 from medseg.config import DataConfig, SplitConfig
+from medseg.data.datasets import Case
 from medseg.errors import ConfigError, MedsegError
 from medseg.files import atomic_path, atomic_write_text, tidy_journal
 from medseg.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medseg.training.stopping import SCORE
 
 __all__ = ["RunFolder"]
 
@@ -61,8 +66,20 @@ class RunFolder:
             )
         return state
 
-    def write_split(self, split: SplitConfig, train_cases: Sequence[Any], val_cases: Sequence[Any]) -> Path:
-        """split.json: which cases trained and which validated, so a run says what it did."""
+    def write_split(
+        self,
+        split: SplitConfig,
+        train_cases: Sequence[Case],
+        val_cases: Sequence[Case],
+        all_cases: Sequence[Case] = (),
+    ) -> Path:
+        """split.json: the role of every case, so a run says what it did and ``--split val`` can repeat it.
+
+        Each case of ``all_cases`` (what the data source names) is in exactly one list: train,
+        val, unused (labelled but in neither, e.g. a manifest's test cases or ids a ``cases``
+        split does not list) or unlabelled (no reference mask: never trains).
+        """
+        chosen = {c.id for c in train_cases} | {c.id for c in val_cases}
         payload = {
             "mode": split.mode,
             "fold": split.fold if split.mode == "kfold" else None,
@@ -70,6 +87,8 @@ class RunFolder:
             "seed": split.seed,
             "train": [c.id for c in train_cases],
             "val": [c.id for c in val_cases],
+            "unused": [c.id for c in all_cases if c.label is not None and c.id not in chosen],
+            "unlabelled": [c.id for c in all_cases if c.label is None],
         }
         return atomic_write_text(self.path / "split.json", json.dumps(payload, indent=2) + "\n")
 
@@ -79,8 +98,16 @@ class RunFolder:
         if best:
             save_checkpoint(checkpoint, self.path / "best.pt")
 
-    def write_history(self, history: list[dict[str, float]]) -> None:
-        """metrics.csv: one row per epoch, a column per key any row has."""
+    def write_curves(self, history: list[dict[str, float]], best_epoch: int, best_metrics: Mapping[str, float]) -> None:
+        """The learning curves so far: metrics.csv, metrics.json and learning_curves.png.
+
+        Called after every epoch, so a killed run keeps them up to its last finished epoch.
+        metrics.json adds which epoch best.pt holds (null before any validation; without
+        validation cases best.pt is the latest); values that are not finite (a class absent
+        from every validation case) are null there, as JSON has no NaN.
+        """
+        from medseg.evaluation.plots import plot_learning_curves
+
         keys: list[str] = []
         for row in history:
             keys.extend(k for k in row if k not in keys)
@@ -88,13 +115,22 @@ class RunFolder:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
-
-    def finish(self, history: list[dict[str, float]]) -> None:
-        """learning_curves.png, and no empty journal folder left behind."""
-        from medseg.evaluation.plots import plot_learning_curves
-
+        payload = {
+            "score": SCORE,
+            "best_epoch": best_epoch or None,
+            "best": _finite(best_metrics),
+            "epochs": [_finite(row) for row in history],
+        }
+        atomic_write_text(self.path / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
         plot_learning_curves(history, self.path / "learning_curves.png")
+
+    def finish(self) -> None:
+        """No empty journal folder left behind once the run's writes are done."""
         tidy_journal(self.path)
+
+
+def _finite(row: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
 
 
 def _check_outside_data(run_dir: Path, data: DataConfig) -> None:
