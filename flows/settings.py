@@ -28,6 +28,7 @@ from medseg.errors import ConfigError
 
 __all__ = [
     "DEPLOYMENT_NAME",
+    "CrashDetection",
     "FlowParameters",
     "NightlyConfig",
     "ScheduleConfig",
@@ -102,11 +103,35 @@ class ScheduleConfig(Section):
         return self
 
 
+class CrashDetection(Section):
+    """How a run whose process died (kill -9, a machine that went down) is told from one that is working.
+
+    Every segment-study run reports a heartbeat to the Prefect server each ``heartbeat_seconds``
+    (Prefect's PREFECT_FLOWS_HEARTBEAT_FREQUENCY; 30 s is its minimum). A Prefect automation marks
+    the run Crashed when no heartbeat came for ``crashed_after_seconds``, which frees the
+    deployment's concurrency slot for the next run. The window must hold at least two heartbeats,
+    so one late heartbeat on a busy machine does not crash a live run.
+    """
+
+    heartbeat_seconds: int = Field(30, ge=30, le=3600)
+    crashed_after_seconds: int = Field(90, ge=60, le=86400)
+
+    @model_validator(mode="after")
+    def _window_holds_two_heartbeats(self) -> "CrashDetection":
+        if self.crashed_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"crashed_after_seconds ({self.crashed_after_seconds}) must be at least twice heartbeat_seconds "
+                f"({self.heartbeat_seconds}), or a live run whose heartbeat is late would be marked Crashed"
+            )
+        return self
+
+
 class NightlyConfig(Section):
-    """configs/nightly.yaml: the schedule and the default parameters of segment-study/nightly."""
+    """configs/nightly.yaml: the schedule, the default parameters and crash detection of segment-study/nightly."""
 
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     parameters: FlowParameters
+    crash_detection: CrashDetection = Field(default_factory=CrashDetection)
 
 
 def load_nightly_config(path: Path | str, overrides: Sequence[str] = ()) -> NightlyConfig:

@@ -111,7 +111,8 @@ def _command_paths() -> list[tuple[str, ...]]:
 
 def test_command_paths_cover_every_command():
     names = {path[0] for path in _command_paths()}
-    assert names == {"info", "data", "config", "plan", "train", "predict", "evaluate", "demo", "serve", "view"}
+    commands = {"info", "data", "config", "plan", "train", "predict", "evaluate", "demo", "serve", "status", "view"}
+    assert names == commands
     assert ("data", "fetch") in _command_paths()
 
 

@@ -4,7 +4,7 @@ Prefect reads its settings when first imported, so this module points PREFECT_HO
 temporary folder (never ~/.prefect) and turns telemetry off before importing it. One
 temporary Prefect server (prefect_test_harness) serves the in-process runs; the
 deployment test starts its own `prefect server start` and `medseg serve` processes on
-loopback and stops them by PID.
+loopback (tests/prefect_live.py) and stops them by process group.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from uuid import UUID
 
@@ -62,9 +59,9 @@ from flows.segment_study import ScansFailed, segment_study  # noqa: E402
 from flows.settings import FlowParameters, load_nightly_config  # noqa: E402
 
 from conftest import snapshot, tiny_em_config, write_em_pairs  # noqa: E402
+from prefect_live import BIN, server_process, start, stop, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 EXPECTED_MASKS = ["ct_series.nii.gz", "ct_series.seg.dcm", "ct_volume.nii.gz", "em_stack.tif"]
 
 
@@ -307,42 +304,6 @@ def test_worker_device_gives_each_dask_worker_its_gpu(monkeypatch):
 # The deployment, for real: prefect server start, medseg serve, prefect deployment run.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until(check, timeout: float, what: str, processes=()) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in processes:
-            if process.poll() is not None:
-                raise AssertionError(f"{what}: {process.args[:3]} exited with {process.returncode}")
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def test_nightly_deployment_served_and_run_by_name(model, tmp_path):
     images, labels = write_study(tmp_path)
     nightly = tmp_path / "nightly.yaml"
@@ -350,86 +311,47 @@ def test_nightly_deployment_served_and_run_by_name(model, tmp_path):
         "schedule: {cron: '0 2 * * *', timezone: UTC}\n"
         f"parameters: {{input_dir: images, output_dir: out-nightly, checkpoint: {model}, reference_dir: labels}}\n"
     )
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("server", "serve")}
-    processes: list[subprocess.Popen] = []
-    try:
-        server = subprocess.Popen(
-            [
-                str(BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-                "--analytics-off",
-            ],
-            env=env,
-            stdout=logs["server"],
-            stderr=subprocess.STDOUT,
-        )
-        processes.append(server)
-        _wait_until(lambda: _healthy(api), 90, "prefect server start", [server])
-        serve = subprocess.Popen(
-            [str(BIN / "medseg"), "serve", "--config", str(nightly)],
-            cwd=tmp_path,
-            env=env,
-            stdout=logs["serve"],
-            stderr=subprocess.STDOUT,
-        )
-        processes.insert(0, serve)
+    with server_process(tmp_path / "server", PREFECT_RUNNER_POLL_FREQUENCY="1") as (api, env):
+        serve = start([str(BIN / "medseg"), "serve", "--config", str(nightly)], tmp_path / "serve.log", env, tmp_path)
+        try:
+            with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
 
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+                def deployed() -> bool:
+                    try:
+                        return client.read_deployment_by_name("segment-study/nightly") is not None
+                    except Exception:
+                        return False
 
-            def deployed() -> bool:
-                try:
-                    return client.read_deployment_by_name("segment-study/nightly") is not None
-                except Exception:
-                    return False
+                wait_until(deployed, 90, "medseg serve registering segment-study/nightly", [serve])
+                deployment = client.read_deployment_by_name("segment-study/nightly")
+                assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+                assert deployment.parameters["input_dir"] == str(images)
 
-            _wait_until(deployed, 90, "medseg serve registering segment-study/nightly", [serve])
-            deployment = client.read_deployment_by_name("segment-study/nightly")
-            assert deployment.schedules[0].schedule.cron == "0 2 * * *"
-            assert deployment.parameters["input_dir"] == str(images)
-
-            started = subprocess.run(
-                [
-                    str(BIN / "prefect"),
-                    "deployment",
-                    "run",
-                    "segment-study/nightly",
-                    "--param",
-                    f"output_dir={tmp_path / 'out-manual'}",
-                ],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
-            run_id = UUID(next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line))
-            _wait_until(lambda: client.read_flow_run(run_id).state.is_final(), 120, "the nightly flow run", [serve])
-            state = client.read_flow_run(run_id).state
-        assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-        out = tmp_path / "out-manual"
-        for name in EXPECTED_MASKS + ["predictions.json", "metrics.csv", "metrics.json"]:
-            assert (out / name).is_file(), name
-        assert not (tmp_path / "out-nightly").exists()  # --param replaced the default for this run only
-    finally:
-        for process in processes:
-            _stop(process)
-        for handle in logs.values():
-            handle.close()
+                started = subprocess.run(
+                    [
+                        str(BIN / "prefect"),
+                        "deployment",
+                        "run",
+                        "segment-study/nightly",
+                        "--param",
+                        f"output_dir={tmp_path / 'out-manual'}",
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True,
+                )
+                run_id = UUID(next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line))
+                wait_until(lambda: client.read_flow_run(run_id).state.is_final(), 120, "the nightly flow run", [serve])
+                state = client.read_flow_run(run_id).state
+        finally:
+            stop(serve)
+    assert state.is_completed(), f"{state.name}: {state.message}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+    out = tmp_path / "out-manual"
+    for name in EXPECTED_MASKS + ["predictions.json", "metrics.csv", "metrics.json"]:
+        assert (out / name).is_file(), name
+    assert not (tmp_path / "out-nightly").exists()  # --param replaced the default for this run only
 
 
 def test_one_run_per_output_folder(prefect_server, model, tmp_path):

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "medseg.cli.evaluate",
     "medseg.cli.demo",
     "medseg.cli.serve",
+    "medseg.cli.status",
     "medseg.cli.view",
 )
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import textwrap
 from pathlib import Path
+from uuid import UUID
 
 from medseg.cli.config import add_override_argument
 
@@ -20,8 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=textwrap.fill(
             "Register the deployment segment-study/nightly (cron schedule and default parameters from the "
             "nightly config) with the Prefect server at PREFECT_API_URL and run its flow runs until stopped "
-            "(Ctrl-C pauses the schedule). Start a run by hand with: prefect deployment run "
-            "segment-study/nightly [--param input_dir=DIR ...]. Telemetry is off unless you set DO_NOT_TRACK=0.",
+            "(Ctrl-C or SIGTERM cancels the runs in flight; the schedule stays on). One run at a time: "
+            "others wait. A run whose process dies is marked Crashed once its heartbeats stop. Start a run "
+            "by hand with: prefect deployment run segment-study/nightly [--param input_dir=DIR ...]. "
+            "Several machines: prefect.yaml and prefect worker (README). Telemetry is off unless you set "
+            "DO_NOT_TRACK=0.",
             width=88,
         ),
     )
@@ -44,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `flows` sets Prefect's telemetry defaults before Prefect is first imported,
     # and other commands should not pay for importing Prefect.
     from flows.deployment import check_nightly, serve_nightly
+    from flows.health import server_ui_url
     from flows.settings import load_nightly_config
+    from medseg.cli import Terminated
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the server otherwise
     config = load_nightly_config(args.config, args.overrides)
@@ -54,11 +61,35 @@ def run(args: argparse.Namespace) -> int:
             "runs fail at start until it does",
             file=sys.stderr,
         )
+    crash = config.crash_detection
     if args.check:
         parameters = check_nightly(config)
         print(f"segment-study/nightly: cron {config.schedule.cron!r} ({config.schedule.timezone})")
         for key, value in parameters.items():
             print(f"  {key}: {value}")
+        print(
+            f"crash detection: heartbeat every {crash.heartbeat_seconds} s, "
+            f"Crashed after {crash.crashed_after_seconds} s without one"
+        )
         return 0
-    serve_nightly(config)
+
+    ui = server_ui_url()  # None when the server runs without its UI (prefect server start --no-ui)
+
+    def ready(deployment_id: UUID) -> None:
+        print(
+            f"medseg serve: serving segment-study/nightly (cron {config.schedule.cron!r}, "
+            f"{config.schedule.timezone}); one run at a time, others wait\n"
+            f"  crash detection: a run without a heartbeat for {crash.crashed_after_seconds} s is marked Crashed\n"
+            "  start a run by hand: prefect deployment run segment-study/nightly [--param input_dir=DIR ...]\n"
+            "  stop: Ctrl-C or SIGTERM (runs in flight are cancelled; the schedule stays on)",
+            flush=True,
+        )
+        if ui:
+            print(f"  UI: {ui}/deployments/deployment/{deployment_id}", flush=True)
+
+    stopped_by = serve_nightly(config, ready)
+    if stopped_by == signal.SIGTERM:
+        raise Terminated()  # medseg.cli prints "medseg serve: stopped (SIGTERM)" and exits 143
+    if stopped_by is not None:
+        raise KeyboardInterrupt  # ... "stopped", exit 130
     return 0
