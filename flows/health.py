@@ -260,14 +260,16 @@ def _problems(deployment: DeploymentResponse) -> list[str]:
         resume = " and ".join(f"`prefect deployment schedule resume {NIGHTLY} {s.id}`" for s in deployment.schedules)
         problems.append(f"every schedule of {NIGHTLY} is inactive, so nothing starts it at night; resume with {resume}")
     if deployment.status != DeploymentStatus.READY:
-        since = f"since {_when(deployment.last_polled)}" if deployment.last_polled else "ever"
+        polled = f"has polled for {NIGHTLY}'s runs since {_when(deployment.last_polled)}"
+        if not deployment.last_polled:
+            polled = f"has ever polled for {NIGHTLY}'s runs"
         start = (
             f"`prefect worker start --pool {deployment.work_pool_name}`"
             if deployment.work_pool_name
             else "`medseg serve`"
         )
         problems.append(
-            f"nothing has polled for {NIGHTLY}'s runs {since}, so a run that comes due would wait as Late; "
+            f"nothing {polled}, so a run that comes due would wait as Late; "
             f"start {start} on a machine that sees the scans"
         )
     return problems

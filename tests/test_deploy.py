@@ -393,6 +393,7 @@ def test_status_names_each_reason_the_next_run_will_not_happen(live, model, tmp_
         paused = status(env)
         assert paused.returncode == 1 and "segment-study/nightly is paused, so no scheduled run starts" in paused.stderr
         assert "paused:     yes" in paused.stdout
+        assert "nothing has ever polled for segment-study/nightly's runs" in paused.stderr  # no worker yet
 
         deploy(tmp_path, env)
         assert not client.read_deployment_by_name(NIGHTLY).paused  # the fix the sentence gives works
