@@ -72,3 +72,21 @@ def test_a_wheel_installed_elsewhere_finds_configs_and_review_assets(tmp_path: P
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("nightly.yaml")
+
+
+def test_serve_init_writes_the_shipped_nightly_config_and_serve_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    """In an empty folder (an installed medseg has no repository beside it) `serve` points at `serve --init`."""
+    from medseg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve"]) != 0
+    assert "configs/nightly.yaml: no nightly config there; `medseg serve --init` writes" in capsys.readouterr().err
+    assert main(["serve", "--init"]) == 0
+    written = tmp_path / "configs" / "nightly.yaml"
+    assert written.read_bytes() == packaged_config("nightly.yaml").read_bytes()
+    assert "set parameters.input_dir, output_dir and checkpoint" in capsys.readouterr().out
+    written.write_text(written.read_text() + "# my edits\n")
+    assert main(["serve", "--init"]) != 0  # never replaces an edited file
+    assert "already exists" in capsys.readouterr().err and written.read_text().endswith("# my edits\n")
+    assert main(["serve", "--init", "--config", "elsewhere/n.yaml"]) == 0
+    assert (tmp_path / "elsewhere" / "n.yaml").is_file()

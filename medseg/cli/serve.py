@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_override_argument(parser)  # --set parameters.checkpoint=runs/unet_em (any key of the nightly config)
     parser.add_argument(
+        "--init",
+        action="store_true",
+        help="write the shipped, commented nightly config to --config's path (default configs/nightly.yaml) "
+        "to edit, then exit; an existing file is never replaced",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="validate the config and print the deployment's parameters, then exit without serving",
@@ -45,7 +51,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _init(path: Path) -> int:
+    """Write the shipped nightly.yaml where ``--config`` points: the starting point an installed medseg has."""
+    from medseg.config import packaged_config
+    from medseg.errors import ConfigError
+    from medseg.files import atomic_write_text
+
+    if path.exists():
+        raise ConfigError(f"{path} already exists; edit it, or move it away to write a fresh one with --init")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, packaged_config("nightly.yaml").read_text(encoding="utf-8"))
+    print(
+        f"Wrote {path}: set parameters.input_dir, output_dir and checkpoint (relative paths resolve against "
+        f"{path.parent}), check it with `medseg serve --config {path} --check`, then serve it"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.init:
+        return _init(args.config)
+    if not args.config.is_file():
+        from medseg.errors import ConfigError
+
+        raise ConfigError(
+            f"{args.config}: no nightly config there; `medseg serve --init` writes a commented one to edit "
+            f"(to {DEFAULT_CONFIG}, or to --config PATH)"
+        )
     # Imported here: `flows` sets Prefect's telemetry defaults before Prefect is first imported,
     # and other commands should not pay for importing Prefect.
     from flows.deployment import check_nightly, serve_nightly
