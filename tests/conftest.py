@@ -53,6 +53,126 @@ def tiny_em_config(root: Path, out: Path, name: str, epochs: int, steps_per_epoc
     return config_from_dict(raw)
 
 
+def em_nifti_scans(folder: Path, names: list[str]) -> None:
+    """Small EM volumes (40x40x2) as NAME.nii.gz: scans the tiny EM model segments in a fraction of a second."""
+    em = phantoms.em_phantom(shape=(40, 40, 2), cells=6, seed=2)
+    for name in names:
+        phantoms.write_nifti(em.image, em.affine, folder / f"{name}.nii.gz")
+
+
+def series_with_numbers(folder: Path, numbers: list[str]) -> None:
+    """Several CT series in one folder, each SeriesNumber as given (untrusted text where IS belongs)."""
+    import pydicom
+
+    for k, number in enumerate(numbers):
+        paths = phantoms.write_dicom_series(
+            phantoms.ct_phantom(shape=(16, 16, 3), seed=k), folder / f"tmp{k}", series_description=f"s{k}", seed=k
+        )
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds[0x00200011] = pydicom.DataElement(0x00200011, "LO", number)
+            ds.save_as(path)
+            shutil.move(path, folder / f"s{k}_{path.name}")
+        (folder / f"tmp{k}").rmdir()
+
+
+def set_dicom_text(path: Path, **tags: str | None) -> None:
+    """Store each tag as the raw text a broken writer leaves (pydicom would refuse 'nan' as a DS); None deletes it."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for keyword, text in tags.items():
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if text is None:
+            del ds[tag]
+        else:
+            ds[tag] = pydicom.DataElement(tag, "LO", text)
+    ds.save_as(path)
+
+
+def nifti_with_fields(path: Path, **fields) -> Path:
+    """A 4x4x4 NIfTI-1 whose header fields are then overwritten as stored bytes (no nibabel fixing);
+    ``pixdimN=value`` sets one pixdim entry."""
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.diag([2.0, 2.0, 3.0, 1.0])), path)
+    raw = bytearray(path.read_bytes())
+    header = nib.Nifti1Header(bytes(raw[:348]), check=False)
+    for name, value in fields.items():
+        if name.startswith("pixdim"):
+            pixdim = header["pixdim"].copy()
+            pixdim[int(name[-1])] = value
+            header["pixdim"] = pixdim
+        else:
+            header[name] = value
+    raw[:348] = header.binaryblock
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def checkpoint_v1_payload(state, **changes) -> dict:
+    """The dict medseg wrote before checkpoint schema 2 (classes and preprocessing beside the config),
+    from a loaded Checkpoint ``state``; ``changes`` replace entries."""
+    payload = {
+        "format": "medseg-checkpoint/1",
+        "medseg_version": "0.1.0",
+        "config": state.config.dump(),
+        "classes": state.classes,
+        "preprocess": state.config.preprocess.model_dump(mode="json"),
+        "model": state.weights,
+    }
+    payload.update(changes)
+    return payload
+
+
+CANARY = b"CANARY-5e1f: private text that lives outside every served folder\n"
+
+
+def canary_forms(data: bytes = CANARY) -> list[bytes]:
+    """The canary as it could appear in a page: raw, and base64 at each of the three byte alignments."""
+    import base64
+
+    forms = [data.strip()]
+    for shift in range(3):
+        encoded = base64.b64encode(data[shift:])
+        forms.append(encoded[4:-4])  # inner part: independent of what came before or after
+    return forms
+
+
+def assert_no_canary(blob: bytes, where: str) -> None:
+    for form in canary_forms():
+        assert form not in blob, f"{where} holds the canary ({form[:20]!r}...)"
+
+
+def one_file_manifest(
+    path: Path, url: str, sha256: str = "0" * 64, size: int | None = None, entry: str = "img/a.bin"
+) -> Path:
+    """A data manifest listing one file ``entry`` of dataset ``tiny``, fetched from ``url``."""
+    import csv
+
+    from medseg.data.manifest import COLUMNS
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, "size"])
+        writer.writeheader()
+        writer.writerow(
+            {
+                "dataset": "tiny",
+                "case": "c0",
+                "role": "image",
+                "path": entry,
+                "sha256": sha256,
+                "split": "train",
+                "source_url": url,
+                "licence": "test",
+                "size": "" if size is None else size,
+            }
+        )
+    return path
+
+
 def snapshot(folder: Path) -> dict[str, tuple[str, float, int]]:
     """sha256, mtime and mode of every file below ``folder``."""
     state = {}
@@ -104,6 +224,17 @@ def oblique_ct():
 @pytest.fixture
 def sample_study(tmp_path: Path) -> dict[str, Path]:
     return phantoms.write_sample_study(tmp_path / "study")
+
+
+@pytest.fixture(scope="session")
+def tiny_em_run(tmp_path_factory) -> Path:
+    """The run folder of a 2D U-Net of width 8 trained for two steps (seconds): a real checkpoint for
+    tests of what surrounds the model (files, folders, reports), shared by the session."""
+    from medseg.training.loop import train
+
+    root = tmp_path_factory.mktemp("tiny_em")
+    write_em_pairs(root, slices=5)
+    return train(tiny_em_config(root, root / "runs", "tiny", epochs=1, steps_per_epoch=2), progress=False).run_dir
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import tifffile
 
-from conftest import enhanced_multiframe
+from conftest import enhanced_multiframe, nifti_with_fields, set_dicom_text
 from medseg.data import phantoms
 from medseg.errors import ScanError
 from medseg.geometry import Geometry, check_geometry, check_values
@@ -27,18 +26,6 @@ from medseg.ingest import READERS, Scan, ScanRef, load, ref_for_path
 
 def _series(root: Path, slices: int = 3) -> list[Path]:
     return phantoms.write_dicom_series(phantoms.ct_phantom(shape=(8, 8, slices)), root / "ct")
-
-
-def _set_text(path: Path, **tags: str) -> None:
-    """Store each tag as the raw text a broken writer leaves (pydicom would refuse 'nan' as a DS)."""
-    ds = pydicom.dcmread(path)
-    for keyword, text in tags.items():
-        tag = pydicom.datadict.tag_for_keyword(keyword)
-        if text is None:
-            del ds[tag]
-        else:
-            ds[tag] = pydicom.DataElement(tag, "LO", text)
-    ds.save_as(path)
 
 
 DICOM_CASES = [
@@ -73,7 +60,7 @@ DICOM_CASES = [
 def test_dicom_series_with_insane_geometry_is_refused(tmp_path, keyword, text, message):
     paths = _series(tmp_path)
     for path in paths:
-        _set_text(path, **{keyword: text})
+        set_dicom_text(path, **{keyword: text})
     with pytest.raises(ScanError) as info:
         load(ref_for_path(tmp_path / "ct"))
     assert message in str(info.value) and paths[0].name in str(info.value), str(info.value)
@@ -82,7 +69,7 @@ def test_dicom_series_with_insane_geometry_is_refused(tmp_path, keyword, text, m
 @pytest.mark.parametrize("keyword, text, message", DICOM_CASES[:7], ids=[f"{k}={t}" for k, t, _ in DICOM_CASES[:7]])
 def test_one_bad_slice_is_named(tmp_path, keyword, text, message):
     paths = _series(tmp_path, slices=6)
-    _set_text(paths[4], **{keyword: text})
+    set_dicom_text(paths[4], **{keyword: text})
     with pytest.raises(ScanError) as info:
         load(ScanRef("ct", "dicom", tuple(paths)))
     assert str(info.value).startswith(f"{paths[4]}: {message}"), str(info.value)
@@ -98,7 +85,7 @@ def test_one_bad_slice_is_named(tmp_path, keyword, text, message):
 def test_imager_pixel_spacing_is_checked_too(tmp_path, text, message):
     paths = _series(tmp_path)
     for path in paths:
-        _set_text(path, PixelSpacing=None, ImagerPixelSpacing=text)
+        set_dicom_text(path, PixelSpacing=None, ImagerPixelSpacing=text)
     with pytest.raises(ScanError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load(ref_for_path(tmp_path / "ct"))
 
@@ -106,7 +93,7 @@ def test_imager_pixel_spacing_is_checked_too(tmp_path, text, message):
 @pytest.mark.parametrize("thickness", ["nan", "inf"])
 def test_single_slice_with_non_finite_thickness_is_refused(tmp_path, thickness):
     path = _series(tmp_path, slices=1)[0]
-    _set_text(path, SliceThickness=thickness)
+    set_dicom_text(path, SliceThickness=thickness)
     with pytest.raises(ScanError) as info:
         load(ref_for_path(path))
     message = str(info.value)
@@ -156,24 +143,6 @@ def test_grid_frame_offsets_must_be_finite(tmp_path):
 # --- NIfTI --------------------------------------------------------------------------------
 
 
-def _nifti_with(path: Path, **fields) -> Path:
-    """A 4x4x4 NIfTI-1 whose header fields are then overwritten as stored bytes (no nibabel fixing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.diag([2.0, 2.0, 3.0, 1.0])), path)
-    raw = bytearray(path.read_bytes())
-    header = nib.Nifti1Header(bytes(raw[:348]), check=False)
-    for name, value in fields.items():
-        if name.startswith("pixdim"):
-            pixdim = header["pixdim"].copy()
-            pixdim[int(name[-1])] = value
-            header["pixdim"] = pixdim
-        else:
-            header[name] = value
-    raw[:348] = header.binaryblock
-    path.write_bytes(bytes(raw))
-    return path
-
-
 NAN, INF = float("nan"), float("inf")
 NIFTI_CASES = [
     ("sform NaN", {"srow_x": [NAN, 0, 0, 0]}, "the sform (srow_x (nan, 0, 0, 0)"),
@@ -199,7 +168,7 @@ NIFTI_CASES = [
 
 @pytest.mark.parametrize("fields, message", [c[1:] for c in NIFTI_CASES], ids=[c[0] for c in NIFTI_CASES])
 def test_nifti_with_insane_geometry_is_refused(tmp_path, fields, message):
-    path = _nifti_with(tmp_path / "vol.nii", **fields)
+    path = nifti_with_fields(tmp_path / "vol.nii", **fields)
     with pytest.raises(ScanError) as info:
         load(ref_for_path(path))
     assert "vol.nii" in str(info.value) and message in str(info.value), str(info.value)
@@ -207,7 +176,7 @@ def test_nifti_with_insane_geometry_is_refused(tmp_path, fields, message):
 
 def test_nifti_that_only_looks_odd_still_loads(tmp_path):
     """A sheared (non-orthogonal but invertible) sform and a negative pixdim are valid NIfTI: they load."""
-    path = _nifti_with(tmp_path / "shear.nii", srow_x=[2, 0.5, 0, 0], pixdim1=-2.0)
+    path = nifti_with_fields(tmp_path / "shear.nii", srow_x=[2, 0.5, 0, 0], pixdim1=-2.0)
     scan = load(ref_for_path(path))
     assert scan.geometry.affine[0, 1] == pytest.approx(0.5)
 
@@ -311,7 +280,7 @@ def test_check_values_names_the_attribute_and_value():
 
 def test_load_refuses_a_reader_that_hands_on_a_nan_grid(tmp_path, monkeypatch):
     """The last line of defence: whatever a reader missed, load() does not pass a NaN affine on."""
-    path = _nifti_with(tmp_path / "v.nii")
+    path = nifti_with_fields(tmp_path / "v.nii")
 
     def careless(ref, options):
         return Scan(

@@ -31,7 +31,14 @@ from medseg.ingest import discover
 from medseg.pipeline import segment_folder
 from medseg.training.loop import train
 
-from conftest import snapshot, tiny_em_config, write_em_pairs
+from conftest import (
+    checkpoint_v1_payload,
+    em_nifti_scans,
+    series_with_numbers,
+    snapshot,
+    tiny_em_config,
+    write_em_pairs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +54,6 @@ def _files_outside(root: Path, allowed: Path, before: set[Path]) -> list[Path]:
     return sorted(p for p in now - before if allowed not in p.parents)
 
 
-def _nifti_scans(folder: Path, names: list[str]) -> None:
-    em = phantoms.em_phantom(shape=(40, 40, 2), cells=6, seed=2)
-    for name in names:
-        phantoms.write_nifti(em.image, em.affine, folder / f"{name}.nii.gz")
-
-
-def _series_with_numbers(folder: Path, numbers: list[str]) -> None:
-    """Several CT series in one folder, each SeriesNumber as given (untrusted text)."""
-    for k, number in enumerate(numbers):
-        paths = phantoms.write_dicom_series(
-            phantoms.ct_phantom(shape=(16, 16, 3), seed=k), folder / f"tmp{k}", series_description=f"s{k}", seed=k
-        )
-        for path in paths:
-            ds = pydicom.dcmread(path)
-            ds[0x00200011] = pydicom.DataElement(0x00200011, "LO", number)  # crafted: text where IS belongs
-            ds.save_as(path)
-            shutil.move(path, folder / f"s{k}_{path.name}")
-        (folder / f"tmp{k}").rmdir()
-
-
 @pytest.mark.parametrize(
     "numbers",
     [
@@ -77,7 +64,7 @@ def _series_with_numbers(folder: Path, numbers: list[str]) -> None:
     ],
 )
 def test_dicom_metadata_never_becomes_a_path_outside_the_output(model, tmp_path, numbers):
-    _series_with_numbers(tmp_path / "in" / "study", numbers)
+    series_with_numbers(tmp_path / "in" / "study", numbers)
     before_inputs = snapshot(tmp_path / "in")
     before = {p for p in tmp_path.rglob("*")}
     out = tmp_path / "work" / "out"
@@ -110,7 +97,7 @@ def test_a_link_in_the_output_that_points_away_is_refused(tmp_path):
 @pytest.mark.parametrize("layout", ["equal", "inside", "holding", "linked-in", "linked-holding"])
 def test_overlapping_input_and_output_are_refused_before_anything_is_written(model, tmp_path, capsys, layout):
     inputs = tmp_path / "data" / "in"
-    _nifti_scans(inputs, ["a"])
+    em_nifti_scans(inputs, ["a"])
     output = {
         "equal": inputs,
         "inside": inputs / "masks",
@@ -132,7 +119,7 @@ def test_overlapping_input_and_output_are_refused_before_anything_is_written(mod
 
 
 def test_output_that_is_a_file_is_refused_naming_it(model, tmp_path, capsys):
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     (tmp_path / "out.txt").write_text("not a folder")
     code = main(
         ["predict", "--checkpoint", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out.txt")]
@@ -143,7 +130,7 @@ def test_output_that_is_a_file_is_refused_naming_it(model, tmp_path, capsys):
 
 
 def test_output_without_room_is_refused_before_the_batch(model, tmp_path, monkeypatch, capsys):
-    _nifti_scans(tmp_path / "in", ["a", "b"])
+    em_nifti_scans(tmp_path / "in", ["a", "b"])
     monkeypatch.setattr(
         medseg.pipeline.output.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9, 1000)
     )
@@ -156,7 +143,7 @@ def test_output_without_room_is_refused_before_the_batch(model, tmp_path, monkey
 
 
 def test_user_files_survive_and_only_journalled_litter_of_dead_runs_goes(model, tmp_path):
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     out = tmp_path / "out"
     out.mkdir()
     victim = tmp_path / "victim.txt"
@@ -196,7 +183,7 @@ def test_user_files_survive_and_only_journalled_litter_of_dead_runs_goes(model, 
 
 
 def test_an_unexpected_error_fails_its_scan_logs_a_traceback_and_the_batch_goes_on(model, tmp_path, monkeypatch):
-    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    em_nifti_scans(tmp_path / "in", ["a", "b", "c"])
     real = Predictor.predict
 
     def predict(self, scan, probabilities=False):
@@ -220,7 +207,7 @@ def test_an_unexpected_error_fails_its_scan_logs_a_traceback_and_the_batch_goes_
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
 def test_a_full_or_read_only_output_stops_the_batch_cleanly(model, tmp_path, monkeypatch, capsys, code):
-    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    em_nifti_scans(tmp_path / "in", ["a", "b", "c"])
     out = tmp_path / "out"
     real_save, calls = nib.save, []
 
@@ -247,7 +234,7 @@ def test_a_full_or_read_only_output_stops_the_batch_cleanly(model, tmp_path, mon
 
 
 def test_transient_input_errors_are_retried_and_permanent_ones_fail_the_scan(model, tmp_path, monkeypatch):
-    _nifti_scans(tmp_path / "in", ["flaky", "gone"])
+    em_nifti_scans(tmp_path / "in", ["flaky", "gone"])
     real, attempts = medseg.pipeline.scan.load, []
 
     def load(ref, options):
@@ -268,7 +255,7 @@ def test_transient_input_errors_are_retried_and_permanent_ones_fail_the_scan(mod
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_masks_and_reports_honour_the_umask(model, tmp_path, umask, mode):
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     old = os.umask(umask)
     try:
         segment_folder(Predictor(model), tmp_path / "in", tmp_path / "out", progress=False)
@@ -292,31 +279,17 @@ def test_checkpoint_weights_that_do_not_fit_their_config_are_one_sentence(model,
         Predictor(tmp_path / "trimmed.pt")
 
 
-def _v1(state: Checkpoint, **changes) -> dict:
-    """The dict medseg wrote before schema 2: classes and preprocessing beside the config."""
-    payload = {
-        "format": "medseg-checkpoint/1",
-        "medseg_version": "0.1.0",
-        "config": state.config.dump(),
-        "classes": state.classes,
-        "preprocess": state.config.preprocess.model_dump(mode="json"),
-        "model": state.weights,
-    }
-    payload.update(changes)
-    return payload
-
-
 def test_schema_1_checkpoints_still_load_and_are_checked_against_their_config(model, tmp_path):
     state = load_checkpoint(model)
-    torch.save(_v1(state), tmp_path / "old.pt")
+    torch.save(checkpoint_v1_payload(state), tmp_path / "old.pt")
     old = Predictor(tmp_path / "old.pt")
     assert old.classes == state.classes and old.config.model == state.config.model
-    torch.save(_v1(state, classes={"membrane": 0}), tmp_path / "fewer.pt")
+    torch.save(checkpoint_v1_payload(state, classes={"membrane": 0}), tmp_path / "fewer.pt")
     with pytest.raises(CheckpointError, match="differ from its config's data.classes"):
         load_checkpoint(tmp_path / "fewer.pt")
     bad = state.config.dump()
     bad["data"]["classes"] = {"membrane": 0}  # fewer class names than outputs
-    torch.save({**_v1(state), "config": bad, "classes": {"membrane": 0}}, tmp_path / "one_class.pt")
+    torch.save({**checkpoint_v1_payload(state), "config": bad, "classes": {"membrane": 0}}, tmp_path / "one_class.pt")
     with pytest.raises(CheckpointError, match="stored config is not valid"):
         load_checkpoint(tmp_path / "one_class.pt")
     torch.save(
@@ -333,7 +306,7 @@ def test_a_scan_with_other_channels_than_the_model_fails_alone(model, tmp_path):
     (tmp_path / "in").mkdir()
     rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "in" / "colour.png")
-    _nifti_scans(tmp_path / "in", ["grey"])
+    em_nifti_scans(tmp_path / "in", ["grey"])
     ckpt = load_checkpoint(model)
     ckpt.config.data.color = "channels"  # the scans load with 3 channels; the model takes 1
     save_checkpoint(ckpt, tmp_path / "m.pt")
@@ -344,7 +317,7 @@ def test_a_scan_with_other_channels_than_the_model_fails_alone(model, tmp_path):
 
 
 def test_cli_run_as_a_subprocess_prints_no_traceback_for_a_hostile_batch(model, tmp_path):
-    _series_with_numbers(tmp_path / "in", ["1/../../..", "2"])
+    series_with_numbers(tmp_path / "in", ["1/../../..", "2"])
     (tmp_path / "in" / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip")
     done = subprocess.run(
         [
@@ -407,7 +380,7 @@ def test_a_scan_that_would_resample_past_the_budget_fails_alone_before_resamplin
 
 def test_a_bind_mounted_output_is_the_input_and_is_refused(model, tmp_path, capsys):
     """A bind mount has another path but the same folder: compared by device and inode, refused."""
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     (tmp_path / "out").mkdir()
     mounted = subprocess.run(["mount", "--bind", str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True)
     if mounted.returncode != 0:
@@ -425,8 +398,8 @@ def test_a_bind_mounted_output_is_the_input_and_is_refused(model, tmp_path, caps
 
 
 def test_an_input_that_links_into_the_output_fails_alone_and_is_not_overwritten(model, tmp_path):
-    _nifti_scans(tmp_path / "out" / "data", ["scan"])  # a file already in the output folder
-    _nifti_scans(tmp_path / "in", ["plain"])
+    em_nifti_scans(tmp_path / "out" / "data", ["scan"])  # a file already in the output folder
+    em_nifti_scans(tmp_path / "in", ["plain"])
     (tmp_path / "in" / "data").mkdir()
     (tmp_path / "in" / "data" / "scan.nii.gz").symlink_to(tmp_path / "out" / "data" / "scan.nii.gz")
     before = (tmp_path / "out" / "data" / "scan.nii.gz").read_bytes()
@@ -439,7 +412,7 @@ def test_an_input_that_links_into_the_output_fails_alone_and_is_not_overwritten(
 
 @pytest.mark.parametrize("linked", [".medseg", ".medseg/journal", ".medseg/ledger", "logs"])
 def test_medsegs_own_folders_linked_elsewhere_never_write_or_delete_outside(model, tmp_path, monkeypatch, linked):
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     out, user = tmp_path / "out", tmp_path / "user"
     user.mkdir()
     (user / "probe").write_text("precious")
@@ -464,7 +437,7 @@ def test_medsegs_own_folders_linked_elsewhere_never_write_or_delete_outside(mode
 
 
 def test_an_output_behind_a_link_loop_is_one_sentence(model, tmp_path, capsys):
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     code = main(
         [
@@ -533,7 +506,7 @@ def test_no_two_cases_or_slices_write_the_same_mask(model, tmp_path):
 def test_rewriting_the_review_page_removes_only_its_own_old_case_files(model, tmp_path):
     from medseg.review import DATA_FOLDER
 
-    _nifti_scans(tmp_path / "in", ["a", "b"])
+    em_nifti_scans(tmp_path / "in", ["a", "b"])
     out = tmp_path / "out"
     segment_folder(Predictor(model), tmp_path / "in", out, progress=False)
     data = out / DATA_FOLDER
@@ -551,7 +524,7 @@ def test_rewriting_the_review_page_removes_only_its_own_old_case_files(model, tm
 def test_an_output_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_over(model, tmp_path):
     from medseg.pipeline import LOCK_FILE, OutputBusy, output_lock
 
-    _nifti_scans(tmp_path / "in", ["a"])
+    em_nifti_scans(tmp_path / "in", ["a"])
     out = tmp_path / "out"
     with output_lock(out):
         with pytest.raises(OutputBusy, match=rf"being written by process {os.getpid()} on {socket.gethostname()}"):
@@ -568,7 +541,7 @@ def test_an_output_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_o
 
 
 def test_once_the_disk_is_full_no_further_scan_does_model_work(model, tmp_path, monkeypatch, capsys):
-    _nifti_scans(tmp_path / "in", ["a", "b", "c"])
+    em_nifti_scans(tmp_path / "in", ["a", "b", "c"])
     predicted = []
     real_predict, real_usage = Predictor.predict, shutil.disk_usage
 

@@ -12,7 +12,6 @@ Every server here is started by the test on 127.0.0.1, port 0, in a thread, and 
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import http.server
 import importlib.util
@@ -39,25 +38,10 @@ from medseg import cli
 from medseg.data import download
 from medseg.errors import ManifestError
 from medseg.data.download import fetch
-from medseg.data.manifest import COLUMNS, read_manifest
+from medseg.data.manifest import read_manifest
 from medseg.review import MAX_REQUEST_PATH, PAGE_NAME, ReviewServer, write_review
 
-CANARY = b"CANARY-5e1f: private text that lives outside every served folder\n"
-
-
-def _canary_forms(data: bytes = CANARY) -> list[bytes]:
-    """The canary as it could appear in a page: raw, and base64 at each of the three byte alignments."""
-    forms = [data.strip()]
-    for shift in range(3):
-        encoded = base64.b64encode(data[shift:])
-        forms.append(encoded[4:-4])  # inner part: independent of what came before or after
-    return forms
-
-
-def _assert_no_canary(blob: bytes, where: str) -> None:
-    for form in _canary_forms():
-        assert form not in blob, f"{where} holds the canary ({form[:20]!r}...)"
-
+from conftest import CANARY, assert_no_canary, one_file_manifest
 
 # ============================================================================ the view server
 
@@ -144,7 +128,7 @@ def test_view_server_answers_hostile_paths_with_400_or_404_and_no_traceback(
         answers = {}
         for target, expected in HOSTILE:
             status, body = _raw_get(port, target)
-            _assert_no_canary(body, repr(target[:60]))
+            assert_no_canary(body, repr(target[:60]))
             answers[target[:60]] = (status, expected)
         assert _raw_get(port, b"/review/case-0001.js")[0] == 200  # still serving after all that
     wrong = {target: got for target, got in answers.items() if got[0] != got[1]}
@@ -311,7 +295,7 @@ def test_review_page_never_embeds_or_links_files_outside_the_output_folder(
     html = page.read_bytes()
     files = sorted((f["out"] / "review").glob("case-*.js"))
     for blob, where in [(html, "review.html"), *((p.read_bytes(), p.name) for p in files)]:
-        _assert_no_canary(blob, where)  # (problem lines may name a canary's path, as text)
+        assert_no_canary(blob, where)  # (problem lines may name a canary's path, as text)
     links = re.findall(rb'\b(?:src|href)\s*=\s*"([^"]*)"', html)
     assert links and all(link.startswith((b"data:", b"#")) for link in links), links
     assert "Learning curves of the training run" not in page.read_text()
@@ -355,27 +339,6 @@ def _no_env_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEDSEG_DATA_DIR", raising=False)
 
 
-def _manifest(path: Path, url: str, sha256: str = "0" * 64, size: int | None = None) -> Path:
-    columns = [*COLUMNS, "size"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerow(
-            {
-                "dataset": "tiny",
-                "case": "c0",
-                "role": "image",
-                "path": "img/a.bin",
-                "sha256": sha256,
-                "split": "train",
-                "source_url": url,
-                "licence": "test",
-                "size": "" if size is None else size,
-            }
-        )
-    return path
-
-
 def _files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
 
@@ -409,7 +372,7 @@ def test_fetch_refuses_every_scheme_but_https(url: str, tmp_path: Path) -> None:
     opener = _NeverOpen()
     dest = tmp_path / "dest"
     with pytest.raises(ManifestError) as err:
-        fetch("tiny", dest, manifest=_manifest(tmp_path / "m.csv", url), opener=opener)
+        fetch("tiny", dest, manifest=one_file_manifest(tmp_path / "m.csv", url), opener=opener)
     message = str(err.value)
     assert message.startswith(url) and "https://" in message and "--mirror DIR" in message
     assert "tiny/img/a.bin" in message and "\n" not in message
@@ -431,7 +394,7 @@ def test_fetch_reads_file_urls_only_from_inside_the_mirror(tmp_path: Path) -> No
     )
     for url in urls:
         with pytest.raises(ManifestError, match="lies outside the mirror") as err:
-            fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=_manifest(tmp_path / "m.csv", url, sha))
+            fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=one_file_manifest(tmp_path / "m.csv", url, sha))
         assert str(err.value).startswith(url)
     assert not _files_under(tmp_path / "dest")
     (mirror / "copy.bin").write_bytes(data)  # inside the mirror: read (the rule is not "never")
@@ -439,7 +402,7 @@ def test_fetch_reads_file_urls_only_from_inside_the_mirror(tmp_path: Path) -> No
         "tiny",
         tmp_path / "dest",
         mirror=mirror,
-        manifest=_manifest(tmp_path / "m.csv", (mirror / "copy.bin").as_uri(), sha, len(data)),
+        manifest=one_file_manifest(tmp_path / "m.csv", (mirror / "copy.bin").as_uri(), sha, len(data)),
     )
     assert report.downloaded == ["img/a.bin"] and (tmp_path / "dest/tiny/img/a.bin").read_bytes() == data
 
@@ -453,7 +416,7 @@ def test_fetch_does_not_open_a_pipe_or_device_named_by_a_file_url(tmp_path: Path
     def run() -> None:
         try:
             url = (mirror / "endless").as_uri()
-            fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=_manifest(tmp_path / "m.csv", url))
+            fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=one_file_manifest(tmp_path / "m.csv", url))
         except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
             outcome.append(exc)
 
@@ -537,7 +500,7 @@ def test_fetch_stops_an_endless_source_at_the_declared_size(endless: str, tmp_pa
     url = "https://data.example.org/endless.bin"
     dest = tmp_path / "dest"
     with pytest.raises(ManifestError) as err:
-        fetch("tiny", dest, manifest=_manifest(tmp_path / "m.csv", url, size=size), opener=opener)
+        fetch("tiny", dest, manifest=one_file_manifest(tmp_path / "m.csv", url, size=size), opener=opener)
     message = str(err.value)
     assert opener.urls == [url] and opener.read_bytes == size + 1  # not a byte more than needed to know
     assert message.startswith(url) and f"more than the {size} bytes" in message and "deleted the partial" in message
@@ -549,7 +512,12 @@ def test_fetch_caps_a_file_without_declared_size(endless: str, tmp_path: Path, m
     monkeypatch.setattr(download, "MAX_UNDECLARED_BYTES", 2**20)
     opener = _Counting(endless + "/zeros")
     with pytest.raises(ManifestError, match="has no size in .* add the file's size in bytes to a size column"):
-        fetch("tiny", tmp_path / "dest", manifest=_manifest(tmp_path / "m.csv", "https://x.example/a"), opener=opener)
+        fetch(
+            "tiny",
+            tmp_path / "dest",
+            manifest=one_file_manifest(tmp_path / "m.csv", "https://x.example/a"),
+            opener=opener,
+        )
     assert opener.read_bytes == 2**20 + 1 and not _files_under(tmp_path / "dest")
 
 
@@ -559,7 +527,7 @@ def test_fetch_refuses_an_announced_length_over_the_declared_size(endless: str, 
         fetch(
             "tiny",
             tmp_path / "dest",
-            manifest=_manifest(tmp_path / "m.csv", "https://x.example/a", size=1000),
+            manifest=one_file_manifest(tmp_path / "m.csv", "https://x.example/a", size=1000),
             opener=opener,
         )
     assert opener.read_bytes == 0 and not _files_under(tmp_path / "dest")
@@ -574,7 +542,9 @@ def test_fetch_accepts_a_source_of_exactly_the_declared_size(tmp_path: Path) -> 
         "tiny",
         tmp_path / "dest",
         opener=opener,
-        manifest=_manifest(tmp_path / "m.csv", "https://x.example/a.bin", hashlib.sha256(data).hexdigest(), len(data)),
+        manifest=one_file_manifest(
+            tmp_path / "m.csv", "https://x.example/a.bin", hashlib.sha256(data).hexdigest(), len(data)
+        ),
     )
     assert report.downloaded == ["img/a.bin"] and (tmp_path / "dest/tiny/img/a.bin").read_bytes() == data
 
@@ -586,16 +556,16 @@ def test_fetch_stops_an_oversized_mirror_file_at_the_declared_size(tmp_path: Pat
         handle.truncate(2**30)  # 1 GiB, sparse (no disk used): a thousand times the declared size
     start = time.monotonic()
     with pytest.raises(ManifestError, match="more than the 1048576 bytes .* deleted the partial file"):
-        fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=_manifest(tmp_path / "m.csv", "", size=2**20))
+        fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=one_file_manifest(tmp_path / "m.csv", "", size=2**20))
     assert time.monotonic() - start < 20 and not _files_under(tmp_path / "dest")
 
 
 def test_size_column_is_validated(tmp_path: Path) -> None:
-    path = _manifest(tmp_path / "m.csv", "https://x.example/a")
+    path = one_file_manifest(tmp_path / "m.csv", "https://x.example/a")
     path.write_text(path.read_text().replace(",\r\n", ",12kB\r\n", 1).replace(",\n", ",12kB\n", 1))
     with pytest.raises(ManifestError, match=r"line 2: size '12kB' must be the file's size in bytes"):
         read_manifest(path)
-    assert read_manifest(_manifest(tmp_path / "n.csv", "https://x.example/a", size=12))[0].size == 12
+    assert read_manifest(one_file_manifest(tmp_path / "n.csv", "https://x.example/a", size=12))[0].size == 12
 
 
 def test_cli_names_the_refused_url_and_the_fix(
@@ -610,7 +580,7 @@ def test_cli_names_the_refused_url_and_the_fix(
         "--dest",
         str(tmp_path / "d"),
         "--manifest",
-        str(_manifest(tmp_path / "m.csv", "ftp://example.org/a.bin")),
+        str(one_file_manifest(tmp_path / "m.csv", "ftp://example.org/a.bin")),
     ]
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
