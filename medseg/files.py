@@ -73,13 +73,14 @@ def natural_key(text: str | Path) -> list[str | int]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def safe_part(name: str) -> str:
+def safe_part(name: str, max_bytes: int = _MAX_PART_BYTES) -> str:
     """One path component made harmless: no separators, control characters, ``.``/``..`` or leading dot.
 
     Bytes of a file name that were not UTF-8 (surrogate escapes) become ``_`` too, so the
     name can be written into JSON reports and shown in a page. Characters Windows shares
-    and shells trip over become ``_``; the part is cut to a length every filesystem
-    accepts. An empty result becomes ``_``.
+    and shells trip over become ``_``; the part is cut to ``max_bytes`` of UTF-8 (a length
+    every filesystem accepts), its end replaced by a digest of the whole so that cut names
+    stay distinct. An empty result becomes ``_``.
     """
     text = "".join("_" if 0xD800 <= ord(c) <= 0xDFFF else c for c in str(name))  # undecodable bytes of a name
     text = unicodedata.normalize("NFC", text).replace("/", "_")
@@ -89,9 +90,9 @@ def safe_part(name: str) -> str:
     if text.startswith("."):
         text = "_" + text[1:]
     encoded = text.encode("utf-8")
-    if len(encoded) > _MAX_PART_BYTES:
+    if len(encoded) > max_bytes:
         digest = hashlib.sha256(encoded).hexdigest()[:8]
-        text = encoded[: _MAX_PART_BYTES - 9].decode("utf-8", "ignore") + "~" + digest
+        text = encoded[: max_bytes - 9].decode("utf-8", "ignore") + "~" + digest
     return text
 
 
@@ -151,10 +152,13 @@ def contained_path(root: Path, relative: str, suffix: str = "", folder: str = ""
     ``logs``), not sanitised but checked too: a link there that points elsewhere is caught
     by resolving against ``root`` itself.
     """
+    if "/" in suffix or "\x00" in suffix:
+        raise ValueError(f"suffix {suffix!r} is not a file name ending")
     parts = [safe_part(p) for p in str(relative).split("/") if p not in ("",)]
     if not parts:
         parts = ["_"]
-    parts[-1] = safe_part(parts[-1] + suffix) if suffix else parts[-1]
+    # the suffix is medseg's own (.nii.gz, .seg.dcm): a long name is cut before it, never through it
+    parts[-1] = safe_part(parts[-1], _MAX_PART_BYTES - len(suffix.encode("utf-8"))) + suffix
     base = Path(root) / folder if folder else Path(root)
     return ensure_inside(root, base.joinpath(*parts))
 
@@ -228,7 +232,8 @@ def atomic_path(target: Path, root: Path | None = None, durable: bool = False) -
     token = secrets.token_hex(6)
     suffix = "".join(target.suffixes[-2:])
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-    tmp = target.with_name(f".{stem[:120]}.{token}{TMP_MARKER}{suffix}")
+    short = stem.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")  # bytes: NAME_MAX counts bytes
+    tmp = target.with_name(f".{short}.{token}{TMP_MARKER}{suffix}")
     entry = _journal_entry(root, token, tmp)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

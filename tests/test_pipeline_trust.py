@@ -84,6 +84,7 @@ def test_safe_part_and_contained_path_keep_every_name_inside(tmp_path, name):
     assert len(part.encode()) <= 200
     path = contained_path(tmp_path, name, ".nii.gz")
     assert tmp_path.resolve() in path.resolve().parents
+    assert path.name.endswith(".nii.gz") and len(path.name.encode()) <= 255  # a long name is cut before its suffix
 
 
 def test_a_link_in_the_output_that_points_away_is_refused(tmp_path):
