@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from medseg.data import phantoms
-from medseg.errors import LabelError
+from medseg.errors import LabelError, ScanError
 from medseg.ingest import discover, load, load_label, ref_for_path
 
 from conftest import open_files, snapshot
@@ -55,6 +55,21 @@ def test_mixed_good_and_bad_folder_returns_good_and_reports_bad(tmp_path, sample
     # the NaN volume is found but refuses to load, with its reason
     with pytest.raises(Exception, match="NaN"):
         load(found.scans[-1])
+
+
+def test_pipes_and_devices_are_never_opened_and_are_listed(tmp_path):
+    """Opening a FIFO waits for a writer and a device never ends: listed as skipped, and refused as the input."""
+    phantoms.write_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), tmp_path / "d" / "ok.nii.gz")
+    os.mkfifo(tmp_path / "d" / "pipe.nii.gz")
+    (tmp_path / "d" / "zero.dcm").symlink_to("/dev/zero")
+    found = discover(tmp_path / "d")
+    assert [s.id for s in found.scans] == ["ok"] and not found.problems
+    assert sorted(p.paths[0].name for p in found.skipped if "not a regular file" in p.reason) == [
+        "pipe.nii.gz",
+        "zero.dcm",
+    ]
+    with pytest.raises(ScanError, match=r"pipe.nii.gz: is not a regular file or folder \(a pipe, socket or device\)"):
+        discover(tmp_path / "d" / "pipe.nii.gz")
 
 
 def test_reading_never_modifies_or_holds_inputs(sample_study):

@@ -96,6 +96,8 @@ def discover(folder: Path | str, stack_sequences: bool = True) -> Discovery:
     root = Path(folder)
     if not root.exists():
         raise ScanError(root, "does not exist", "check the path")
+    if not root.is_dir() and not root.is_file():  # opening a pipe would wait for a writer, a device never ends
+        raise ScanError(root, "is not a regular file or folder (a pipe, socket or device)", "point at scans")
     result = Discovery(root=root)
     files = [root] if root.is_file() else list(_walk(root, result))
     base = root.parent if root.is_file() else root
@@ -128,6 +130,8 @@ def _walk(root: Path, result: Discovery) -> Iterable[Path]:
                 continue
             if path.is_file():
                 yield path
+            else:
+                result.skipped.append(Problem((path,), "not a regular file (a pipe, socket or device): not read"))
 
 
 def _classify(
