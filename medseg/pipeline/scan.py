@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medseg import __version__
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, ScanError
 from medseg.files import atomic_write_text, contained_path, safe_part
 from medseg.ingest import LoadOptions, Problem, ScanRef, case_id, load
 from medseg.pipeline.output import (
@@ -110,9 +110,14 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def problem_record(problem: Problem, input_root: Path) -> CaseRecord:
-    """The failed record of an input discovery could not use, under the id the file would have had."""
+    """The failed record of an input discovery could not use, under the id the file would have had.
+
+    The reason names the file(s) as every scan error does: the id alone (``ct/IM0001``) does not
+    say which file of a series, nor its extension.
+    """
     path = Path(problem.paths[0])
-    return CaseRecord(case_id(path, input_root), "unknown", str(path), "failed", reason=problem.reason)
+    reason = str(ScanError(problem.paths, problem.reason))
+    return CaseRecord(case_id(path, input_root), "unknown", str(path), "failed", reason=reason)
 
 
 def _check_still_writable(job: Job, ref: ScanRef) -> None:
