@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from medseg.errors import MedsegError, ScanError
-from medseg.files import atomic_path, contained_path, remove_own_temporaries
+from medseg.files import atomic_path, contained_path, remove_own_temporaries, tidy_journal
 from medseg.ingest import ScanRef
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "file_size",
     "output_lock",
     "prepare_output",
+    "probe_output",
 ]
 
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
@@ -63,10 +64,28 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputUnwritable(f"--output {output_dir} is an existing file, not a folder; name a folder")
     path = contained_path(output_dir, "lock", folder=".medseg")
-    path.parent.mkdir(parents=True, exist_ok=True)
     mine = json.dumps(
         {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     )
+    try:
+        _take_lock(output_dir, path, mine)
+    except OSError as exc:  # a read-only or full folder: one sentence, and no empty lock left behind
+        raise OutputUnwritable(
+            f"output folder {output_dir}: cannot take its lock {path} ({exc.strerror or exc}); check its "
+            "permissions and that the disk is mounted read-write and has room"
+        ) from None
+    try:
+        yield path
+    finally:
+        try:
+            if _lock_holder(path) == json.loads(mine):
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder turned read-only: the lock stays, and its ended process makes it stale
+
+
+def _take_lock(output_dir: Path, path: Path, mine: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
@@ -84,16 +103,14 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
                 ) from None
             path.unlink(missing_ok=True)  # stale: its process has ended
             continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(mine)
-        break
-    else:
-        raise OutputBusy(f"output folder {output_dir}: could not take {path} (another run keeps taking it)")
-    try:
-        yield path
-    finally:
-        if _lock_holder(path) == json.loads(mine):
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(mine)
+        except BaseException:
             path.unlink(missing_ok=True)
+            raise
+        return
+    raise OutputBusy(f"output folder {output_dir}: could not take {path} (another run keeps taking it)")
 
 
 def _lock_holder(path: Path) -> dict[str, Any] | None:
@@ -188,13 +205,53 @@ class _Discard(Exception):
     """Leaves an `atomic_path` block without committing its file (the write probe)."""
 
 
-def check_room(output_dir: Path, needed: int, what: str = "this batch") -> None:
+def check_room(output_dir: Path, needed: int, what: str = "this batch", basis: str = "the size of its inputs") -> None:
+    """OutputUnwritable naming the free and the needed MB, and ``basis`` of the estimate, if room is short."""
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise OutputUnwritable(
             f"output folder {output_dir}: {free / 2**20:.0f} MB free, but {what} may need up to "
-            f"{needed / 2**20:.0f} MB (the size of its inputs); free some space or choose another output folder"
+            f"{needed / 2**20:.0f} MB ({basis}); free some space or choose another output folder"
         )
+
+
+def probe_output(output_dir: Path, name: str = "--output") -> None:
+    """The output folder is a folder, or can be made one, and takes a file: checked before any work.
+
+    Why: a command that learns this at its first write has wasted the work before it (a batch's
+    first scan, training's first epoch, the demo's training) and ends in a library's traceback.
+    ``name`` is how the user named the folder (``--output``, ``the run folder``). The probe is a
+    journalled temporary file, removed at once with its journal entry.
+    """
+    for folder in (output_dir, *output_dir.parents):
+        try:
+            is_folder = folder.is_dir()
+            if not is_folder and not folder.exists():
+                continue
+        except OSError:
+            break  # a link loop or an unreadable parent: mkdir below says what the system says
+        if not is_folder:
+            where = "" if folder == output_dir else f" ({folder} is)"
+            raise OutputUnwritable(
+                f"{name} {output_dir} is an existing file{where}, not a folder; name a folder "
+                "(it is created if missing)"
+            )
+        break
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic_path(output_dir / "medseg-probe", root=output_dir) as probe:
+                probe.write_bytes(b"medseg write probe\n")
+                raise _Discard  # the temporary file and its journal entry go; nothing is renamed
+        except _Discard:
+            pass
+    except OSError as exc:
+        raise OutputUnwritable(
+            f"{name} {output_dir}: cannot write there ({exc.strerror or exc}); "
+            "check its permissions and that the disk is mounted read-write"
+        ) from None
+    finally:
+        tidy_journal(output_dir)
 
 
 def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] | None = None) -> list[Path]:
@@ -207,23 +264,7 @@ def prepare_output(input_path: Path, output_dir: Path, refs: Sequence[ScanRef] |
     Returns the temporary files removed (only those medseg's journal names, of dead processes).
     """
     check_disjoint(input_path, output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputUnwritable(
-            f"--output {output_dir} is an existing file, not a folder; name a folder (it is created if missing)"
-        )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_path(output_dir / "medseg-probe", root=output_dir) as probe:
-                probe.write_bytes(b"medseg write probe\n")
-                raise _Discard  # the temporary file and its journal entry go; nothing is renamed
-        except _Discard:
-            pass
-    except OSError as exc:
-        raise OutputUnwritable(
-            f"output folder {output_dir}: cannot write there ({exc.strerror or exc}); "
-            "check its permissions and that the disk is mounted read-write"
-        ) from None
+    probe_output(output_dir)
     inputs = _tree_bytes(input_path) if refs is None else sum(file_size(p) for ref in refs for p in ref.paths)
     needed = PROBE_MARGIN_BYTES + inputs
     check_room(output_dir, needed)
