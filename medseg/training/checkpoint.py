@@ -203,7 +203,11 @@ def checkpoint_file(path: Path | str) -> Path:
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
     """Write ``checkpoint`` to ``path`` atomically and durably (fsync, then rename)."""
     with atomic_path(Path(path), durable=True) as tmp:
-        torch.save(checkpoint.to_payload(), tmp)
+        try:
+            with open(tmp, "wb") as handle:  # a file object: a full disk is an OSError, not torch's RuntimeError
+                torch.save(checkpoint.to_payload(), handle)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None  # torch's error names no file
     return Path(path)
 
 

@@ -292,9 +292,14 @@ def prepare_run_dir(config: Config, resume: Path | None = None, overwrite: bool 
 
     Public so that a command writing into the run folder before training (``medseg train --images``
     writes the plan there) refuses exactly what training would refuse, before it writes."""
+    from medseg.pipeline.output import probe_output
+
     if resume is not None:
-        return RunFolder.resumed(resume).path
-    return RunFolder.new(config.output_dir / config.name, config.data, overwrite).path
+        path = RunFolder.resumed(resume).path
+    else:
+        path = RunFolder.new(config.output_dir / config.name, config.data, overwrite).path
+    probe_output(path, "the run folder (output_dir/name)")  # a file in the way, a read-only disk: before epoch 1
+    return path
 
 
 def _run_folder(config: Config, resume: Path | None, overwrite: bool) -> tuple[RunFolder, Checkpoint | None]:
