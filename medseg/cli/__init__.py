@@ -66,11 +66,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MedsegError as exc:
             print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
             return 1
+        except OSError as exc:  # a disk that fills, a folder that turns read-only: the system's words, one line
+            logging.getLogger("medseg").debug("%s failed", args.command, exc_info=True)  # -v: the traceback
+            print(f"medseg {args.command}: error: {_system_error(exc)}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt as exc:  # Ctrl+C, or SIGTERM as Terminated: one line, no traceback
             return _stopped(args, bool(terminated) or isinstance(exc, Terminated), started)
     if terminated:  # the command caught the interrupt itself (e.g. `view` stops its server) and returned
         return _stopped(args, True, started)
     return code
+
+
+def _system_error(exc: OSError) -> str:
+    """An OSError as one sentence naming its file(s), the system's reason and what to check."""
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    return f"{where}: {exc.strerror or exc} (-v shows the traceback)"
 
 
 class Terminated(KeyboardInterrupt):

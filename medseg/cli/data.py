@@ -68,7 +68,9 @@ def handler(args: argparse.Namespace) -> int:
 
 def _phantom(args: argparse.Namespace) -> int:
     from medseg.data.phantoms import write_ct_dataset
+    from medseg.pipeline.output import probe_output
 
+    probe_output(args.output, "the phantom folder")
     images, labels = write_ct_dataset(args.output, cases=args.cases, seed=args.seed)
     print(f"{args.cases} CT phantom volumes in {images}, labels in {labels} (liver=1, kidney=2, spine=3)")
     return 0
