@@ -199,6 +199,8 @@ def read_manifest(path: Path | None = None) -> list[ManifestEntry]:
             fold = int(fold_text) if fold_text else None
             entries.append(ManifestEntry(**{**row, "sha256": row["sha256"].lower()}, line=line, size=size, fold=fold))
     problems += _consistency_problems(entries, path)
+    if len(problems) == 1:  # it names the manifest and its line already: one line
+        raise ManifestError(f"invalid manifest: {problems[0]}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  (and {len(problems) - 20} more)" if len(problems) > 20 else ""
