@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -209,9 +210,18 @@ class ReviewServer:
         return self
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the server stops (or ``timeout`` seconds pass)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        """Block until the server stops (or ``timeout`` seconds pass).
+
+        Joins in short slices: a signal that lands just before one untimed join ran its handler only
+        when the join ended, never here (`medseg view` ignored SIGTERM in 2 of 8 tries); a timed join
+        returns to Python often enough that Ctrl+C and SIGTERM always stop it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive():
+            step = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            if step <= 0:
+                return
+            self._thread.join(step)
 
     def stop(self) -> None:
         if self._thread is not None:
