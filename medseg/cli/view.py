@@ -60,18 +60,20 @@ def run(args: argparse.Namespace) -> int:
     if args.rebuild or args.reference or args.learning_curves or review_is_stale(output):
         page = write_review(output, args.reference, args.learning_curves)
         print(f"Wrote {page}", flush=True)
-    server = ReviewServer(output, args.host, args.port).start()
-    url = server.url + PAGE_NAME
-    print(f"Review page: {url}", flush=True)
-    print(f"Serving {server.root} (only files below it); press Ctrl+C to stop.", flush=True)
-    if args.host not in LOOPBACK:
-        print(f"Note: listening on {args.host}, so other machines can reach these scans and masks.", flush=True)
-    if args.open and not webbrowser.open(url):
-        print("No web browser found here; open the address above yourself.", flush=True)
-    try:
+    server = None
+    try:  # from the moment the port listens: Ctrl+C stops it the same way whenever it comes
+        server = ReviewServer(output, args.host, args.port).start()
+        url = server.url + PAGE_NAME
+        print(f"Review page: {url}", flush=True)
+        print(f"Serving {server.root} (only files below it); press Ctrl+C to stop.", flush=True)
+        if args.host not in LOOPBACK:
+            print(f"Note: listening on {args.host}, so other machines can reach these scans and masks.", flush=True)
+        if args.open and not webbrowser.open(url):
+            print("No web browser found here; open the address above yourself.", flush=True)
         server.wait()
     except KeyboardInterrupt:
         print("Stopped.", flush=True)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     return 0
