@@ -42,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "instance_class",
     "load_config",
     "load_yaml",
     "read_yaml_file",
@@ -317,11 +318,29 @@ class ClassCodingConfig(Section):
     modifier: CodeConfig | None = None
 
 
+def instance_class(classes: dict[str, int]) -> str:
+    """The class instance labels belong to: the one class of two whose value is not 0."""
+    others = [name for name, value in classes.items() if value != 0]
+    if len(classes) != 2 or len(others) != 1:
+        raise ValueError(
+            f"instance labels hold objects of one class, so data.classes must name two classes, background "
+            f"with value 0 and the objects' class (e.g. {{background: 0, nucleus: 1}}), not {classes}"
+        )
+    return others[0]
+
+
 class DataConfig(Section):
     """Where the cases come from and what their label values mean.
 
     Exactly one source: a manifest ``dataset`` id, an ``images`` folder (with a
     ``labels`` folder paired by case name), or a ``csv`` of image,label paths.
+
+    labels_are: what the values of a label map file mean: ``classes`` (the values of
+    ``classes``) or ``instances`` (object ids, 0 background, e.g. a 16-bit TIFF/PNG; the
+    objects are of the one class that is not 0, and training separates touching ones). A
+    map holding 1..N cannot tell the two apart, so the config says it. The per-image
+    layout (``CASE/images`` + ``CASE/masks``, one mask file per object) is instances
+    whatever this says: its layout is unambiguous.
     """
 
     dataset: str | None = None
@@ -331,6 +350,7 @@ class DataConfig(Section):
     csv: ConfigPath | None = None
     classes: dict[str, int] = Field(default_factory=lambda: {"background": 0, "foreground": 1})
     color: Literal["grey", "channels"] = "grey"
+    labels_are: Literal["classes", "instances"] = "classes"
     split: SplitConfig = Field(default_factory=SplitConfig)
     # DICOM SEG codes per class name, over medseg.export.seg_coding's SNOMED CT table (e.g. for site-specific classes).
     classes_coding: dict[str, ClassCodingConfig] | None = None
@@ -360,6 +380,12 @@ class DataConfig(Section):
                 "give the values the label files hold"
             )
         return value
+
+    @model_validator(mode="after")
+    def _instances_have_one_class(self) -> "DataConfig":
+        if self.labels_are == "instances":
+            instance_class(self.classes)
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

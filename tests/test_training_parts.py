@@ -17,7 +17,7 @@ from medseg.geometry import Geometry
 from medseg.ingest import Scan, ScanRef
 from medseg.data.sampling import Item, PatchSampler
 from medseg.data.transforms import Preprocessor, index_to_label, label_to_index
-from medseg.data.weights import border_weight_map
+from medseg.data.weights import border_weight_map, instances_of_class
 
 
 def test_nnunet_layout_with_channel_suffixes(tmp_path):
@@ -184,8 +184,8 @@ def test_label_values_map_to_indices_and_back():
 def test_border_weight_map_matches_brute_force():
     em = phantoms.em_phantom(shape=(80, 64, 1), cells=10, seed=2)
     index = (em.label[..., 0] == 255).astype(np.int64)
-    fast = border_weight_map(index, instance_class=1, num_classes=2, w0=10, sigma=5)
     instances, n = ndimage.label(index == 1)
+    fast = border_weight_map(index, instances_of_class(index, 1), num_classes=2, w0=10, sigma=5)
     d = np.sort(np.stack([ndimage.distance_transform_edt(instances != i) for i in range(1, n + 1)]), axis=0)
     counts = np.bincount(index.ravel(), minlength=2)
     balance = counts.sum() / (2 * counts)

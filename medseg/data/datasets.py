@@ -3,6 +3,12 @@
 A case is one image (one ScanRef per channel, nnU-Net's ``case_0000``/``case_0001``
 convention) and its reference mask. Sources: a dataset id from data_manifest.csv, an
 image folder with a label folder paired by case name, or a CSV of image,label paths.
+
+A reference is a class map, or an instance map (``Case.instances``): one mask file per
+object in the per-image layout (``CASE/images`` + ``CASE/masks``, found by ``discover``
+in an image folder, or named in a CSV by the case folder or its masks/ folder), or a label
+map file when ``data.labels_are`` is ``instances``. ``medseg.data.targets`` turns either
+into the training target.
 """
 
 from __future__ import annotations
@@ -19,7 +25,17 @@ import numpy as np
 from medseg.data import manifest
 from medseg.config import DataConfig, SplitConfig
 from medseg.errors import ConfigError
-from medseg.ingest import LoadOptions, Scan, ScanRef, discover, load, ref_for_path, validate_label
+from medseg.ingest import (
+    Discovery,
+    LoadOptions,
+    Scan,
+    ScanRef,
+    discover,
+    load,
+    load_label,
+    ref_for_path,
+    validate_label,
+)
 
 __all__ = ["Case", "find_cases", "load_case", "split_cases"]
 
@@ -35,12 +51,20 @@ class Case:
     label: ScanRef | None
     split: str = ""  # the manifest's split, when the source has one
     fold: int | None = None  # the manifest's fixed cross-validation fold, when it declares one
+    instances: bool = False  # the label holds object ids (0: background), not class values
 
 
-def load_case(case: Case, color: str = "grey", classes: Sequence[int] | None = None) -> tuple[Scan, Scan | None]:
+def load_case(
+    case: Case, color: str = "grey", classes: Sequence[int] | None = None, ids: bool = False
+) -> tuple[Scan, Scan | None]:
     """The case's image (its channels stacked in order, float32 when there are several) and its
     reference mask checked against it (one integer channel on the image's grid, values among
-    ``classes`` when given); the mask is None for an unlabelled case."""
+    ``classes`` when given); the mask is None for an unlabelled case.
+
+    An instance case's mask holds class values too (its objects' class: the one non-zero
+    value of ``classes``, 1 without them), unless ``ids``: then its object ids (0 background),
+    which training needs to separate touching objects (``medseg.data.targets``).
+    """
     options = LoadOptions(color=color)
     channels = [load(ref, options) for ref in case.images]
     scan = channels[0]
@@ -48,6 +72,12 @@ def load_case(case: Case, color: str = "grey", classes: Sequence[int] | None = N
         scan.array = np.concatenate([c.array.astype(np.float32) for c in channels])
     if case.label is None:
         return scan, None
+    if case.instances:
+        label = load_label(case.label, scan)  # per-image masks are checked against the image's size
+        if not ids:
+            value = next((int(v) for v in classes if v != 0), 1) if classes is not None else 1
+            label.array = np.where(label.array > 0, value, 0).astype(np.int32)
+        return scan, label
     label = validate_label(load(case.label, LoadOptions(color="channels", palette="indices")), scan, classes)
     return scan, label
 
@@ -56,10 +86,11 @@ def find_cases(data: DataConfig) -> list[Case]:
     """All cases the config's data source names, sorted by id."""
     if data.dataset is not None:
         return _manifest_cases(data)
+    instances = data.labels_are == "instances"
     if data.images is not None:
-        return _folder_cases(data.images, data.labels)
+        return _folder_cases(data.images, data.labels, instances)
     if data.csv is not None:
-        return _csv_cases(data.csv)
+        return _csv_cases(data.csv, instances)
     raise ConfigError("data: no data source; set data.dataset, data.images (+ data.labels) or data.csv")
 
 
@@ -73,7 +104,8 @@ def _manifest_cases(data: DataConfig) -> list[Case]:
         split = splits.get(entry.case, "")
         image = ScanRef(entry.case, _kind_of(entry.image), (entry.image,))
         label = ScanRef(entry.case, _kind_of(entry.label), (entry.label,)) if entry.label else None
-        cases.append(Case(entry.case, (image,), label, split, folds.get(entry.case)))
+        instances = data.labels_are == "instances"
+        cases.append(Case(entry.case, (image,), label, split, folds.get(entry.case), instances))
     return cases
 
 
@@ -81,7 +113,7 @@ def _kind_of(path: Path) -> str:
     return ref_for_path(path).kind
 
 
-def _folder_cases(images: Path, labels: Path | None) -> list[Case]:
+def _folder_cases(images: Path, labels: Path | None, instances: bool) -> list[Case]:
     found = discover(images, stack_sequences=False)
     if found.problems:
         first = found.problems[0]
@@ -92,11 +124,18 @@ def _folder_cases(images: Path, labels: Path | None) -> list[Case]:
         raise ConfigError(f"data.images: no scans found in {images}")
     channels: dict[str, list[tuple[int, ScanRef]]] = defaultdict(list)
     suffixed = all(_CHANNEL.match(ref.id) for ref in found.scans)
+    label_refs: dict[str, ScanRef] = {}  # the per-image layout's own masks first
     for ref in found.scans:
         match = _CHANNEL.match(ref.id) if suffixed else None
         case_id, channel = (match.group(1), int(match.group(2))) if match else (ref.id, 0)
         channels[case_id].append((channel, ref))
-    label_refs: dict[str, ScanRef] = {}
+        if ref.id in found.instance_masks:
+            label_refs[case_id] = found.instance_masks[ref.id]
+    if labels is not None and label_refs:
+        raise ConfigError(
+            f"data.labels: {images} holds its own instance masks (CASE/images + CASE/masks, e.g. case "
+            f"{next(iter(label_refs))}); remove data.labels, or point data.images at the images alone"
+        )
     if labels is not None:
         found_labels = discover(labels, stack_sequences=False)
         label_refs = {ref.id: ref for ref in found_labels.scans}
@@ -117,11 +156,24 @@ def _folder_cases(images: Path, labels: Path | None) -> list[Case]:
             raise ConfigError(
                 f"data.images: case {case_id} has channels {numbers}; expected _0000.._{len(refs) - 1:04d}"
             )
-        cases.append(Case(case_id, tuple(r for _, r in refs), label_refs.get(case_id)))
+        label = label_refs.get(case_id)
+        is_instances = label is not None and (instances or label.kind == "instance-masks")
+        cases.append(Case(case_id, tuple(r for _, r in refs), label, instances=is_instances))
     return sorted(cases, key=lambda c: _natural(c.id))
 
 
-def _csv_cases(path: Path) -> list[Case]:
+def _layout_masks(path: Path) -> tuple[ScanRef, ScanRef | None] | None:
+    """(image, instance masks) when ``path`` is a case folder of the per-image layout or its masks/ folder."""
+    if not path.is_dir():
+        return None
+    case = path.parent if path.name.lower() == "masks" else path
+    found: Discovery = discover(case)
+    if len(found.scans) != 1 or not found.instance_masks:
+        return None
+    return found.scans[0], found.instance_masks.get(found.scans[0].id)
+
+
+def _csv_cases(path: Path, instances: bool) -> list[Case]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -135,18 +187,21 @@ def _csv_cases(path: Path) -> list[Case]:
         image = _csv_path(path, row.get("image", ""), line, "image")
         label_text = (row.get("label") or "").strip()
         label = _csv_path(path, label_text, line, "label") if label_text else None
-        case_id = (row.get("case") or "").strip() or ref_for_path(image).id
+        image_layout = _layout_masks(image)  # a case folder of the per-image layout: its image and masks
+        image_ref = image_layout[0] if image_layout else ref_for_path(image)
+        label_layout = _layout_masks(label) if label is not None else None
+        if label_layout is not None:
+            label_ref: ScanRef | None = label_layout[1]
+        elif label is not None:
+            label_ref = ref_for_path(label)
+        else:
+            label_ref = image_layout[1] if image_layout else None
+        case_id = (row.get("case") or "").strip() or image_ref.id
         if case_id in seen:
             raise ConfigError(f"data.csv: {path}: line {line}: case {case_id!r} appears twice")
         seen.add(case_id)
-        cases.append(
-            Case(
-                case_id,
-                (ref_for_path(image),),
-                ref_for_path(label) if label else None,
-                (row.get("split") or "").strip(),
-            )
-        )
+        is_instances = label_ref is not None and (instances or label_ref.kind == "instance-masks")
+        cases.append(Case(case_id, (image_ref,), label_ref, (row.get("split") or "").strip(), None, is_instances))
     return cases
 
 

@@ -15,7 +15,7 @@ from medseg.geometry import check_geometry
 from medseg.ingest.budget import BudgetError, check_budget, check_resample_budget
 from medseg.ingest.discover import Discovery, case_id, discover
 from medseg.ingest.dicom import load_dicom
-from medseg.ingest.labels import load_label, validate_label
+from medseg.ingest.labels import load_instance_masks, load_label, validate_label
 from medseg.ingest.microscopy import load_image, load_image_sequence, load_tiff
 from medseg.ingest.nifti import load_nifti
 from medseg.ingest.scan import LoadOptions, Problem, Scan, ScanKind, ScanRef
@@ -34,6 +34,7 @@ __all__ = [
     "check_resample_budget",
     "discover",
     "load",
+    "load_instance_masks",
     "load_label",
     "ref_for_path",
     "validate_label",
@@ -45,6 +46,7 @@ READERS: dict[str, Callable[[ScanRef, LoadOptions], Scan]] = {
     "tiff": load_tiff,
     "image": load_image,
     "image-sequence": load_image_sequence,
+    "instance-masks": load_instance_masks,
 }
 
 

@@ -3,7 +3,16 @@
 File names are hints only: DICOM files are recognised by content (any name, with or
 without extension), DICOM series are grouped by SeriesInstanceUID across the whole tree,
 and numbered images in one folder form one stack. Every file ends up in exactly one of
-``scans``, ``problems`` (bad input, with the reason) or ``skipped`` (not a scan, with a note).
+``scans``, ``instance_masks`` (reference masks of a scan, see below), ``problems`` (bad
+input, with the reason) or ``skipped`` (not a scan, with a note).
+
+The per-image instance layout (Kaggle Data Science Bowl 2018 nuclei) is recognised from
+the folders alone, where that is unambiguous: a case folder holding ``images/`` with
+exactly one image and a ``masks/`` folder is one scan, id the case folder, whose masks
+(one binary image per object) are its instance labels, listed under the scan's id in
+``instance_masks``. Those masks are never scans and never stack into a sequence. An
+``images/`` folder holding several images is the other common layout (images/X paired
+with masks/X by name), which keeps the ordinary rules.
 """
 
 from __future__ import annotations
@@ -77,11 +86,14 @@ class Discovery:
     scans: list[ScanRef] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
+    # scan id -> its instance masks (kind "instance-masks"), for scans in the per-image layout
+    instance_masks: dict[str, ScanRef] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": str(self.root),
             "scans": [{"id": s.id, "kind": s.kind, "files": len(s.paths), "path": str(s.path)} for s in self.scans],
+            "instance_masks": {i: [str(p) for p in ref.paths] for i, ref in self.instance_masks.items()},
             "problems": [p.to_dict() for p in self.problems],
             "skipped": [p.to_dict() for p in self.skipped],
         }
@@ -103,14 +115,107 @@ def discover(folder: Path | str, stack_sequences: bool = True) -> Discovery:
     base = root.parent if root.is_file() else root
     dicom_headers: dict[Path, Dataset] = {}
     planes_by_folder: dict[Path, list[Path]] = defaultdict(list)
+    layout = _Layout(root if root.is_dir() else None)
     for path in files:
-        _classify(path, base, result, dicom_headers, planes_by_folder)
+        part = layout.part_of(path)
+        if part is not None and suffix_of(path) in IMAGE_SUFFIXES + TIFF_SUFFIXES:
+            if _usable_plane(path, result):
+                layout.files[part[0]][part[1]].append(path)
+        else:
+            _classify(path, base, result, dicom_headers, planes_by_folder)
     _add_dicom_series(dicom_headers, base, result)
     for folder_path, planes in planes_by_folder.items():
-        _add_planes(folder_path, planes, base, result, stack_sequences)
+        _add_planes(folder_path, planes, base, result, stack_sequences and not layout.is_masks_folder(folder_path))
+    masks = _add_layout_cases(layout, base, result)
     _make_ids_unique(result)
+    result.instance_masks = {
+        scan.id: ScanRef(scan.id, "instance-masks", masks[scan.paths[0]])
+        for scan in result.scans
+        if scan.paths[0] in masks
+    }
     result.scans.sort(key=lambda s: natural_key(s.id))
     return result
+
+
+class _Layout:
+    """Which folders form per-image cases (``CASE/images`` with one image + ``CASE/masks``), and their files."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.cases: dict[Path, bool] = {}
+        self.files: dict[Path, dict[str, list[Path]]] = defaultdict(lambda: {"images": [], "masks": []})
+
+    def is_case(self, folder: Path) -> bool:
+        if folder not in self.cases:
+            self.cases[folder] = _is_layout_case(folder)
+        return self.cases[folder]
+
+    def part_of(self, path: Path) -> tuple[Path, str] | None:
+        """(case folder, "images" or "masks") for a file directly in a case's images/ or masks/ below the root."""
+        part = path.parent.name.lower()
+        case = path.parent.parent
+        if self.root is None or part not in ("images", "masks"):
+            return None
+        if case != self.root and self.root not in case.parents:
+            return None  # the root is inside the case (e.g. CASE/masks): no image to attach masks to
+        return (case, part) if self.is_case(case) else None
+
+    def is_masks_folder(self, folder: Path) -> bool:
+        """A case's masks/ folder, even when discovery starts inside it: its masks never stack."""
+        return folder.name.lower() == "masks" and self.is_case(folder.parent)
+
+
+def _is_layout_case(folder: Path) -> bool:
+    try:
+        children = {entry.name.lower(): entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)}
+        if "images" not in children or "masks" not in children:
+            return False
+        images = [
+            entry
+            for entry in os.scandir(children["images"].path)
+            if not entry.name.startswith(".")
+            and entry.is_file()
+            and suffix_of(Path(entry.name)) in IMAGE_SUFFIXES + TIFF_SUFFIXES
+        ]
+    except OSError:
+        return False
+    return len(images) == 1
+
+
+def _usable_plane(path: Path, result: Discovery) -> bool:
+    """A 2D image of the per-image layout whose content matches its name; else a problem is recorded."""
+    if _content(path, suffix_of(path), result) is None:
+        return False
+    if suffix_of(path) in TIFF_SUFFIXES:
+        try:
+            pages = tiff_pages(path)
+        except ScanError as exc:
+            result.problems.append(Problem((path,), exc.problem))
+            return False
+        if pages > 1:
+            result.problems.append(
+                Problem((path,), f"a TIFF of {pages} planes in a per-image case folder, which holds 2D images only")
+            )
+            return False
+    return True
+
+
+def _add_layout_cases(layout: _Layout, base: Path, result: Discovery) -> dict[Path, tuple[Path, ...]]:
+    """One scan per case folder (its one image); returns image path -> its instance mask files."""
+    masks_of: dict[Path, tuple[Path, ...]] = {}
+    for case, parts in layout.files.items():
+        images, masks = parts["images"], sorted(parts["masks"], key=natural_key)
+        if not images:  # its one image was unreadable (a problem already) or not an image
+            if masks:
+                reason = f"instance masks of {case.name}, whose images/ holds no usable image"
+                result.problems.append(Problem(tuple(masks), reason))
+            continue
+        image = images[0]
+        kind = "tiff" if suffix_of(image) in TIFF_SUFFIXES else "image"
+        result.scans.append(ScanRef(_rel(case, base) or case.name, kind, (image,)))
+        if masks:
+            masks_of[image] = tuple(masks)
+    return masks_of
 
 
 def _walk(root: Path, result: Discovery) -> Iterable[Path]:
@@ -142,18 +247,8 @@ def _classify(
     planes_by_folder: dict[Path, list[Path]],
 ) -> None:
     suffix = suffix_of(path)
-    try:
-        content = sniff(path)
-    except OSError as exc:
-        result.problems.append(Problem((path,), f"cannot read file ({exc.strerror or exc})"))
-        return
-    if content == "empty":
-        result.problems.append(Problem((path,), "empty file (0 bytes)"))
-        return
-    expected = _CONTENT_FOR_SUFFIX.get(suffix)
-    if expected and content not in expected:
-        shown = "not an image format medseg knows" if content == "unknown" else f"{content.upper()} content"
-        result.problems.append(Problem((path,), f"named {suffix} but holds {shown}; rename it to its real format"))
+    content = _content(path, suffix, result)
+    if content is None:
         return
     if suffix in NIFTI_SUFFIXES:
         result.scans.append(ScanRef(_file_id(path, base), "nifti", (path,)))
@@ -179,6 +274,24 @@ def _classify(
         result.skipped.append(Problem((path,), f"not a scan ({suffix} file)"))
     else:
         result.skipped.append(Problem((path,), f"not a scan: unknown file type {suffix!r}"))
+
+
+def _content(path: Path, suffix: str, result: Discovery) -> str | None:
+    """What the file holds (``sniff``), or None with a problem recorded (unreadable, empty, not what its name says)."""
+    try:
+        content = sniff(path)
+    except OSError as exc:
+        result.problems.append(Problem((path,), f"cannot read file ({exc.strerror or exc})"))
+        return None
+    if content == "empty":
+        result.problems.append(Problem((path,), "empty file (0 bytes)"))
+        return None
+    expected = _CONTENT_FOR_SUFFIX.get(suffix)
+    if expected and content not in expected:
+        shown = "not an image format medseg knows" if content == "unknown" else f"{content.upper()} content"
+        result.problems.append(Problem((path,), f"named {suffix} but holds {shown}; rename it to its real format"))
+        return None
+    return content
 
 
 def _read_dicom_header(path: Path, suffix: str, result: Discovery, headers: dict[Path, Dataset]) -> None:

@@ -1,4 +1,10 @@
-"""Reference masks: loaded like any scan, then held to their image's grid and classes."""
+"""Reference masks: loaded like any scan, then held to their image's grid and classes.
+
+Two kinds of reference: a label map (one file whose values are class values, or instance
+ids when the config says ``data.labels_are: instances``), and the per-image instance layout
+of the Kaggle Data Science Bowl 2018 (``CASE/images/CASE.png`` + ``CASE/masks/*.png``, one
+binary mask per object), which ``load_instance_masks`` composes into one instance label map.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ from typing import Sequence
 import numpy as np
 
 from medseg.errors import LabelError, ScanError
+from medseg.files import natural_key
 from medseg.geometry import Geometry
-from medseg.ingest.scan import Scan, ScanRef
+from medseg.ingest.budget import BudgetError, check_budget
+from medseg.ingest.microscopy import load_image
+from medseg.ingest.scan import LoadOptions, Scan, ScanRef
 
-__all__ = ["load_label", "validate_label"]
+__all__ = ["load_instance_masks", "load_label", "validate_label"]
 
 
 def load_label(
@@ -21,16 +30,77 @@ def load_label(
     tolerance_mm: float | None = None,
 ) -> Scan:
     """Load a label map for ``image`` and validate it (see ``validate_label``)."""
-    from medseg.ingest import LoadOptions, load, ref_for_path
+    from medseg.ingest import load, ref_for_path
 
     ref = source if isinstance(source, ScanRef) else ref_for_path(Path(source))
     try:
-        label = load(ref, LoadOptions(color="channels", palette="indices"))
+        if ref.kind == "instance-masks":  # sizes checked against the image, so the odd mask is named
+            label = load_instance_masks(ref, shape=image.geometry.shape)
+        else:
+            label = load(ref, LoadOptions(color="channels", palette="indices"))
     except LabelError:
         raise
     except ScanError as exc:
         raise LabelError(exc.paths, f"reference mask unreadable: {exc.problem}", exc.fix) from exc
     return validate_label(label, image, classes, tolerance_mm)
+
+
+def load_instance_masks(ref: ScanRef, options: LoadOptions = LoadOptions(), shape: Sequence[int] | None = None) -> Scan:
+    """One instance label map (int32, ids 1..N, 0 where no mask is set) from one mask file per instance.
+
+    Instance k is the k-th file in natural name order, so ids are stable across runs; a
+    pixel is in a mask where any of its channels is non-zero. An empty (all-zero) mask keeps
+    its id and simply has no pixels, with a note. Overlapping masks: the later file (in
+    that order) wins the shared pixels, with a note saying how many; the pixels stay
+    adjacent to the earlier instance, so they lie on its touching border and become
+    background in a training target (``medseg.data.weights.separate_touching``).
+    shape: the image's (x, y) size; a mask of another size is refused, naming that mask
+    (without it, the first mask's size is the reference).
+    """
+    paths = sorted(ref.paths, key=natural_key)
+    mask_options = LoadOptions(color="grey", palette="indices", memory_budget_mb=options.memory_budget_mb)
+    out: np.ndarray | None = None
+    geometry: Geometry | None = None
+    reference = None if shape is None else tuple(int(n) for n in shape)
+    empty: list[str] = []
+    overlapping = 0
+    for k, path in enumerate(paths, start=1):
+        try:
+            mask = load_image(ScanRef(ref.id, "image", (path,)), mask_options)
+        except BudgetError:
+            raise
+        except ScanError as exc:
+            raise LabelError(path, f"instance mask unreadable: {exc.problem}", exc.fix) from exc
+        size = mask.geometry.shape
+        if reference is None:
+            reference = size
+        if size != reference:
+            against = "its image" if shape is not None else paths[0].name
+            raise LabelError(
+                path,
+                f"instance mask is {' x '.join(map(str, size))} pixels but {against} is "
+                f"{' x '.join(map(str, reference))}",
+                "every mask of a case must have its image's size; re-export or remove this mask",
+            )
+        if out is None:
+            what = f"the instance map of {len(paths)} masks"
+            check_budget(path, int(np.prod(size)) * 4, what, options.memory_budget_mb)
+            out = np.zeros(size, dtype=np.int32)
+            geometry = mask.geometry
+        pixels = np.any(mask.array != 0, axis=0)
+        if not pixels.any():
+            empty.append(path.name)
+            continue
+        overlapping += int(np.count_nonzero(out[pixels]))
+        out[pixels] = k
+    if out is None or geometry is None:
+        raise LabelError(ref.paths or [ref.id], "no instance mask files", "put one mask image per object in masks/")
+    notes = [f"{len(paths)} instance mask file(s) composed into one instance map (ids in file name order)"]
+    if empty:
+        notes.append(f"{len(empty)} empty instance mask(s) (no pixel set): {', '.join(empty[:5])}")
+    if overlapping:
+        notes.append(f"{overlapping} pixel(s) set in more than one instance mask: the later file (name order) has them")
+    return Scan(ref=ref, array=out[None], geometry=geometry, modality="SEG", metadata={}, notes=notes)
 
 
 def validate_label(

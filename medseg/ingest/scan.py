@@ -14,7 +14,8 @@ from medseg.geometry import Geometry
 
 __all__ = ["ScanKind", "ScanRef", "Scan", "Problem", "LoadOptions"]
 
-ScanKind = Literal["dicom", "nifti", "tiff", "image", "image-sequence"]
+# instance-masks: one binary mask file per object of one image (a reference, never a scan to segment).
+ScanKind = Literal["dicom", "nifti", "tiff", "image", "image-sequence", "instance-masks"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ScanRef:
     @property
     def path(self) -> Path:
         """The file (or, for a DICOM series or image sequence, the folder) a person knows."""
-        if self.kind in ("dicom", "image-sequence") and len(self.paths) > 1:
+        if self.kind in ("dicom", "image-sequence", "instance-masks") and len(self.paths) > 1:
             return self.paths[0].parent
         return self.paths[0]
 

@@ -13,7 +13,9 @@ __all__ = ["inspect_path", "format_report"]
 
 def inspect_path(path: Path, options: LoadOptions = LoadOptions()) -> dict[str, Any]:
     """Discover and fully load every scan under ``path``; a scan that fails to load is
-    listed with its problem instead of stopping the listing."""
+    listed with its problem instead of stopping the listing. A scan of the per-image
+    instance layout lists its masks (folder and count) under ``instance_masks``; they are
+    counted, not loaded (training loads and checks them)."""
     found = discover(path)
     scans = []
     for ref in found.scans:
@@ -23,6 +25,9 @@ def inspect_path(path: Path, options: LoadOptions = LoadOptions()) -> dict[str, 
             scans.append(
                 {"id": ref.id, "kind": ref.kind, "path": str(ref.path), "files": len(ref.paths), "problems": [str(exc)]}
             )
+        masks = found.instance_masks.get(ref.id)
+        if masks is not None:
+            scans[-1]["instance_masks"] = {"folder": str(masks.paths[0].parent), "files": len(masks.paths)}
     return {
         "root": str(found.root),
         "scans": scans,
@@ -40,6 +45,9 @@ def format_report(report: dict[str, Any]) -> str:
     for scan in report["scans"]:
         lines.append("")
         lines.append(f"{scan['id']}  [{scan['kind']}, {scan['files']} file(s)]  {scan['path']}")
+        if "instance_masks" in scan:
+            masks = scan["instance_masks"]
+            lines.append(f"  instance labels: {masks['files']} mask file(s) in {masks['folder']}, one object per file")
         if "shape" not in scan:
             lines.extend(f"  PROBLEM: {p}" for p in scan["problems"])
             continue

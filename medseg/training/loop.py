@@ -28,8 +28,8 @@ from medseg.config import Config
 from medseg.data.augment import ElasticAugment
 from medseg.data.datasets import Case, find_cases, load_case, split_cases
 from medseg.data.sampling import Item, PatchBatches, PatchSampler
-from medseg.data.transforms import Preprocessor, label_to_index
-from medseg.data.weights import border_weight_map
+from medseg.data.targets import label_map, training_target
+from medseg.data.transforms import Preprocessor
 from medseg.device import choose_precision, in_precision
 from medseg.errors import ConfigError
 from medseg.evaluation.metrics import confusion_counts, mean_scores, overlap_scores
@@ -74,11 +74,10 @@ class TrainResult:
 def prepare_items(cases: Sequence[Case], config: Config, with_weights: bool) -> list[Item]:
     """Load, validate and preprocess cases into model-space items (2D models slice volumes)."""
     classes = list(config.data.classes.values())
-    names = list(config.data.classes)
     preprocessor = Preprocessor(config.preprocess)
     items: list[Item] = []
     for case in cases:
-        scan, label = load_case(case, config.data.color, classes)
+        scan, label = load_case(case, config.data.color, classes, ids=True)
         if scan.channels != config.model.in_channels:
             raise ConfigError(
                 f"model.in_channels is {config.model.in_channels} but case {case.id} ({scan.ref.path}) has "
@@ -86,17 +85,11 @@ def prepare_items(cases: Sequence[Case], config: Config, with_weights: bool) -> 
             )
         if label is None:
             raise ConfigError(f"case {case.id} ({scan.ref.path}) has no label; training and validation need one")
-        index = label_to_index(label.array, classes, source=str(label.ref.path))
-        data = preprocessor(scan, index)
+        data = preprocessor(scan, label_map(label, case.instances, config.data))
         image = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
         target = torch.as_tensor(np.asarray(data["label"]), dtype=torch.float32).round()
         for item_id, img, tgt in _to_model_dims(case.id, image, target, config):
-            if with_weights:
-                instance = names.index(config.train.border_class)
-                weight = border_weight_map(
-                    tgt[0].long().numpy(), instance, len(classes), config.train.border_w0, config.train.border_sigma
-                )
-                tgt = torch.cat([tgt, torch.as_tensor(weight)[None]])
+            tgt = torch.as_tensor(training_target(tgt[0].numpy(), case.instances, config, with_weights))
             items.append(Item(item_id, img, tgt))
     return items
 
