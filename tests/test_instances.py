@@ -4,6 +4,7 @@ U-Net paper's separation borders and weight map computed from the true instances
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import prepare_items
 
 CLASSES = {"background": 0, "nucleus": 1}
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _discs(shape=(40, 30), centres=((13, 15), (26, 15)), radius=7.5) -> np.ndarray:
@@ -304,3 +306,17 @@ def test_instance_masks_loaded_with_a_budget(layout):
     assert scan.array.shape == (1, 48, 40) and scan.array.max() == 5
     with pytest.raises(BudgetError):
         load(ref, LoadOptions(memory_budget_mb=1e-4))
+
+
+def test_bench_counts_separated_pairs_and_objects():
+    spec = importlib.util.spec_from_file_location("bench_touching_nuclei", BENCH / "touching_nuclei.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    discs = _discs()
+    union, separated = discs > 0, separate_touching(discs) > 0
+    assert bench.separation_scores(discs, union) == {"pairs": 1, "separated": 0, "pair_missed": 0}
+    assert bench.separation_scores(discs, separated) == {"pairs": 1, "separated": 1, "pair_missed": 0}
+    assert bench.separation_scores(discs, discs == 1) == {"pairs": 1, "separated": 0, "pair_missed": 1}
+    assert bench.object_counts(discs, separated) == {"true_objects": 2, "predicted_objects": 2, "matched": 2}
+    assert bench.object_counts(discs, union) == {"true_objects": 2, "predicted_objects": 1, "matched": 0}
+    assert bench.dice(union, separated) == pytest.approx(2 * separated.sum() / (union.sum() + separated.sum()))
