@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from medseg.errors import ScanError
 from medseg.files import natural_key, safe_part, unique_names
+from medseg.ingest.case_layout import CaseLayout
 from medseg.ingest.dicom_headers import non_image_reason, read_dataset
 from medseg.ingest.dicom_series import group_series, plan_series
 from medseg.ingest.microscopy import tiff_pages
@@ -115,7 +116,7 @@ def discover(folder: Path | str, stack_sequences: bool = True) -> Discovery:
     base = root.parent if root.is_file() else root
     dicom_headers: dict[Path, Dataset] = {}
     planes_by_folder: dict[Path, list[Path]] = defaultdict(list)
-    layout = _Layout(root if root.is_dir() else None)
+    layout = CaseLayout(root if root.is_dir() else None, IMAGE_SUFFIXES + TIFF_SUFFIXES)
     for path in files:
         part = layout.part_of(path)
         if part is not None and suffix_of(path) in IMAGE_SUFFIXES + TIFF_SUFFIXES:
@@ -137,51 +138,6 @@ def discover(folder: Path | str, stack_sequences: bool = True) -> Discovery:
     return result
 
 
-class _Layout:
-    """Which folders form per-image cases (``CASE/images`` with one image + ``CASE/masks``), and their files."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-        self.cases: dict[Path, bool] = {}
-        self.files: dict[Path, dict[str, list[Path]]] = defaultdict(lambda: {"images": [], "masks": []})
-
-    def is_case(self, folder: Path) -> bool:
-        if folder not in self.cases:
-            self.cases[folder] = _is_layout_case(folder)
-        return self.cases[folder]
-
-    def part_of(self, path: Path) -> tuple[Path, str] | None:
-        """(case folder, "images" or "masks") for a file directly in a case's images/ or masks/ below the root."""
-        part = path.parent.name.lower()
-        case = path.parent.parent
-        if self.root is None or part not in ("images", "masks"):
-            return None
-        if case != self.root and self.root not in case.parents:
-            return None  # the root is inside the case (e.g. CASE/masks): no image to attach masks to
-        return (case, part) if self.is_case(case) else None
-
-    def is_masks_folder(self, folder: Path) -> bool:
-        """A case's masks/ folder, even when discovery starts inside it: its masks never stack."""
-        return folder.name.lower() == "masks" and self.is_case(folder.parent)
-
-
-def _is_layout_case(folder: Path) -> bool:
-    try:
-        children = {entry.name.lower(): entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)}
-        if "images" not in children or "masks" not in children:
-            return False
-        images = [
-            entry
-            for entry in os.scandir(children["images"].path)
-            if not entry.name.startswith(".")
-            and entry.is_file()
-            and suffix_of(Path(entry.name)) in IMAGE_SUFFIXES + TIFF_SUFFIXES
-        ]
-    except OSError:
-        return False
-    return len(images) == 1
-
-
 def _usable_plane(path: Path, result: Discovery) -> bool:
     """A 2D image of the per-image layout whose content matches its name; else a problem is recorded."""
     if _content(path, suffix_of(path), result) is None:
@@ -200,7 +156,7 @@ def _usable_plane(path: Path, result: Discovery) -> bool:
     return True
 
 
-def _add_layout_cases(layout: _Layout, base: Path, result: Discovery) -> dict[Path, tuple[Path, ...]]:
+def _add_layout_cases(layout: CaseLayout, base: Path, result: Discovery) -> dict[Path, tuple[Path, ...]]:
     """One scan per case folder (its one image); returns image path -> its instance mask files."""
     masks_of: dict[Path, tuple[Path, ...]] = {}
     for case, parts in layout.files.items():
