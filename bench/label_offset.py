@@ -28,28 +28,11 @@ sys.path.insert(0, str(REPO))
 from medseg.config import DataConfig  # noqa: E402
 from medseg.data.datasets import find_cases  # noqa: E402
 from medseg.ingest import load  # noqa: E402
+from medseg.evaluation.alignment import parabolic_peak, shifted_correlation  # noqa: E402
 from medseg.ingest.labels import load_label  # noqa: E402
 
 SHIFTS = range(-3, 4)
 MARGIN = max(abs(s) for s in SHIFTS)
-
-
-def shifted_correlation(darkness: np.ndarray, membrane: np.ndarray, axis: int, shift: int) -> float:
-    """Correlation of ``darkness`` with ``membrane`` moved by ``shift`` pixels along ``axis``
-    (positive: towards higher indices), both cropped by MARGIN so no pixel wraps around."""
-    moved = np.roll(membrane, shift, axis=axis)
-    inner = tuple(slice(MARGIN, -MARGIN) for _ in range(darkness.ndim))
-    a, b = darkness[inner].ravel(), moved[inner].ravel()
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def parabolic_peak(shifts: list[int], values: list[float]) -> float:
-    """Sub-pixel position of the maximum, from the best whole shift and its neighbours."""
-    best = int(np.argmax(values))
-    if best in (0, len(values) - 1):
-        return float(shifts[best])
-    left, centre, right = values[best - 1], values[best], values[best + 1]
-    return shifts[best] + 0.5 * (left - right) / (left - 2 * centre + right)
 
 
 def main() -> None:
@@ -65,7 +48,7 @@ def main() -> None:
         pairs.append(((image.mean() - image) / image.std(), (label == 0).astype(np.float64)))
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "slices": len(pairs), "axes": {}}
     for axis, name in ((0, "x (left-right)"), (1, "y (up-down)")):
-        values = [float(np.mean([shifted_correlation(d, m, axis, s) for d, m in pairs])) for s in SHIFTS]
+        values = [float(np.mean([shifted_correlation(d, m, axis, s, MARGIN) for d, m in pairs])) for s in SHIFTS]
         peak = parabolic_peak(list(SHIFTS), values)
         report["axes"][name] = {
             "shifts": list(SHIFTS),

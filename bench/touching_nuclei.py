@@ -45,51 +45,13 @@ sys.path.insert(0, str(REPO))
 from medseg.config import config_from_dict  # noqa: E402
 from medseg.data.nuclei import NucleiImage, nuclei_image, write_instance_case  # noqa: E402
 from medseg.data.weights import border_weight_map, separate_touching, touching_pairs  # noqa: E402
+from medseg.evaluation.instances import object_counts, separation_scores  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.ingest import load, ref_for_path  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 
 ARMS = ("union_ce", "union_weighted_ce", "separated_ce", "separated_weighted_ce")
-EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity: diagonal contact joins two components
 IMAGE = {"shape": (256, 256), "nuclei": 60, "radius": (5.0, 12.0)}
-
-
-def _dominant(labels: np.ndarray, pixels: np.ndarray) -> int:
-    """The non-zero label covering most of ``pixels`` if it covers more than half of them, else 0."""
-    values = labels[pixels]
-    found = values[values > 0]
-    if found.size * 2 <= values.size:
-        return 0
-    ids, counts = np.unique(found, return_counts=True)
-    return int(ids[np.argmax(counts)])
-
-
-def separation_scores(instances: np.ndarray, foreground: np.ndarray) -> dict[str, int]:
-    """Touching pairs of ``instances`` and how many the predicted ``foreground`` separates.
-
-    A nucleus belongs to the 8-connected component holding most of its pixels, if that
-    component holds more than half of them; else it is missed. A pair is separated when
-    both nuclei belong to components and the components differ.
-    """
-    components, _ = ndimage.label(foreground, structure=EIGHT)
-    pairs = touching_pairs(instances)
-    owner = {k: _dominant(components, instances == k) for k in np.unique(pairs)}
-    separated = sum(1 for a, b in pairs if owner[a] and owner[b] and owner[a] != owner[b])
-    missed = sum(1 for a, b in pairs if not owner[a] or not owner[b])
-    return {"pairs": len(pairs), "separated": separated, "pair_missed": missed}
-
-
-def object_counts(instances: np.ndarray, foreground: np.ndarray) -> dict[str, int]:
-    """True nuclei, predicted objects (8-connected components) and matches at IoU > 0.5 (unique)."""
-    components, n_pred = ndimage.label(foreground, structure=EIGHT)
-    n_true = int(instances.max())
-    overlap = np.zeros((n_true + 1, n_pred + 1), dtype=np.int64)
-    np.add.at(overlap, (instances.ravel(), components.ravel()), 1)
-    sizes_true, sizes_pred = overlap.sum(1), overlap.sum(0)
-    union = sizes_true[1:, None] + sizes_pred[None, 1:] - overlap[1:, 1:]
-    iou = np.divide(overlap[1:, 1:], union, out=np.zeros(union.shape), where=union > 0)
-    present = int((sizes_true[1:] > 0).sum())
-    return {"true_objects": present, "predicted_objects": n_pred, "matched": int((iou > 0.5).sum())}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,7 +4,6 @@ U-Net paper's separation borders and weight map computed from the true instances
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from scipy import ndimage
 
 from medseg.cli import main
 from medseg.config import config_from_dict
+from medseg.evaluation.instances import object_counts, separation_scores
 from medseg.data.datasets import find_cases, load_case
 from medseg.data.nuclei import NucleiImage, nuclei_image, write_instance_case
 from medseg.data.targets import label_map, training_target
@@ -28,7 +28,6 @@ from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import prepare_items
 
 CLASSES = {"background": 0, "nucleus": 1}
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _discs(shape=(40, 30), centres=((13, 15), (26, 15)), radius=7.5) -> np.ndarray:
@@ -308,15 +307,11 @@ def test_instance_masks_loaded_with_a_budget(layout):
         load(ref, LoadOptions(memory_budget_mb=1e-4))
 
 
-def test_bench_counts_separated_pairs_and_objects():
-    spec = importlib.util.spec_from_file_location("bench_touching_nuclei", BENCH / "touching_nuclei.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_object_scores_count_separated_pairs_and_matched_objects():
     discs = _discs()
     union, separated = discs > 0, separate_touching(discs) > 0
-    assert bench.separation_scores(discs, union) == {"pairs": 1, "separated": 0, "pair_missed": 0}
-    assert bench.separation_scores(discs, separated) == {"pairs": 1, "separated": 1, "pair_missed": 0}
-    assert bench.separation_scores(discs, discs == 1) == {"pairs": 1, "separated": 0, "pair_missed": 1}
-    assert bench.object_counts(discs, separated) == {"true_objects": 2, "predicted_objects": 2, "matched": 2}
-    assert bench.object_counts(discs, union) == {"true_objects": 2, "predicted_objects": 1, "matched": 0}
-    assert bench.dice(union, separated) == pytest.approx(2 * separated.sum() / (union.sum() + separated.sum()))
+    assert separation_scores(discs, union) == {"pairs": 1, "separated": 0, "pair_missed": 0}
+    assert separation_scores(discs, separated) == {"pairs": 1, "separated": 1, "pair_missed": 0}
+    assert separation_scores(discs, discs == 1) == {"pairs": 1, "separated": 0, "pair_missed": 1}
+    assert object_counts(discs, separated) == {"true_objects": 2, "predicted_objects": 2, "matched": 2}
+    assert object_counts(discs, union) == {"true_objects": 2, "predicted_objects": 1, "matched": 0}

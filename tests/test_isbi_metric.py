@@ -1,33 +1,20 @@
 """The ISBI 2012 challenge's pixel error (medseg.evaluation.metrics, `medseg evaluate --isbi`) and the
-label-offset helpers of bench/label_offset.py (a measurement script, not product code), against known cases."""
+label offset (medseg.evaluation.alignment, reported by bench/label_offset.py), against known cases."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from medseg.cli import main
+from medseg.evaluation.alignment import parabolic_peak, shifted_correlation
 from medseg.evaluation.metrics import isbi_counts, isbi_pixel_error
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def offset():
-    return _bench_module("label_offset")
+SHIFTS = range(-3, 4)
 
 
 def test_isbi_pixel_error_is_one_minus_the_best_f_score_over_thresholds():
@@ -54,21 +41,21 @@ def test_isbi_pixel_error_is_zero_for_a_perfect_proposal_and_one_for_none():
     assert isbi_pixel_error(isbi_counts(np.zeros((16, 16)), reference))[0] == 1.0
 
 
-def test_label_offset_finds_a_known_shift_per_axis(offset):
+def test_label_offset_finds_a_known_shift_per_axis():
     rng = np.random.default_rng(0)
     membrane = (rng.random((64, 64)) < 0.2).astype(float)
     darkness = np.roll(membrane, 2, axis=1)  # the membranes lie 2 px further along axis 1
-    values = [offset.shifted_correlation(darkness, membrane, 1, s) for s in offset.SHIFTS]
-    assert list(offset.SHIFTS)[int(np.argmax(values))] == 2 and max(values) == pytest.approx(1.0)
-    along_other = [offset.shifted_correlation(darkness, membrane, 0, s) for s in offset.SHIFTS]
+    values = [shifted_correlation(darkness, membrane, 1, s) for s in SHIFTS]
+    assert list(SHIFTS)[int(np.argmax(values))] == 2 and max(values) == pytest.approx(1.0)
+    along_other = [shifted_correlation(darkness, membrane, 0, s) for s in SHIFTS]
     assert max(along_other) < 0.2
 
 
-def test_parabolic_peak_is_exact_for_a_parabola_and_clamps_at_the_ends(offset):
+def test_parabolic_peak_is_exact_for_a_parabola_and_clamps_at_the_ends():
     shifts = [-2, -1, 0, 1, 2]
-    assert offset.parabolic_peak(shifts, [-((s - 0.3) ** 2) for s in shifts]) == pytest.approx(0.3)
-    assert offset.parabolic_peak(shifts, [-((s + 0.6) ** 2) for s in shifts]) == pytest.approx(-0.6)
-    assert offset.parabolic_peak(shifts, [1, 2, 3, 4, 5]) == 2.0
+    assert parabolic_peak(shifts, [-((s - 0.3) ** 2) for s in shifts]) == pytest.approx(0.3)
+    assert parabolic_peak(shifts, [-((s + 0.6) ** 2) for s in shifts]) == pytest.approx(-0.6)
+    assert parabolic_peak(shifts, [1, 2, 3, 4, 5]) == 2.0
 
 
 def test_evaluate_isbi_reports_the_challenge_error_per_case_and_pooled(tmp_path, capsys):
