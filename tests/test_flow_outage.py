@@ -1,4 +1,4 @@
-"""segment-study without its Prefect API.
+"""segment-study without its Prefect API, and a local Dask cluster that serves no dashboard.
 
 The run's product is on disk; the API only shows it. These tests check that an API that
 goes away costs bounded time and one warning line, never a mask or a report: the guard's
@@ -19,6 +19,8 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="medseg-test-prefect-")
@@ -35,6 +37,7 @@ for _key, _value in {
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
@@ -48,6 +51,7 @@ import flows.tasks  # noqa: E402
 from flows import api_guard  # noqa: E402
 from flows.api_guard import quiet_outage_noise, unreachable_reason  # noqa: E402
 from flows.reporting import SUMMARY_KEY, Batch, Outcome, publish_reports  # noqa: E402
+from flows.runners import build_task_runner  # noqa: E402
 from flows.segment_study import segment_study  # noqa: E402
 from medseg.data import phantoms  # noqa: E402
 from medseg.pipeline import CaseRecord, Job  # noqa: E402
@@ -233,6 +237,30 @@ def test_reports_are_written_before_the_artifacts_and_without_them(guard_lines, 
     assert [r["case"] for r in json.loads((out / "predictions.json").read_text())["records"]] == ["a_em"]
     assert len(on_disk_at_call) == 7  # tried for the whole patience
     assert len(lines.at(logging.WARNING)) == 1 and guard.skipped == [f"artifact {SUMMARY_KEY}"]
+
+
+def _listening_ports() -> set[int]:
+    me = psutil.Process()
+    return {
+        c.laddr.port
+        for p in [me, *me.children(recursive=True)]
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+def test_local_dask_cluster_serves_no_dashboard():
+    """dashboard_address=None is honoured: no dashboard, and the scheduler's HTTP port is not :8787."""
+    pytest.importorskip("prefect_dask")
+    runner = build_task_runner("dask", workers=1)
+    with runner:
+        link = runner.client.dashboard_link  # starts the cluster
+        ports = _listening_ports()
+        assert 8787 not in ports
+        assert link.startswith("http://127.0.0.1:") and int(link.split(":")[2].split("/")[0]) in ports
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(link, timeout=10)
+        assert answer.value.code == 404  # the port answers health checks only: no dashboard behind the link
 
 
 # ---------------------------------------------------------------------------------------------
