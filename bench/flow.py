@@ -1,35 +1,32 @@
-"""Benchmark: what the segment-study flow costs on top of calling the predictor directly.
+"""Benchmark: what the segment-study flow costs over `medseg predict`, and which task runner pays off when.
 
-Run from the repository root: ``python bench/flow.py``. Prints a report and writes
-bench/results/flow.json. Everything is generated: EM-like 2D scans (PNG, one file per
-scan) and a small 2D U-Net (the shape of configs/unet_em.yaml at a quarter of its
-width, trained for a few steps: inference cost, not accuracy, matters here).
+Run from the repository root: ``python bench/flow.py [--part overhead|runners|all]``. Prints
+a report and writes bench/results/flow.json (overhead) and bench/results/flow_runners.json.
+Everything is generated: EM-like 2D scans (PNG, one file per scan) and a small 2D U-Net
+(the shape of configs/unet_em.yaml at a quarter of its width, trained for a few steps:
+inference cost, not accuracy, matters here). One temporary Prefect server (started
+before any timing) serves every flow run.
 
-Measured, with a temporary Prefect server (started once, before any timing):
+overhead: the same folders through
+- direct: ``medseg.pipeline.segment_scan`` per scan with one ``Predictor``, in a loop
+  (no discovery, no reports; the model is made before the clock starts);
+- predict: ``medseg predict`` (in this process: same torch threads; it loads the model);
+- flow, 1 worker / default (2 threads): ``segment_study`` (its model stays cached from a
+  warm-up run).
+Batches of two sizes separate each one's fixed cost per run from its cost per scan (the
+slope); the flow's per-scan cost over predict's, measured in the same run, is the ratio
+the issue asks for. Plus a skip-everything re-run of ``--skip-scans`` unchanged scans.
 
-- direct: ``medseg.pipeline.segment_scan`` for each scan with one ``Predictor``, in one
-  loop (what `medseg predict` does, without Prefect). Neither timing includes loading
-  the model: the direct loop's Predictor is made before the clock starts, and the flow's
-  stays in its per-process cache from the warm-up run.
-- flow, 1 worker: ``segment_study(..., workers=1)``: the same work through Prefect, one
-  scan at a time, plus hashing, the skip record, the subflow, per-scan evaluation-free
-  reporting, predictions.json and the artifacts. Its excess over direct, divided by
-  the number of scans, is the per-scan overhead (the goal: at most 10% of direct).
-- flow, default (2 threads): what a user gets.
-- skip re-run: a second run over an unchanged folder of ``--skip-scans`` scans (every
-  scan skipped; the model is never loaded).
+runners: threads (2) vs a local Dask cluster (2 worker processes, started by each run)
+vs an external Dask cluster (a ``dask scheduler`` and two ``dask worker`` processes this
+script starts and stops; its workers keep their model between runs, so its first run is
+reported apart), at two batch sizes. The fits T(n) = fixed + n * per_scan give the
+break-even batch size of each Dask runner against threads. The local cluster's start
+alone (until its workers have joined) is timed too.
 
-Direct and flow runs take turns in rounds and the median is reported, so a busy spell
-on a shared machine hits both alike. Torch runs one intra-op thread by default
-(``--threads``): on a machine whose cores are busy with other work, two OpenMP threads
-in the main thread (the direct loop) ran 4-15x slower than the same inference in a
-worker thread (the flow's tasks), which measures the machine, not the flow; with one
-thread both take the same time per scan.
-
-Batches of two sizes separate the flow's fixed cost per run (creating the flow and
-subflow runs, discovery, reports, artifacts; Prefect 3.8.8 also waits up to 1 s for
-each flow run's heartbeat thread at exit) from its cost per extra scan (a task run,
-hashing the inputs, the skip record).
+Runs take turns in rounds and the median is reported, so a busy spell on a shared machine
+hits all alike. Torch runs one intra-op thread per scan (``--threads``; Dask's nanny sets
+OMP_NUM_THREADS=1 in its workers): two scans at a time use the two cores in every runner.
 """
 
 from __future__ import annotations
@@ -40,15 +37,21 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-WORK = Path(tempfile.mkdtemp(prefix="medseg-bench-flow-"))
+# Spawned Dask workers of a local cluster import this file again (as __mp_main__): they find the folder here.
+WORK = Path(os.environ.get("MEDSEG_BENCH_FLOW_WORK") or tempfile.mkdtemp(prefix="medseg-bench-flow-"))
+os.environ["MEDSEG_BENCH_FLOW_WORK"] = str(WORK)
 os.environ["PREFECT_HOME"] = str(WORK / "prefect-home")  # before Prefect is imported: never ~/.prefect
 
 import flows  # noqa: E402  (sets Prefect's telemetry defaults before Prefect is imported)
@@ -57,18 +60,21 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from medseg.data import phantoms  # noqa: E402
+from medseg.cli import main as medseg_main  # noqa: E402
 from medseg.config import config_from_dict  # noqa: E402
-from medseg.inference.predictor import Predictor  # noqa: E402
+from medseg.data import phantoms  # noqa: E402
 from medseg.files import sha256_file  # noqa: E402
+from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.ingest import discover  # noqa: E402
 from medseg.pipeline import Job, segment_scan  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 
 from flows import model_cache  # noqa: E402
+from flows.runners import build_task_runner  # noqa: E402
 from flows.segment_study import segment_study  # noqa: E402
 
 del flows
+BIN = Path(sys.executable).parent
 
 
 def make_scans(folder: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -105,8 +111,14 @@ def make_model(root: Path) -> Path:
     return train(config, progress=False).run_dir
 
 
-def time_direct(predictor: Predictor, scans: Path, out: Path) -> float:
+def timed(run: Callable[[], object]) -> float:
     start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def direct(predictor: Predictor, scans: Path, out: Path) -> None:
+    out.mkdir(parents=True)  # what prepare_output does for predict and the flow (they check more)
     job = Job(
         out,
         predictor.checkpoint_file,
@@ -119,118 +131,199 @@ def time_direct(predictor: Predictor, scans: Path, out: Path) -> float:
     for ref in discover(scans).scans:
         record = segment_scan(ref, job, lambda: predictor)
         assert record.status == "written", record
-    return time.perf_counter() - start
 
 
-def time_flow(checkpoint: Path, scans: Path, out: Path, workers: int | None) -> float:
-    start = time.perf_counter()
-    summary = segment_study(input_dir=scans, output_dir=out, checkpoint=checkpoint, workers=workers)
-    elapsed = time.perf_counter() - start
-    assert summary.counts["failed"] == 0, summary
-    return elapsed
+def predict(checkpoint: Path, scans: Path, out: Path) -> None:
+    code = medseg_main(["predict", "--checkpoint", str(checkpoint), "--input", str(scans), "--output", str(out)])
+    assert code == 0, f"medseg predict exited with {code}"
+
+
+def flow(checkpoint: Path, scans: Path, out: Path, **options: object) -> None:
+    summary = segment_study(input_dir=scans, output_dir=out, checkpoint=checkpoint, **options)
+    assert summary.counts["failed"] == 0 and summary.counts["skipped"] == 0, summary
+
+
+def fit(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float]:
+    """(fixed seconds per run, seconds per scan) of the line through two (scans, seconds) points."""
+    per_scan = (large[1] - small[1]) / (large[0] - small[0])
+    return small[1] - small[0] * per_scan, per_scan
+
+
+def rounds(runs: dict[str, Callable[[Path], None]], sizes: dict[str, int], n: int) -> dict[str, float]:
+    """Median seconds of each run at each size, the runs taking turns round by round."""
+    times: dict[str, list[float]] = {}
+    for r in range(n):
+        for size in sizes:
+            for label, run in runs.items():
+                key = f"{label}@{size}"
+                times.setdefault(key, []).append(timed(lambda: run(size, WORK / f"{key}-{r}")))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def break_even_vs(base: tuple[float, float], other: tuple[float, float]) -> str:
+    """Where ``other``'s line T(n) = fixed + n * per_scan crosses ``base``'s, said as which side wins."""
+    (base_fixed, base_per), (fixed, per) = base, other
+    saved = base_per - per  # seconds per scan that `other` saves
+    if saved == 0 or (fixed - base_fixed) / saved < 0:
+        return "always faster" if fixed <= base_fixed and saved >= 0 else "never faster"
+    crossing = (fixed - base_fixed) / saved
+    return f"faster from {crossing:.0f} scans on" if saved > 0 else f"faster below {crossing:.0f} scans"
+
+
+def part_overhead(args: argparse.Namespace, checkpoint: Path) -> dict:
+    sizes = {"small": args.small, "large": args.scans}
+    folders = {name: make_scans(WORK / f"scans-{name}", n, args.size) for name, n in sizes.items()}
+    flow(checkpoint, folders["small"], WORK / "warmup")  # first-run costs; the flow's model stays cached
+    predictor = Predictor(checkpoint)
+    runs = {
+        "direct": lambda size, out: direct(predictor, folders[size], out),
+        "predict": lambda size, out: predict(checkpoint, folders[size], out),
+        "flow_1_worker": lambda size, out: flow(checkpoint, folders[size], out, workers=1),
+        "flow_default": lambda size, out: flow(checkpoint, folders[size], out),
+    }
+    med = rounds(runs, sizes, args.rounds)
+    lines = {label: fit((args.small, med[f"{label}@small"]), (args.scans, med[f"{label}@large"])) for label in runs}
+    many = make_scans(WORK / "many", args.skip_scans, 128, seed=1)
+    flow(checkpoint, many, WORK / "many-out")
+    loads = model_cache.loads()
+    skip = timed(lambda: segment_study(input_dir=many, output_dir=WORK / "many-out", checkpoint=checkpoint))
+    assert model_cache.loads() == loads, "a skip-everything run loaded a model"
+    per = {label: per_scan for label, (_, per_scan) in lines.items()}
+    return {
+        "scans": sizes,
+        "scan_size": [args.size, args.size],
+        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "fixed_seconds_per_run": {label: round(fixed, 2) for label, (fixed, _) in lines.items()},
+        "per_scan_ms": {label: round(1000 * v, 1) for label, v in per.items()},
+        "flow_1_worker_per_scan_over_predict": round(per["flow_1_worker"] / per["predict"], 3),
+        "flow_default_per_scan_over_predict": round(per["flow_default"] / per["predict"], 3),
+        "flow_1_worker_per_scan_over_direct": round(per["flow_1_worker"] / per["direct"], 3),
+        "skip_rerun": {"scans": args.skip_scans, "seconds": round(skip, 2), "models_loaded": 0},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_external_cluster(workers: int) -> tuple[str, list[subprocess.Popen]]:
+    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on loopback."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    log = open(WORK / "dask.log", "ab")
+    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    scheduler += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]  # its HTTP port off :8787 too
+    processes = [subprocess.Popen(scheduler, env=env, stdout=log, stderr=log, start_new_session=True)]
+    worker = [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1"]
+    processes += [
+        subprocess.Popen(worker, env=env, stdout=log, stderr=log, start_new_session=True) for _ in range(workers)
+    ]
+    from distributed import Client
+
+    with Client(address, timeout=120) as client:
+        client.wait_for_workers(workers, timeout=120)
+    return address, processes
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    for process in processes:  # workers before the scheduler: reversed start order
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=20)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+def part_runners(args: argparse.Namespace, checkpoint: Path) -> dict:
+    sizes = {"small": args.runner_small, "large": args.runner_scans}
+    folders = {name: make_scans(WORK / f"runner-scans-{name}", n, args.size, seed=2) for name, n in sizes.items()}
+    starts = []
+    for _ in range(args.rounds):  # a local cluster's start alone, until its workers have joined
+        runner = build_task_runner("dask", 2)
+        with runner:
+            starts.append(timed(lambda: runner.client.wait_for_workers(2)))
+    address, processes = start_external_cluster(2)
+    try:
+        cold = timed(
+            lambda: flow(checkpoint, folders["large"], WORK / "ext-cold", task_runner="dask", dask_address=address)
+        )  # its workers import medseg and load the model; later runs find both done
+        runs = {
+            "threads": lambda size, out: flow(checkpoint, folders[size], out, workers=2),
+            "local_dask": lambda size, out: flow(checkpoint, folders[size], out, task_runner="dask", workers=2),
+            "external_dask": lambda size, out: flow(
+                checkpoint, folders[size], out, task_runner="dask", dask_address=address
+            ),
+        }
+        med = rounds(runs, sizes, args.rounds)
+    finally:
+        stop_processes(processes[::-1])
+    lines = {
+        label: fit((sizes["small"], med[f"{label}@small"]), (sizes["large"], med[f"{label}@large"])) for label in runs
+    }
+    break_even = {label: break_even_vs(lines["threads"], lines[label]) for label in ("local_dask", "external_dask")}
+    return {
+        "scans": sizes,
+        "scan_size": [args.size, args.size],
+        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "fixed_seconds_per_run": {label: round(fixed, 2) for label, (fixed, _) in lines.items()},
+        "per_scan_ms": {label: round(1000 * per, 1) for label, (_, per) in lines.items()},
+        "local_cluster_start_seconds": round(statistics.median(starts), 2),
+        "external_first_run_seconds": round(cold, 2),
+        "break_even_vs_threads": break_even,
+    }
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "prefect": __import__("prefect").__version__,
+        "distributed": __import__("distributed").__version__,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scans", type=int, default=20, help="scans in the large timed batch (default 20)")
-    parser.add_argument("--small", type=int, default=4, help="scans in the small timed batch (default 4)")
+    parser.add_argument("--part", choices=["overhead", "runners", "all"], default="all")
+    parser.add_argument("--scans", type=int, default=20, help="overhead: scans in the large batch (default 20)")
+    parser.add_argument("--small", type=int, default=4, help="overhead: scans in the small batch (default 4)")
+    parser.add_argument("--runner-scans", type=int, default=30, help="runners: large batch (default 30)")
+    parser.add_argument("--runner-small", type=int, default=10, help="runners: small batch (default 10)")
     parser.add_argument("--size", type=int, default=256, help="scan side in pixels (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     parser.add_argument("--skip-scans", type=int, default=100, help="scans in the skip re-run (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see above)")
-    parser.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "flow.json")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = {"large": args.scans, "small": args.small}
-
+    parts = ["overhead", "runners"] if args.part == "all" else [args.part]
+    results = {}
     try:
         checkpoint = make_model(WORK / "model")
-        folders = {name: make_scans(WORK / name, n, args.size) for name, n in sizes.items()}
-        many = make_scans(WORK / "many", args.skip_scans, 128, seed=1)
         with prefect_test_harness(server_startup_timeout=180):
-            segment_study(
-                input_dir=folders["small"], output_dir=WORK / "warmup", checkpoint=checkpoint
-            )  # first-run costs
-            predictor = Predictor(
-                checkpoint
-            )  # the flow's model stays cached from the warm-up: neither timing loads one
-            times: dict[str, list[float]] = {}
-            for r in range(args.rounds):
-                for name, folder in folders.items():
-                    for label, run in (
-                        ("direct", lambda out: time_direct(predictor, folder, out)),
-                        ("flow_1_worker", lambda out: time_flow(checkpoint, folder, out, 1)),
-                        ("flow_default", lambda out: time_flow(checkpoint, folder, out, None)),
-                    ):
-                        key = f"{label}_{name}"
-                        times.setdefault(key, []).append(run(WORK / f"{key}_{r}"))
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
-            first = time_flow(checkpoint, many, WORK / "many-out", None)
-            loads = model_cache.loads()
-            skip_start = time.perf_counter()
-            summary = segment_study(input_dir=many, output_dir=WORK / "many-out", checkpoint=checkpoint)
-            skip = time.perf_counter() - skip_start
-            assert summary.counts == {"written": 0, "skipped": args.skip_scans, "failed": 0}, summary.counts
-            assert model_cache.loads() == loads, "a skip-everything run loaded a model"
+            for part in parts:
+                measure = part_overhead if part == "overhead" else part_runners
+                start = {"date": datetime.date.today().isoformat(), "load_average_at_start": os.getloadavg()}
+                results[part] = {**start, **measure(args, checkpoint), "machine": machine()}
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    n_large, n_small = args.scans, args.small
-    excess = {name: med[f"flow_1_worker_{name}"] - med[f"direct_{name}"] for name in sizes}
-    marginal = (excess["large"] - excess["small"]) / (n_large - n_small)  # per extra scan
-    fixed = excess["small"] - n_small * marginal  # per run, whatever its size
-    direct_per_scan = med["direct_large"] / n_large
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "prefect": __import__("prefect").__version__,
-        },
-        "scans": sizes,
-        "scan_size": [args.size, args.size],
-        "rounds": args.rounds,
-        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "median_seconds": {k: round(v, 3) for k, v in med.items()},
-        "direct_per_scan_ms": round(1000 * direct_per_scan, 1),
-        "flow_overhead": {
-            "per_scan_ms": round(1000 * marginal, 1),
-            "per_scan_fraction_of_direct": round(marginal / direct_per_scan, 3),
-            "fixed_per_run_s": round(fixed, 2),
-            "total_fraction_at_large_batch": round(excess["large"] / med["direct_large"], 3),
-        },
-        "flow_default_vs_direct_fraction_at_large_batch": round(
-            (med["flow_default_large"] - med["direct_large"]) / med["direct_large"], 3
-        ),
-        "skip_rerun": {
-            "scans": args.skip_scans,
-            "scan_size": [128, 128],
-            "first_run_seconds": round(first, 2),
-            "rerun_seconds": round(skip, 2),
-            "per_scan_ms": round(1000 * skip / args.skip_scans, 1),
-            "models_loaded": 0,
-        },
-    }
-    print(json.dumps(result, indent=2))
-    overhead = result["flow_overhead"]
-    print(
-        f"\nDirect: {result['direct_per_scan_ms']} ms per {args.size}x{args.size} scan. Flow (1 worker): "
-        f"+{overhead['per_scan_ms']} ms per scan ({100 * overhead['per_scan_fraction_of_direct']:.1f}% of direct) "
-        f"plus {overhead['fixed_per_run_s']} s per run; {100 * overhead['total_fraction_at_large_batch']:.1f}% in all "
-        f"at {n_large} scans. Flow (default, 2 threads): "
-        f"{100 * result['flow_default_vs_direct_fraction_at_large_batch']:+.1f}% vs direct at {n_large} scans.\n"
-        f"Skip-everything re-run of {args.skip_scans} scans: {skip:.2f} s "
-        f"({result['skip_rerun']['per_scan_ms']} ms/scan), no model loaded."
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"Wrote {args.output}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    for part, result in results.items():
+        path = args.results / ("flow.json" if part == "overhead" else "flow_runners.json")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ review page review.html (+ review/) that `medseg view` serves.
 Artifacts, under stable keys so a person (or a script) finds the latest of each:
 ``segment-study-metrics`` (table: case, class, Dice, IoU) and ``segment-study-summary``
 (markdown: counts, skips, failures with reasons, mean scores, where the files are).
+The files are written first and never wait for the Prefect API; the artifacts go through
+flows.api_guard, which waits a bounded time for an API that is away, then skips them
+with one warning.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from prefect.cache_policies import NO_CACHE
 from medseg.evaluation.evaluate import EvaluationReport, Failure
 from medseg.evaluation.reports import write_reports
 from medseg.pipeline import SKIP_REASON, BatchReport, CaseRecord, Job, write_batch_reports
+
+from flows.api_guard import GUARD
 
 __all__ = ["METRICS_KEY", "SUMMARY_KEY", "Outcome", "Summary", "publish_reports"]
 
@@ -40,7 +45,7 @@ class Outcome:
 
 @dataclass
 class Batch:
-    """What segment-scans hands back: one Outcome per input, reference ids, unreadable references."""
+    """What the per-scan tasks left: one Outcome per input, reference ids, unreadable references."""
 
     outcomes: list[Outcome] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
@@ -103,20 +108,25 @@ def publish_reports(
         summary.mean_dice = {
             name: _finite(stats["dice"]["mean"]) for name, stats in evaluation.summary["classes"].items()
         }
-        create_table_artifact(
-            key=METRICS_KEY,
-            table=_metric_rows(evaluation),
-            description=f"Dice and IoU per case and class; {job.output_dir}/metrics.csv",
-        )
     paths += write_batch_reports(report, job.output_dir, batch.cases, reference_dir)
     if report.stopped:
         get_run_logger().warning("segment-study: %s", report.stopped)
     summary.orphans = report.orphans
     summary.reports = [str(p) for p in paths]
-    create_markdown_artifact(
-        key=SUMMARY_KEY, markdown=_markdown(summary, input_dir, job, evaluation), description=summary.headline()
-    )
     get_run_logger().info("segment-study: %s; reports: %s", summary.headline(), ", ".join(p.name for p in paths))
+    # Only now the API: the files above are the run's record whether or not it answers.
+    if evaluation is not None:
+        rows = _metric_rows(evaluation)
+        description = f"Dice and IoU per case and class; {job.output_dir}/metrics.csv"
+        GUARD.call(
+            f"artifact {METRICS_KEY}",
+            lambda: create_table_artifact(key=METRICS_KEY, table=rows, description=description),
+        )
+    markdown = _markdown(summary, input_dir, job, evaluation)
+    GUARD.call(
+        f"artifact {SUMMARY_KEY}",
+        lambda: create_markdown_artifact(key=SUMMARY_KEY, markdown=markdown, description=summary.headline()),
+    )
     return summary
 
 

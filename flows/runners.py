@@ -7,6 +7,11 @@ existing cluster given by address; each worker process loads the model once. Wit
 GPUs, a local cluster gets one single-threaded worker per GPU and worker N uses cuda:N
 (see model_cache.worker_device); on an existing cluster, start one worker per GPU,
 e.g. ``CUDA_VISIBLE_DEVICES=1 dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1``.
+
+A local cluster serves no dashboard. Dask's scheduler always opens an HTTP port (health
+and metrics); with ``dashboard_address=None`` alone it takes :8787 on the scheduler's
+host, where a second run or another Dask user would collide with it, so it is put on a
+free loopback port instead. The link prefect-dask logs there answers 404: no dashboard.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
-            "dashboard_address": None,
+            "dashboard_address": None,  # no dashboard ...
+            "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},  # ... and its HTTP port not on :8787
         }
     )

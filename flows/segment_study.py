@@ -4,14 +4,15 @@ Shape of a run::
 
     segment-study                       checks parameters, picks the task runner
       prepare-job                       checkpoint → hash, classes (once per run)
-      segment-scans (subflow, on the chosen task runner)
-        discover-scans                  folder → ScanRefs (+ reference masks)
-        segment-scan × N  (mapped)      load → predict → export, or skip if up to date
-        evaluate-scan × N               Dice/IoU of each written mask vs its reference
+      discover-scans                    folder → ScanRefs (+ reference masks)
+      segment-scan × N  (task runner)   load → predict → export, or skip if up to date
+      evaluate-scan × N (task runner)   Dice/IoU of each written mask vs its reference
       publish-reports                   predictions.json, metrics.csv/json, review.html, artifacts
 
-The per-scan work runs in a subflow because Prefect fixes a flow's task runner when the
-flow is defined, while the runner here is a run parameter (threads or Dask).
+The per-scan tasks go to a task runner chosen by the run's parameters (threads or
+Dask), entered here and handed the tasks directly; Prefect fixes a flow's own runner
+when the flow is defined. No subflow: every flow run is API calls at its start and end,
+and a run's local work must not wait on the API (flows.api_guard).
 
 Final state: Completed when every scan has its mask (and, with a reference folder,
 its scores). Failed when any scan failed or could not be scored, but only after every
@@ -30,6 +31,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import as_completed
 from prefect.states import Failed, State
+from prefect.task_runners import TaskRunner
 from pydantic import ValidationError
 
 from medseg.config import describe_validation_error
@@ -37,10 +39,11 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.ingest import ScanRef
 from medseg.pipeline import CaseRecord, check_disjoint, output_lock, problem_record
 
+from flows.api_guard import GUARD, quiet_outage_noise
 from flows.reporting import Batch, Outcome, Summary, publish_reports
 from flows.runners import build_task_runner
 from flows.settings import FlowParameters, resolve_checkpoint
-from flows.tasks import Job, discover_scans, evaluate_scan, failure_reason, prepare_job, segment_scan
+from flows.tasks import Inventory, Job, discover_scans, evaluate_scan, failure_reason, prepare_job, segment_scan
 
 __all__ = ["ScansFailed", "segment_study", "segment_scans"]
 
@@ -86,6 +89,8 @@ def segment_study(
     call raises ScansFailed) once all scans ran and all reports were written.
     """
     params = _validated(dict(locals()))
+    GUARD.start_run(str(params.output_dir))
+    quiet_outage_noise()
     runner = build_task_runner(
         params.task_runner, params.workers, params.dask_address
     )  # fails here without prefect-dask
@@ -101,7 +106,7 @@ def segment_study(
             params.formats,
             params.overwrite,
         )
-        batch = segment_scans.with_options(task_runner=runner)(params.input_dir, params.reference_dir, job)
+        batch = segment_scans(runner, params.input_dir, params.reference_dir, job)
         summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
     if summary.ok:
         return summary
@@ -111,9 +116,11 @@ def segment_study(
     return Failed(message=message, data=ScansFailed(message))
 
 
-@flow(name="segment-scans", validate_parameters=False)
-def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batch:
-    """Discover, then one segment-scan task per scan, each scored as soon as its mask is written."""
+def segment_scans(runner: TaskRunner, input_dir: Path, reference_dir: Path | None, job: Job) -> Batch:
+    """Discover, then one segment-scan task per scan on ``runner``, each scored as soon as its mask is written.
+
+    The runner (a Dask cluster included) is started only when there is a scan to give it.
+    """
     inventory = discover_scans(input_dir, reference_dir)
     logger = get_run_logger()
     batch = Batch(references=list(inventory.references), cases=[ref.id for ref in inventory.scans])
@@ -126,7 +133,15 @@ def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batc
         case = problem_record(problem, reference_dir).case
         batch.reference_failures[case] = f"reference {problem.paths[0]}: {problem.reason}"
 
-    segmenting = segment_scan.map(inventory.scans, unmapped(job))
+    if not inventory.scans:
+        return batch
+    with runner:
+        _run_scans(runner, inventory, job, batch)
+    return batch
+
+
+def _run_scans(runner: TaskRunner, inventory: Inventory, job: Job, batch: Batch) -> None:
+    segmenting = runner.map(segment_scan, {"ref": inventory.scans, "job": unmapped(job)})
     ref_of = {future.task_run_id: ref for future, ref in zip(segmenting, inventory.scans)}
     outcomes: dict[str, Outcome] = {}
     scoring = {}
@@ -140,7 +155,10 @@ def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batc
         record: CaseRecord = state.result()
         outcomes[ref.id] = Outcome(record)
         if ref.id in inventory.references:
-            scoring[ref.id] = evaluate_scan.submit(record, inventory.references[ref.id], job.classes)
+            scoring[ref.id] = runner.submit(
+                evaluate_scan,
+                {"record": record, "reference": inventory.references[ref.id], "classes": job.classes},
+            )
     for case, future in scoring.items():
         future.wait()
         state = future.state
@@ -149,7 +167,6 @@ def segment_scans(input_dir: Path, reference_dir: Path | None, job: Job) -> Batc
         else:
             outcomes[case].evaluation_failure = _reason(state)
     batch.outcomes += [outcomes[ref.id] for ref in inventory.scans]
-    return batch
 
 
 def _validated(arguments: dict[str, Any]) -> FlowParameters:

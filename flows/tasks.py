@@ -28,6 +28,7 @@ from medseg.ingest import Problem, ScanRef, discover, load, ref_for_path
 from medseg.pipeline import CaseRecord, Job, OutputUnwritable, coding_of, failure_reason, prepare_output
 from medseg.pipeline import segment_scan as segment_one
 
+from flows.api_guard import quiet_outage_noise
 from flows.model_cache import get_predictor
 
 __all__ = ["Inventory", "Job", "discover_scans", "evaluate_scan", "failure_reason", "prepare_job", "segment_scan"]
@@ -99,6 +100,7 @@ def discover_scans(input_dir: Path, reference_dir: Path | None = None) -> Invent
 @task(name="segment-scan", task_run_name="segment {ref.id}", cache_policy=NO_CACHE)
 def segment_scan(ref: ScanRef, job: Job) -> CaseRecord | State:
     """medseg.pipeline.segment_scan on this worker's Predictor (loaded on first use, shared by its scans)."""
+    quiet_outage_noise()  # a Dask worker is a process of its own, with its own Prefect client and logging
     logger = get_run_logger()
     try:
         record = segment_one(ref, job, lambda: get_predictor(job.checkpoint, job.device, job.tta))
