@@ -47,7 +47,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from flows.health import ensure_crash_automation, require_server
 from flows.runners import require_dask
-from flows.segment_study import segment_scans, segment_study
+from flows.segment_study import segment_study
 from flows.settings import DEPLOYMENT_NAME, NightlyConfig, load_nightly_config, resolve_checkpoint
 
 __all__ = [
@@ -79,9 +79,7 @@ def ensure_crash_detection(config: NightlyConfig) -> str:
     """Create or update the crash automation on the server at PREFECT_API_URL ("created" / "updated")."""
     require_server(get_current_settings().api.url)
     with get_client(sync_client=True) as client:
-        return ensure_crash_automation(
-            client, config.crash_detection.crashed_after_seconds, [segment_study.name, segment_scans.name]
-        )
+        return ensure_crash_automation(client, config.crash_detection.crashed_after_seconds, [segment_study.name])
 
 
 def nightly_deployment(config: NightlyConfig) -> RunnerDeployment:

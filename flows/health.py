@@ -2,7 +2,7 @@
 
 Crash detection. A flow run whose process is killed (kill -9, the OOM killer, a machine that
 goes down) can tell nobody, so Prefect would show it Running forever and its deployment
-concurrency slot would stay taken. Every segment-study run (and its segment-scans subflow)
+concurrency slot would stay taken. Every segment-study run
 sends a heartbeat event each ``heartbeat_seconds``; the automation built here marks a run
 Crashed when no heartbeat and no final state came for ``crashed_after_seconds``. It is the
 proactive trigger Prefect documents for "zombie" runs, narrowed to medseg's flows so runs of

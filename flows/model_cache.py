@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import torch
 
 from medseg.inference.predictor import Predictor
+from medseg.device import gpu_count
 
 __all__ = ["get_predictor", "loads", "worker_device"]
 
@@ -48,10 +48,10 @@ def worker_device(device: str) -> str:
     Workers of a local cluster are named 0, 1, ...; with as many workers as GPUs each gets
     its own. Elsewhere (thread pool, one GPU, an explicit device) the device is unchanged.
     """
-    if device != "auto" or torch.cuda.device_count() < 2:
+    if device != "auto" or gpu_count() < 2:
         return device
     index = _dask_worker_index()
-    return device if index is None else f"cuda:{index % torch.cuda.device_count()}"
+    return device if index is None else f"cuda:{index % gpu_count()}"
 
 
 def _dask_worker_index() -> int | None:

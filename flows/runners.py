@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from medseg.errors import ConfigError
+from medseg.device import gpu_count
 
 __all__ = ["DASK_INSTALL", "build_task_runner", "require_dask"]
 
@@ -47,7 +47,7 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
     dask_runner = require_dask()
     if address:
         return dask_runner(address=address)
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()
     count = workers or gpus or min(2, os.cpu_count() or 1)
     return dask_runner(
         cluster_kwargs={

@@ -10,7 +10,7 @@ import torch
 from medseg.config import PRECISIONS
 from medseg.errors import ConfigError
 
-__all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16", "in_precision"]
+__all__ = ["choose_device", "choose_precision", "cpu_has_native_bf16", "gpu_count", "in_precision"]
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -24,6 +24,14 @@ def choose_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu or auto")
     return device
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (0 without CUDA): how many model copies a batch can spread over.
+
+    Here, not in the flow, so the Prefect wiring never imports torch itself.
+    """
+    return torch.cuda.device_count()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -40,7 +40,6 @@ from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterDeploymentId,
-    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -58,7 +57,7 @@ from medseg.training.loop import train  # noqa: E402
 from flows.deployment import ONE_RUN_AT_A_TIME, nightly_build_step, nightly_deployment, nightly_values  # noqa: E402
 from flows.health import CRASH_AUTOMATION, NIGHTLY, SUMMARY_KEY, crash_automation, server_ui_url  # noqa: E402
 from flows.reporting import SUMMARY_KEY as REPORTED_SUMMARY_KEY  # noqa: E402
-from flows.segment_study import segment_scans, segment_study  # noqa: E402
+from flows.segment_study import segment_study  # noqa: E402
 from flows.settings import DEPLOYMENT_NAME, FlowParameters, load_nightly_config  # noqa: E402
 
 from conftest import tiny_em_config, write_em_pairs  # noqa: E402
@@ -150,14 +149,14 @@ def test_crash_detection_config_is_checked(tmp_path, capsys):
 
 
 def test_crash_automation_watches_medseg_flows_and_the_states_prefect_reports():
-    automation = crash_automation(90, [segment_study.name, segment_scans.name])
+    automation = crash_automation(90, [segment_study.name])
     trigger = automation.trigger
     assert trigger.within == dt.timedelta(seconds=90) and trigger.posture == "Proactive" and trigger.threshold == 1
     assert trigger.for_each == {"prefect.resource.id"}  # one clock per flow run
     # The server names a state event prefect.flow-run.<state name>: each final state ends the watch.
     final = {f"prefect.flow-run.{state().name}" for state in (Completed, Failed, Cancelled, Crashed)}
     assert trigger.expect == final | {"prefect.flow-run.heartbeat"} and trigger.after == {"prefect.flow-run.heartbeat"}
-    assert trigger.match_related.root["prefect.resource.name"] == ["segment-study", "segment-scans"]
+    assert trigger.match_related.root["prefect.resource.name"] == ["segment-study"]  # the flow has no subflow
     (action,) = automation.actions
     assert action.state == StateType.CRASHED and action.force is False  # a run that ended keeps its state
     assert NIGHTLY == f"{segment_study.name}/{DEPLOYMENT_NAME}" and SUMMARY_KEY == REPORTED_SUMMARY_KEY
@@ -449,11 +448,8 @@ def test_kill_9_of_serve_leaves_a_crashed_run_that_the_next_run_resumes(live, mo
             assert 1 <= len(finished) < len(masks), "kill -9 came mid-run"
             assert client.read_flow_run(doomed).state.is_running()
 
-            (subflow,) = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[doomed]))
-            )
             took = {}
-            for run in (doomed, subflow.id):  # segment-study and its segment-scans subflow
+            for run in (doomed,):  # segment-study has no subflow (its scans are tasks)
                 state = final_state(client, run, crashed_after + 60, [])
                 took[run] = time.monotonic() - killed_at
                 assert state.type == StateType.CRASHED and "no heartbeat" in state.message, state

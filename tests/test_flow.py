@@ -292,7 +292,7 @@ def test_nightly_config_errors_name_file_and_key(tmp_path, capsys):
 
 
 def test_worker_device_gives_each_dask_worker_its_gpu(monkeypatch):
-    monkeypatch.setattr(model_cache.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(model_cache, "gpu_count", lambda: 2)
     monkeypatch.setattr(model_cache, "_dask_worker_index", lambda: 3)
     assert model_cache.worker_device("auto") == "cuda:1"
     assert model_cache.worker_device("cpu") == "cpu"
