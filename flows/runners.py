@@ -8,6 +8,13 @@ GPUs, a local cluster gets one single-threaded worker per GPU and worker N uses 
 (see model_cache.worker_device); on an existing cluster, start one worker per GPU,
 e.g. ``CUDA_VISIBLE_DEVICES=1 dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1``.
 
+Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers to hand freed memory back
+to the system between tasks. That also pins glibc's mmap threshold at 128 KiB, so every
+array of a scan becomes a fresh mmap with its page faults, and medseg's per-scan pipeline
+ran twice as slow in a Dask worker as in a thread (BENCHMARKS.md, "Nightly batch"). A
+medseg worker holds one model and reuses buffers of the same few sizes, so a local
+cluster's workers keep glibc's defaults (see README for an external cluster).
+
 A local cluster serves no dashboard. Dask's scheduler always opens an HTTP port (health
 and metrics); with ``dashboard_address=None`` alone it takes :8787 on the scheduler's
 host, where a second run or another Dask user would collide with it, so it is put on a
@@ -24,7 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from medseg.errors import ConfigError
 from medseg.device import gpu_count
 
-__all__ = ["DASK_INSTALL", "build_task_runner", "require_dask"]
+__all__ = ["DASK_INSTALL", "build_task_runner", "local_cluster", "require_dask"]
 
 DASK_INSTALL = "pip install 'medseg[dask]'"
 
@@ -50,6 +57,7 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
     gpus = gpu_count()
     count = workers or gpus or min(2, os.cpu_count() or 1)
     return dask_runner(
+        cluster_class=local_cluster,
         cluster_kwargs={
             "n_workers": count,
             "threads_per_worker": 1,
@@ -57,5 +65,14 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
             "host": "127.0.0.1",
             "dashboard_address": None,  # no dashboard ...
             "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},  # ... and its HTTP port not on :8787
-        }
+        },
     )
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """A distributed.LocalCluster whose worker processes keep glibc's default malloc tuning (see above)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(**kwargs)  # its nannies read the setting here, as they start

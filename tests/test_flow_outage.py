@@ -249,12 +249,20 @@ def _listening_ports() -> set[int]:
     }
 
 
-def test_local_dask_cluster_serves_no_dashboard():
-    """dashboard_address=None is honoured: no dashboard, and the scheduler's HTTP port is not :8787."""
+def _worker_environment() -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_dask_cluster_serves_no_dashboard_and_keeps_default_malloc():
+    """dashboard_address=None is honoured: no dashboard, and the scheduler's HTTP port is not :8787. Its
+    workers run one torch thread each but without the nanny's MALLOC_TRIM_THRESHOLD_ (2x slower scans)."""
     pytest.importorskip("prefect_dask")
     runner = build_task_runner("dask", workers=1)
     with runner:
         link = runner.client.dashboard_link  # starts the cluster
+        assert list(runner.client.run(_worker_environment).values()) == [
+            {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+        ]
         ports = _listening_ports()
         assert 8787 not in ports
         assert link.startswith("http://127.0.0.1:") and int(link.split(":")[2].split("/")[0]) in ports
