@@ -20,9 +20,11 @@ the issue asks for. Plus a skip-everything re-run of ``--skip-scans`` unchanged 
 runners: threads (2) vs a local Dask cluster (2 worker processes, started by each run)
 vs an external Dask cluster (a ``dask scheduler`` and two ``dask worker`` processes this
 script starts and stops; its workers keep their model between runs, so its first run is
-reported apart), at two batch sizes. The fits T(n) = fixed + n * per_scan give the
-break-even batch size of each Dask runner against threads. The local cluster's start
-alone (until its workers have joined) is timed too.
+reported apart), at two batch sizes. A second external cluster keeps Dask's own worker
+set-up (MALLOC_TRIM_THRESHOLD_=65536 from the nanny), to show what that costs per scan.
+The fits T(n) = fixed + n * per_scan give the break-even batch size of each Dask runner
+against threads (a local cluster: the external cluster's line plus its measured warm-up).
+The local cluster's start alone (until its workers have joined) is timed too.
 
 Runs take turns in rounds and the median is reported, so a busy spell on a shared machine
 hits all alike. Torch runs one intra-op thread per scan (``--threads``; Dask's nanny sets
@@ -75,6 +77,7 @@ from flows.segment_study import segment_study  # noqa: E402
 
 del flows
 BIN = Path(sys.executable).parent
+SCAN_SECONDS: dict[str, list[float]] = {}  # per runner: the pipeline's time for each scan (predictions.json)
 
 
 def make_scans(folder: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -149,15 +152,33 @@ def fit(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, floa
     return small[1] - small[0] * per_scan, per_scan
 
 
-def rounds(runs: dict[str, Callable[[Path], None]], sizes: dict[str, int], n: int) -> dict[str, float]:
-    """Median seconds of each run at each size, the runs taking turns round by round."""
-    times: dict[str, list[float]] = {}
+def rounds(
+    runs: dict[str, Callable[[str, Path], None]], sizes: dict[str, int], n: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of each run at each size, the runs taking turns round by round: (wall, to reports).
+
+    "To reports" ends when predictions.json was written (the wall time where a run writes
+    none). A flow run's wall time also holds Prefect's wait for its heartbeat thread, which
+    sleeps in 1 s steps: it rounds every run up to a whole second, too coarse for a slope.
+    """
+    wall: dict[str, list[float]] = {}
+    work: dict[str, list[float]] = {}
     for r in range(n):
         for size in sizes:
             for label, run in runs.items():
-                key = f"{label}@{size}"
-                times.setdefault(key, []).append(timed(lambda: run(size, WORK / f"{key}-{r}")))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+                key, out = f"{label}@{size}", WORK / f"{label}@{size}-{r}"
+                started = time.time()
+                wall.setdefault(key, []).append(timed(lambda: run(size, out)))
+                report = out / "predictions.json"
+                work.setdefault(key, []).append(report.stat().st_mtime - started if report.exists() else wall[key][-1])
+                if report.exists():  # each scan's own load-predict-export time, wherever it ran
+                    records = json.loads(report.read_text())["records"]
+                    SCAN_SECONDS.setdefault(label, []).extend(record["seconds"] for record in records)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()), flush=True)
+    return wall, work
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -165,7 +186,7 @@ def break_even_vs(base: tuple[float, float], other: tuple[float, float]) -> str:
     """Where ``other``'s line T(n) = fixed + n * per_scan crosses ``base``'s, said as which side wins."""
     (base_fixed, base_per), (fixed, per) = base, other
     saved = base_per - per  # seconds per scan that `other` saves
-    if saved == 0 or (fixed - base_fixed) / saved < 0:
+    if saved == 0 or (fixed - base_fixed) / saved < 1:
         return "always faster" if fixed <= base_fixed and saved >= 0 else "never faster"
     crossing = (fixed - base_fixed) / saved
     return f"faster from {crossing:.0f} scans on" if saved > 0 else f"faster below {crossing:.0f} scans"
@@ -182,7 +203,8 @@ def part_overhead(args: argparse.Namespace, checkpoint: Path) -> dict:
         "flow_1_worker": lambda size, out: flow(checkpoint, folders[size], out, workers=1),
         "flow_default": lambda size, out: flow(checkpoint, folders[size], out),
     }
-    med = rounds(runs, sizes, args.rounds)
+    wall, work = rounds(runs, sizes, args.rounds)
+    med = medians(work)
     lines = {label: fit((args.small, med[f"{label}@small"]), (args.scans, med[f"{label}@large"])) for label in runs}
     many = make_scans(WORK / "many", args.skip_scans, 128, seed=1)
     flow(checkpoint, many, WORK / "many-out")
@@ -193,12 +215,16 @@ def part_overhead(args: argparse.Namespace, checkpoint: Path) -> dict:
     return {
         "scans": sizes,
         "scan_size": [args.size, args.size],
-        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "median_wall_seconds": {k: round(v, 3) for k, v in medians(wall).items()},
+        "seconds_to_reports": {k: [round(x, 3) for x in v] for k, v in work.items()},
         "fixed_seconds_per_run": {label: round(fixed, 2) for label, (fixed, _) in lines.items()},
         "per_scan_ms": {label: round(1000 * v, 1) for label, v in per.items()},
         "flow_1_worker_per_scan_over_predict": round(per["flow_1_worker"] / per["predict"], 3),
         "flow_default_per_scan_over_predict": round(per["flow_default"] / per["predict"], 3),
         "flow_1_worker_per_scan_over_direct": round(per["flow_1_worker"] / per["direct"], 3),
+        "scan_pipeline_ms": {
+            label: round(1000 * statistics.median(SCAN_SECONDS[label]), 1) for label in runs if label != "direct"
+        },
         "skip_rerun": {"scans": args.skip_scans, "seconds": round(skip, 2), "models_loaded": 0},
     }
 
@@ -209,11 +235,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_external_cluster(workers: int) -> tuple[str, list[subprocess.Popen]]:
-    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on loopback."""
+DASK_MALLOC_DEFAULTS = """# Dask's nanny would set MALLOC_TRIM_THRESHOLD_=65536 in its workers (README, Scaling out)
+distributed:
+  nanny:
+    pre-spawn-environ:
+      MALLOC_TRIM_THRESHOLD_: null
+"""
+
+
+def start_external_cluster(workers: int, malloc_trim: bool = False) -> tuple[str, list[subprocess.Popen]]:
+    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on loopback.
+
+    Configured as the README says (glibc's malloc defaults in the workers), unless ``malloc_trim``.
+    """
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if not malloc_trim:
+        (WORK / "dask-config").mkdir(exist_ok=True)
+        (WORK / "dask-config" / "medseg.yaml").write_text(DASK_MALLOC_DEFAULTS)
+        env["DASK_CONFIG"] = str(WORK / "dask-config")
     log = open(WORK / "dask.log", "ab")
     scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port)]
     scheduler += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]  # its HTTP port off :8787 too
@@ -249,31 +290,45 @@ def part_runners(args: argparse.Namespace, checkpoint: Path) -> dict:
         with runner:
             starts.append(timed(lambda: runner.client.wait_for_workers(2)))
     address, processes = start_external_cluster(2)
+    trim_address, trim_processes = start_external_cluster(2, malloc_trim=True)  # as Dask sets its workers up
     try:
         cold = timed(
             lambda: flow(checkpoint, folders["large"], WORK / "ext-cold", task_runner="dask", dask_address=address)
         )  # its workers import medseg and load the model; later runs find both done
+        flow(checkpoint, folders["small"], WORK / "ext-trim-cold", task_runner="dask", dask_address=trim_address)
         runs = {
             "threads": lambda size, out: flow(checkpoint, folders[size], out, workers=2),
             "local_dask": lambda size, out: flow(checkpoint, folders[size], out, task_runner="dask", workers=2),
             "external_dask": lambda size, out: flow(
                 checkpoint, folders[size], out, task_runner="dask", dask_address=address
             ),
+            "external_dask_malloc_trim": lambda size, out: flow(
+                checkpoint, folders[size], out, task_runner="dask", dask_address=trim_address
+            ),
         }
-        med = rounds(runs, sizes, args.rounds)
+        wall, work = rounds(runs, sizes, args.rounds)
     finally:
-        stop_processes(processes[::-1])
+        stop_processes(trim_processes[::-1] + processes[::-1])
+    med = medians(work)
     lines = {
         label: fit((sizes["small"], med[f"{label}@small"]), (sizes["large"], med[f"{label}@large"])) for label in runs
     }
-    break_even = {label: break_even_vs(lines["threads"], lines[label]) for label in ("local_dask", "external_dask")}
+    # A local cluster's workers are an external cluster's, started afresh by each run: its per-scan rate is
+    # the external one's and its extra fixed cost the warm-up. Its own two-point slope sits on 10-30 s runs
+    # whose start-up varies by seconds on a shared machine, too noisy to give a break-even.
+    warmup = statistics.median(med[f"local_dask@{size}"] - med[f"external_dask@{size}"] for size in sizes)
+    modelled = {**lines, "local_dask": (lines["external_dask"][0] + warmup, lines["external_dask"][1])}
+    break_even = {label: break_even_vs(lines["threads"], modelled[label]) for label in runs if label != "threads"}
     return {
         "scans": sizes,
         "scan_size": [args.size, args.size],
-        "median_seconds": {k: round(v, 3) for k, v in med.items()},
+        "median_wall_seconds": {k: round(v, 3) for k, v in medians(wall).items()},
+        "seconds_to_reports": {k: [round(x, 3) for x in v] for k, v in work.items()},
         "fixed_seconds_per_run": {label: round(fixed, 2) for label, (fixed, _) in lines.items()},
         "per_scan_ms": {label: round(1000 * per, 1) for label, (_, per) in lines.items()},
+        "scan_pipeline_ms": {label: round(1000 * statistics.median(SCAN_SECONDS[label]), 1) for label in runs},
         "local_cluster_start_seconds": round(statistics.median(starts), 2),
+        "local_cluster_warmup_seconds": round(warmup, 2),  # start + workers importing medseg, loading the model
         "external_first_run_seconds": round(cold, 2),
         "break_even_vs_threads": break_even,
     }
@@ -296,7 +351,7 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["overhead", "runners", "all"], default="all")
-    parser.add_argument("--scans", type=int, default=20, help="overhead: scans in the large batch (default 20)")
+    parser.add_argument("--scans", type=int, default=40, help="overhead: scans in the large batch (default 40)")
     parser.add_argument("--small", type=int, default=4, help="overhead: scans in the small batch (default 4)")
     parser.add_argument("--runner-scans", type=int, default=30, help="runners: large batch (default 30)")
     parser.add_argument("--runner-small", type=int, default=10, help="runners: small batch (default 10)")
