@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ import medseg.training.loop
 from medseg.data import phantoms
 from medseg.training.checkpoint import load_checkpoint
 from medseg.cli import main
-from medseg.config import config_from_dict
+from medseg.config import TrainConfig, config_from_dict
 from medseg.errors import ConfigError, MedsegError
 from medseg.models import build_model
 from medseg.training.loop import Loss, ema_update, train
+from medseg.training.optimization import RunClock
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +300,25 @@ def test_a_run_folder_inside_the_data_is_refused(em_folders, tmp_path, inside):
     with pytest.raises(ConfigError, match=f"data.{inside} .* overlap"):
         train(config, progress=False)
     assert not (config.output_dir / config.name).exists()
+
+
+def test_cpu_time_budget_ignores_waiting_and_a_resume_keeps_the_clock(em_folders, tmp_path):
+    """A CPU-time budget buys compute, not minutes of a busy machine: time spent waiting
+    (here asleep, on a shared machine descheduled) does not count; and a resumed run cannot
+    switch clocks, since wall and CPU seconds do not add up."""
+    cpu = RunClock.from_config(TrainConfig(time_budget_minutes=0.01, time_budget_clock="cpu"))
+    wall = RunClock.from_config(TrainConfig(time_budget_minutes=0.01))
+    time.sleep(0.7)  # the budget is 0.6 s
+    assert wall.out_of_time and wall.elapsed >= 0.7
+    assert not cpu.out_of_time and cpu.elapsed < 0.3
+    while not cpu.out_of_time:  # burn CPU until the budget is spent
+        sum(range(10_000))
+    assert cpu.fraction(0) == 1.0
+
+    run = train(
+        _config(em_folders, tmp_path / "c", epochs=2, steps_per_epoch=1, time_budget_clock="cpu"),
+        progress=False,
+        max_epochs=1,
+    )
+    with pytest.raises(MedsegError, match=r"c/t/latest.pt counted its time budget in cpu time.*time_budget_clock=cpu"):
+        train(_config(em_folders, tmp_path / "c", epochs=2, steps_per_epoch=1), resume=run.run_dir, progress=False)

@@ -360,7 +360,10 @@ class TrainConfig(Section):
 
     Training runs ``epochs`` epochs of ``steps_per_epoch`` batches of random patches, or
     stops earlier at ``time_budget_minutes`` or after ``early_stop_patience`` validations
-    without improvement. ``loss``: dice_ce (MONAI DiceCELoss), ce (plain cross-entropy) or
+    without improvement. ``time_budget_clock``: wall counts wall-clock minutes; cpu counts the
+    training process's CPU minutes (all its threads: 2 threads busy for 15 minutes spend 30),
+    so runs on a shared, busy machine get the same compute; the history's ``seconds`` use the
+    same clock. ``loss``: dice_ce (MONAI DiceCELoss), ce (plain cross-entropy) or
     weighted_ce (the U-Net paper's cross-entropy with its border weight map, instances from
     ``border_class``).
     ``ema_decay``: validate, checkpoint and predict with an exponential moving average of
@@ -379,6 +382,7 @@ class TrainConfig(Section):
     epochs: int = Field(50, ge=1, le=MAX_STEPS)
     steps_per_epoch: int = Field(50, ge=1, le=MAX_STEPS)
     time_budget_minutes: float | None = Field(None, gt=0.0, le=60 * 24 * 366)  # a year
+    time_budget_clock: Literal["wall", "cpu"] = "wall"
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     patch_size: list[int] = Field(default_factory=lambda: [256, 256])
     foreground_oversample: float = Field(0.33, ge=0.0, le=1.0)

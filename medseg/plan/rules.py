@@ -309,6 +309,13 @@ def recipe(minutes: float | None) -> dict[str, Choice]:
         "weight_decay": Choice(3e-5, "nnU-Net's weight decay"),
         "schedule": Choice("poly", "lr x (1 - progress)^0.9, reaching 0 at the end of training (nnU-Net)"),
         "grad_clip": Choice(12.0, "gradient norm clipped at 12 (nnU-Net)"),
+        "ema_decay": Choice(
+            0.998,
+            "validate, keep best.pt and predict with a moving average of the weights (mostly the last fifth of the "
+            "steps early on, the last ~500 later): a step on a batch of a few patches is noisy, and without the "
+            "average one unlucky step can make a class's validation Dice swing between epochs (BENCHMARKS.md, "
+            "msd_hippocampus_dev)",
+        ),
         "foreground_oversample": Choice(0.33, "a third of the patches centred on a foreground class (nnU-Net)"),
         "epochs": Choice(1000, "nnU-Net trains 1000 epochs of 250 steps; on a CPU set time_budget_minutes"),
         "steps_per_epoch": Choice(250, "nnU-Net's epoch"),

@@ -37,7 +37,7 @@ from medseg.models import build_model
 from medseg.training.averaging import WeightAverage, check_resume_averaging, ema_update
 from medseg.training.checkpoint import Checkpoint, TrainingState
 from medseg.training.distributed import any_rank, setup_distributed
-from medseg.training.optimization import Optimization, RunClock
+from medseg.training.optimization import Optimization, RunClock, check_resume_clock
 from medseg.training.progress import Progress
 from medseg.training.run_folder import RunFolder
 from medseg.training.stopping import EarlyStopping
@@ -303,6 +303,7 @@ def _run_folder(config: Config, resume: Path | None, overwrite: bool) -> tuple[R
     state = run.resume_state()
     log.info("resuming %s from epoch %d", run.path, state.training.epoch)
     check_resume_averaging(state.training, state.config.train, config.train, run.latest)
+    check_resume_clock(state.config.train, config.train, run.latest)
     return run, state
 
 

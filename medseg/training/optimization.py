@@ -1,42 +1,59 @@
 """One update per batch: the optimiser, its learning-rate schedule, the fp16 loss scaler and gradient clipping.
 
 The schedule runs on a `RunClock`, which measures how far a run is by steps or, with a time
-budget, by wall-clock time (whichever is further), so the poly schedule reaches zero when
-the budget ends however fast the machine is.
+budget, by time (whichever is further), so the poly schedule reaches zero when the budget
+ends however fast the machine is. The time is wall-clock time, or with
+``train.time_budget_clock: cpu`` the CPU time of the training process (all its threads), which
+a busy shared machine does not eat into: a budget of CPU minutes buys the same number of
+steps whether the machine is idle or not.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from medseg.config import TrainConfig
+from medseg.errors import ConfigError
 
-__all__ = ["RunClock", "Optimization"]
+__all__ = ["RunClock", "Optimization", "check_resume_clock"]
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 class RunClock:
-    """How far a run is: by steps, or by wall-clock time when a time budget is set
-    (whichever is further), so the poly schedule reaches zero when the budget ends."""
+    """How far a run is: by steps, or by time when a time budget is set (whichever is
+    further), so the poly schedule reaches zero when the budget ends. ``now`` is the clock:
+    wall time (time.monotonic) or the process's CPU time (time.process_time)."""
 
-    def __init__(self, total_steps: int, budget_minutes: float | None, elapsed_before: float = 0.0) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        budget_minutes: float | None,
+        elapsed_before: float = 0.0,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total_steps = total_steps
         self.budget = budget_minutes * 60.0 if budget_minutes else None
-        self.start = time.monotonic() - elapsed_before
+        self.now = now
+        self.start = now() - elapsed_before
 
     @classmethod
     def from_config(cls, train: TrainConfig, elapsed_before: float = 0.0) -> RunClock:
-        """The clock of a run of ``train.epochs`` epochs within ``train.time_budget_minutes``;
-        elapsed_before: the seconds a resumed run had already spent."""
-        return cls(train.epochs * train.steps_per_epoch, train.time_budget_minutes, elapsed_before)
+        """The clock of a run of ``train.epochs`` epochs within ``train.time_budget_minutes`` on
+        ``train.time_budget_clock``; elapsed_before: the seconds a resumed run had already spent."""
+        total = train.epochs * train.steps_per_epoch
+        return cls(total, train.time_budget_minutes, elapsed_before, CLOCKS[train.time_budget_clock])
 
     @property
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.now() - self.start
 
     @property
     def out_of_time(self) -> bool:
@@ -47,6 +64,17 @@ class RunClock:
         if self.budget is not None:
             done = max(done, self.elapsed / self.budget)
         return min(done, 1.0)
+
+
+def check_resume_clock(stored: TrainConfig, train: TrainConfig, path: Path) -> None:
+    """A resumed run keeps the clock it started on: its spent time was counted on that clock,
+    and wall and CPU seconds do not add up."""
+    if stored.time_budget_clock != train.time_budget_clock:
+        raise ConfigError(
+            f"{path} counted its time budget in {stored.time_budget_clock} time, but the config says "
+            f"train.time_budget_clock {train.time_budget_clock}; resume with "
+            f"--set train.time_budget_clock={stored.time_budget_clock}, or start a new run"
+        )
 
 
 @dataclass
