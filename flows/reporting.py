@@ -51,6 +51,8 @@ class Batch:
     references: list[str] = field(default_factory=list)
     reference_failures: dict[str, str] = field(default_factory=dict)
     cases: list[str] = field(default_factory=list)  # the ids of every scan discovered (the rest are orphans)
+    stopped: str = ""  # why the batch stopped early (the output folder took no more), if it did
+    not_done: list[str] = field(default_factory=list)  # scans not segmented because the batch stopped
 
 
 @dataclass
@@ -64,15 +66,28 @@ class Summary:
     reports: list[str] = field(default_factory=list)
     mean_dice: dict[str, float | None] = field(default_factory=dict)
     orphans: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+    not_done: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.evaluation_failures
+        return not self.failures and not self.evaluation_failures and not self.stopped
+
+    def failure_message(self) -> str:
+        """The Failed state's message: why the run stopped, if it did, the counts, and where the reasons are."""
+        text = self.headline()
+        if self.stopped:
+            text = f"stopped early: {self.stopped}; {text}"
+        listed = [Path(p).name for p in self.reports if Path(p).name == "predictions.json"]
+        where = ["the summary artifact", *(str(Path(self.output_dir) / name) for name in listed)]
+        return f"{text}; reasons in {' and '.join(where)}" if self.failures or self.evaluation_failures else text
 
     def headline(self) -> str:
         c = self.counts
         text = f"{c['written']} written, {c['skipped']} skipped (up to date), {c['failed']} failed"
-        if c["written"] == 0 and c["skipped"] and not c["failed"]:
+        if self.not_done:
+            text += f", {len(self.not_done)} not segmented (the batch stopped)"
+        if c["written"] == 0 and c["skipped"] and not c["failed"] and not self.stopped:
             text += "; nothing changed, so no model work was done"
         if self.evaluation_failures:
             text += f"; {len(self.evaluation_failures)} could not be scored"
@@ -88,13 +103,19 @@ def publish_reports(
 ) -> Summary:
     """Write predictions.json (and metrics.*), publish the artifacts, log the headline."""
     report = BatchReport(
-        str(input_dir), str(job.output_dir), str(job.checkpoint), dict(job.classes), [o.record for o in batch.outcomes]
+        str(input_dir),
+        str(job.output_dir),
+        str(job.checkpoint),
+        dict(job.classes),
+        [o.record for o in batch.outcomes],
+        stopped=batch.stopped,
     )
     paths: list[Path] = []
     made = {o.record.case for o in batch.outcomes if o.record.status != "failed"}
     summary = Summary(
         output_dir=str(job.output_dir),
         counts=report.counts(),
+        not_done=list(batch.not_done),
         failures={r.case: r.reason for r in report.failed},
         evaluation_failures={
             **{case: reason for case, reason in batch.reference_failures.items() if case in made},
@@ -110,7 +131,8 @@ def publish_reports(
         }
     paths += write_batch_reports(report, job.output_dir, batch.cases, reference_dir)
     if report.stopped:
-        get_run_logger().warning("segment-study: %s", report.stopped)
+        get_run_logger().warning("segment-study: stopped early: %s", report.stopped)
+    summary.stopped = report.stopped
     summary.orphans = report.orphans
     summary.reports = [str(p) for p in paths]
     get_run_logger().info("segment-study: %s; reports: %s", summary.headline(), ", ".join(p.name for p in paths))
@@ -172,6 +194,10 @@ def _markdown(summary: Summary, input_dir: Path, job: Job, evaluation: Evaluatio
         f"- checkpoint: `{job.checkpoint}` (sha256 {job.checkpoint_sha256[:12]})",
         f"- reports: {', '.join(f'`{Path(p).name}`' for p in summary.reports)}",
     ]
+    if summary.stopped:
+        lines += ["", f"**Stopped early:** {_cell(summary.stopped)}"]
+        if summary.not_done:
+            lines += ["", f"Not segmented: {', '.join(summary.not_done)}"]
     if summary.counts["skipped"]:
         lines += ["", f"Skipped scans: {SKIP_REASON}."]
     if summary.orphans:

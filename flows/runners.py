@@ -31,7 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from medseg.errors import ConfigError
 from medseg.device import gpu_count
 
-__all__ = ["DASK_INSTALL", "build_task_runner", "local_cluster", "require_dask"]
+__all__ = ["DASK_INSTALL", "build_task_runner", "in_flight", "local_cluster", "require_dask"]
 
 DASK_INSTALL = "pip install 'medseg[dask]'"
 
@@ -67,6 +67,18 @@ def build_task_runner(kind: str, workers: int | None = None, address: str | None
             "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},  # ... and its HTTP port not on :8787
         },
     )
+
+
+def in_flight(kind: str, workers: int | None = None, address: str | None = None) -> int:
+    """How many scans the flow keeps handed out at once: twice the workers, so that none
+    waits while the flow hands out the next scan, and no more, so that a batch whose output
+    stops taking writes stops after at most that many more tries. An existing Dask cluster
+    whose size the flow does not know (no ``workers`` given) gets 64."""
+    if kind == "threads":
+        return 2 * (workers or 2)
+    if address:
+        return 2 * workers if workers else 64
+    return 2 * (workers or gpu_count() or min(2, os.cpu_count() or 1))
 
 
 def local_cluster(**kwargs: Any) -> Any:

@@ -19,17 +19,25 @@ its scores). Failed when any scan failed or could not be scored, but only after 
 other scan ran and every report and artifact was written; the state message gives the
 counts, and the summary artifact and predictions.json list each failure with its reason.
 A bad input therefore never hides behind a green run, and never stops the others.
+Two things do stop a run, each with one sentence as its Failed message and no traceback:
+a refusal before any scan (input and output overlap, an output that is a file or
+read-only, another run holding the folder, a checkpoint that cannot be read), and an
+output folder that stops taking writes mid-batch (full, read-only, permission
+withdrawn): no more scans are handed out, the masks written so far are kept, and the
+reports are written if the folder still takes them.
 """
 
 # No `from __future__ import annotations` here: Prefect builds the parameter model from the
 # signature, and a served run unpickles the flow in a child process where string annotations
 # such as "MaskFormat" cannot be resolved.
 
+from collections import deque
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, unmapped
-from prefect.futures import as_completed
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 from pydantic import ValidationError
@@ -41,9 +49,18 @@ from medseg.pipeline import CaseRecord, check_disjoint, output_lock, problem_rec
 
 from flows.api_guard import GUARD, quiet_outage_noise
 from flows.reporting import Batch, Outcome, Summary, publish_reports
-from flows.runners import build_task_runner
+from flows.runners import build_task_runner, in_flight
 from flows.settings import FlowParameters, resolve_checkpoint
-from flows.tasks import Inventory, Job, discover_scans, evaluate_scan, failure_reason, prepare_job, segment_scan
+from flows.tasks import (
+    OUTPUT_STOPPED,
+    Inventory,
+    Job,
+    discover_scans,
+    evaluate_scan,
+    failure_reason,
+    prepare_job,
+    segment_scan,
+)
 
 __all__ = ["ScansFailed", "segment_study", "segment_scans"]
 
@@ -88,16 +105,21 @@ def segment_study(
     Returns the run Summary when every scan succeeded; otherwise a Failed state (a direct
     call raises ScansFailed) once all scans ran and all reports were written.
     """
-    params = _validated(dict(locals()))
+    try:
+        params = _validated(dict(locals()))
+    except ConfigError as exc:
+        return _refused(exc)
     GUARD.start_run(str(params.output_dir))
     quiet_outage_noise()
-    runner = build_task_runner(
-        params.task_runner, params.workers, params.dask_address
-    )  # fails here without prefect-dask
-    checkpoint_file = resolve_checkpoint(params)
-    _check_folders(params)
-    with output_lock(params.output_dir):  # one run per output folder, flows and `medseg predict` alike
-        job = prepare_job(
+    with ExitStack() as held:
+        try:  # refusals before any scan: one sentence as the run's Failed message, no traceback
+            runner = build_task_runner(params.task_runner, params.workers, params.dask_address)  # prefect-dask?
+            checkpoint_file = resolve_checkpoint(params)
+            _check_folders(params)
+            held.enter_context(output_lock(params.output_dir))  # one run per output folder, flows and CLI alike
+        except MedsegError as exc:
+            return _refused(exc)
+        prepared = prepare_job(
             checkpoint_file,
             params.input_dir,
             params.output_dir,
@@ -105,21 +127,34 @@ def segment_study(
             params.tta,
             params.formats,
             params.overwrite,
+            return_state=True,
         )
-        batch = segment_scans(runner, params.input_dir, params.reference_dir, job)
+        if not prepared.is_completed():
+            error = prepared.result(raise_on_failure=False)  # an exception if it crashed; None if it refused
+            return _refused(error if isinstance(error, BaseException) else MedsegError(prepared.message))
+        job: Job = prepared.result()
+        window = in_flight(params.task_runner, params.workers, params.dask_address)
+        batch = segment_scans(runner, params.input_dir, params.reference_dir, job, window)
         summary = publish_reports(params.input_dir, params.reference_dir, job, batch)
     if summary.ok:
         return summary
-    message = (
-        f"{summary.headline()}; reasons in the summary artifact and {Path(summary.output_dir) / 'predictions.json'}"
-    )
+    message = summary.failure_message()
     return Failed(message=message, data=ScansFailed(message))
 
 
-def segment_scans(runner: TaskRunner, input_dir: Path, reference_dir: Path | None, job: Job) -> Batch:
+def _refused(exc: BaseException) -> State:
+    """The run ends Failed with the refusal's sentence; a direct call raises the refusal itself."""
+    get_run_logger().error("segment-study: %s", exc)
+    return Failed(message=str(exc), data=exc)
+
+
+def segment_scans(runner: TaskRunner, input_dir: Path, reference_dir: Path | None, job: Job, window: int = 4) -> Batch:
     """Discover, then one segment-scan task per scan on ``runner``, each scored as soon as its mask is written.
 
     The runner (a Dask cluster included) is started only when there is a scan to give it.
+    At most ``window`` scans are handed out at once, so that when the output folder stops
+    taking writes the batch stops there, as `medseg predict` does: the scans not yet
+    handed out are not tried, and ``batch.stopped`` says why.
     """
     inventory = discover_scans(input_dir, reference_dir)
     logger = get_run_logger()
@@ -136,21 +171,30 @@ def segment_scans(runner: TaskRunner, input_dir: Path, reference_dir: Path | Non
     if not inventory.scans:
         return batch
     with runner:
-        _run_scans(runner, inventory, job, batch)
+        _run_scans(runner, inventory, job, batch, window)
     return batch
 
 
-def _run_scans(runner: TaskRunner, inventory: Inventory, job: Job, batch: Batch) -> None:
-    segmenting = runner.map(segment_scan, {"ref": inventory.scans, "job": unmapped(job)})
-    ref_of = {future.task_run_id: ref for future, ref in zip(segmenting, inventory.scans)}
+def _run_scans(runner: TaskRunner, inventory: Inventory, job: Job, batch: Batch, window: int) -> None:
+    waiting = deque(inventory.scans)
+    running: dict[PrefectFuture, ScanRef] = {}
     outcomes: dict[str, Outcome] = {}
     scoring = {}
-    for future in as_completed(segmenting):
-        ref: ScanRef = ref_of[future.task_run_id]
+    while waiting or running:
+        while waiting and len(running) < window and not batch.stopped:
+            ref = waiting.popleft()
+            running[runner.submit(segment_scan, {"ref": ref, "job": job})] = ref
+        if not running:
+            break
+        future = next(as_completed(list(running)))
+        ref = running.pop(future)
         future.wait()
         state = future.state
         if not state.is_completed():
-            outcomes[ref.id] = Outcome(CaseRecord(ref.id, ref.kind, str(ref.path), "failed", reason=_reason(state)))
+            if state.name == OUTPUT_STOPPED:  # the folder, not the scan: hand out no more scans
+                batch.stopped = batch.stopped or (state.message or "the output folder took no more writes")
+            else:
+                outcomes[ref.id] = Outcome(CaseRecord(ref.id, ref.kind, str(ref.path), "failed", reason=_reason(state)))
             continue
         record: CaseRecord = state.result()
         outcomes[ref.id] = Outcome(record)
@@ -166,7 +210,8 @@ def _run_scans(runner: TaskRunner, inventory: Inventory, job: Job, batch: Batch)
             outcomes[case].scores = state.result()
         else:
             outcomes[case].evaluation_failure = _reason(state)
-    batch.outcomes += [outcomes[ref.id] for ref in inventory.scans]
+    batch.outcomes += [outcomes[ref.id] for ref in inventory.scans if ref.id in outcomes]
+    batch.not_done = [ref.id for ref in inventory.scans if ref.id not in outcomes]
 
 
 def _validated(arguments: dict[str, Any]) -> FlowParameters:

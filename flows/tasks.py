@@ -6,8 +6,10 @@ whether it travels through a thread pool or a Dask cluster.
 
 Failures follow medseg's one rule (medseg.pipeline): a scan medseg cannot read or segment
 ends its own task in a Failed state whose message is the reason; a transient input read is
-retried inside the pipeline; an output folder that takes no more stops the scan's task
-with that sentence.
+retried inside the pipeline; an output folder that takes no more ends the scan's task in a
+Cancelled state named OUTPUT_STOPPED (not done, rather than failed), and the flow stops handing out scans (as
+`medseg predict` stops its loop). A checkpoint that cannot be read fails prepare-job with
+its one sentence, which the flow turns into its own Failed state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 
 from medseg.training.checkpoint import load_checkpoint
 from medseg.errors import MedsegError
@@ -31,7 +33,18 @@ from medseg.pipeline import segment_scan as segment_one
 from flows.api_guard import quiet_outage_noise
 from flows.model_cache import get_predictor
 
-__all__ = ["Inventory", "Job", "discover_scans", "evaluate_scan", "failure_reason", "prepare_job", "segment_scan"]
+OUTPUT_STOPPED = "OutputUnwritable"  # the name of a segment-scan's end state when the output took no more
+
+__all__ = [
+    "OUTPUT_STOPPED",
+    "Inventory",
+    "Job",
+    "discover_scans",
+    "evaluate_scan",
+    "failure_reason",
+    "prepare_job",
+    "segment_scan",
+]
 
 
 @dataclass
@@ -53,15 +66,18 @@ def prepare_job(
     tta: bool | None,
     formats: list[str] | None,
     overwrite: bool,
-) -> Job:
+) -> Job | State:
     """Check the output folder and read what the run needs from the checkpoint once.
 
     The output is checked as `medseg predict` checks it (outside the inputs, a folder,
     writable, room for the batch) and medseg's own temporary files of a killed run are
     cleared (finished masks stay; nothing medseg's journal does not name is touched).
     """
-    prepare_output(input_dir, output_dir)  # room estimated from the input tree's file sizes
-    state = load_checkpoint(checkpoint)
+    try:
+        prepare_output(input_dir, output_dir)  # room estimated from the input tree's file sizes
+        state = load_checkpoint(checkpoint)
+    except MedsegError as exc:  # a refusal, not a crash: one sentence (as data, Prefect would log a traceback)
+        return Failed(message=str(exc))
     return Job(
         output_dir=output_dir,
         checkpoint=checkpoint,
@@ -104,9 +120,9 @@ def segment_scan(ref: ScanRef, job: Job) -> CaseRecord | State:
     logger = get_run_logger()
     try:
         record = segment_one(ref, job, lambda: get_predictor(job.checkpoint, job.device, job.tta))
-    except OutputUnwritable as exc:
+    except OutputUnwritable as exc:  # the flow stops the batch; this scan is not done, not failed
         logger.error("%s: %s", ref.id, exc)
-        return Failed(message=str(exc))
+        return Cancelled(message=str(exc), name=OUTPUT_STOPPED)  # Failed: Prefect would log it with a traceback
     if record.status == "failed":
         logger.error("%s: failed: %s", ref.id, record.reason)
         return Failed(message=record.reason)

@@ -409,3 +409,34 @@ def test_serve_takes_set_overrides_and_says_how_to_create_a_missing_checkpoint(m
     assert "no checkpoint yet" in err and f"medseg train --config {experiment}" in err and "Traceback" not in err
     assert main([*args, "--set", "parameters.nope=1"]) == 1
     assert "parameters.nope: unknown key" in capsys.readouterr().err
+
+
+def test_the_flow_hands_out_a_bounded_window_of_scans():
+    """A batch whose output stops taking writes stops after at most the window: twice the workers."""
+    from flows.runners import in_flight
+
+    assert in_flight("threads") == 4 and in_flight("threads", 3) == 6
+    assert in_flight("dask", 5) == 10
+    assert in_flight("dask", None, "tcp://10.0.0.1:8786") == 64  # a cluster of unknown size
+    assert in_flight("dask", 8, "tcp://10.0.0.1:8786") == 16
+
+
+def test_a_stopped_run_says_so_first_and_points_only_at_reports_it_wrote(tmp_path):
+    from flows.reporting import Summary
+
+    counts = {"written": 1, "skipped": 0, "failed": 0}
+    stopped = Summary(str(tmp_path), counts, stopped="output folder X: Read-only file system", not_done=["b", "c"])
+    assert not stopped.ok
+    assert stopped.failure_message() == (
+        "stopped early: output folder X: Read-only file system; 1 written, 0 skipped (up to date), 0 failed, "
+        "2 not segmented (the batch stopped)"
+    )
+    failed = Summary(
+        str(tmp_path),
+        {"written": 1, "skipped": 0, "failed": 1},
+        failures={"b": "unreadable"},
+        reports=[str(tmp_path / "predictions.json")],
+    )
+    assert failed.failure_message().endswith(f"reasons in the summary artifact and {tmp_path / 'predictions.json'}")
+    unwritten = Summary(str(tmp_path), {"written": 0, "skipped": 0, "failed": 1}, failures={"b": "unreadable"})
+    assert "predictions.json" not in unwritten.failure_message()
