@@ -74,6 +74,8 @@ def test_isotropic_mr_gets_nnunets_hippocampus_plan():
     assert config.train.batch_size == 2 and config.preprocess.intensity == "zscore"
     assert config.infer.roi_size == [40, 56, 40] and config.data.split.mode == "kfold"
     assert "5% of the dataset" in plan.sections["train"]["batch_size"].rule
+    # the stable recipe (issue #19 item 3): instance norm above, the poly schedule, validation on averaged weights
+    assert config.train.schedule == "poly" and config.train.ema_decay == 0.998
 
 
 def test_anisotropic_volumes_take_the_tenth_percentile_and_go_2d():

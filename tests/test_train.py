@@ -322,3 +322,22 @@ def test_cpu_time_budget_ignores_waiting_and_a_resume_keeps_the_clock(em_folders
     )
     with pytest.raises(MedsegError, match=r"c/t/latest.pt counted its time budget in cpu time.*time_budget_clock=cpu"):
         train(_config(em_folders, tmp_path / "c", epochs=2, steps_per_epoch=1), resume=run.run_dir, progress=False)
+
+
+def test_validation_slides_the_windows_prediction_will_use(em_folders, tmp_path, monkeypatch):
+    """Validation scores what `medseg predict` does: infer.roi_size when set, else the training patch."""
+    seen = []
+    real = medseg.training.loop.sliding_window_inference
+
+    def spy(inputs, roi_size, *args, **kwargs):
+        seen.append(list(roi_size))
+        return real(inputs, roi_size, *args, **kwargs)
+
+    monkeypatch.setattr(medseg.training.loop, "sliding_window_inference", spy)
+    config = _config(em_folders, tmp_path / "a", epochs=1, steps_per_epoch=1)
+    train(config, progress=False)
+    assert seen and all(size == [32, 32] for size in seen)
+    seen.clear()
+    config = config.model_copy(update={"name": "b", "infer": config.infer.model_copy(update={"roi_size": [64, 64]})})
+    train(config, progress=False)
+    assert seen and all(size == [64, 64] for size in seen)

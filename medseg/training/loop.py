@@ -170,7 +170,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Whole-image sliding-window validation: Dice and IoU per class, pixel error (nan-mean over cases).
 
-    Windows run under the training dtype; their logits are blended in fp32.
+    Windows are the ones prediction uses (``infer.roi_size``, else the training patch), so
+    the validation scores what `medseg predict` will do; they run under the training dtype
+    and their logits are blended in fp32.
     """
     model.eval()
     names = list(config.data.classes)
@@ -180,7 +182,7 @@ def evaluate(
     for item in items:
         logits = sliding_window_inference(
             item.image[None].to(device),
-            roi_size=config.train.patch_size,
+            roi_size=config.infer.roi_size or config.train.patch_size,
             sw_batch_size=config.infer.sw_batch_size,
             predictor=predictor,
             overlap=config.infer.overlap,
