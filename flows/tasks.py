@@ -26,6 +26,7 @@ from medseg.training.checkpoint import load_checkpoint
 from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import MASK_OPTIONS, evaluate_case
 from medseg.files import sha256_file
+from medseg.inference.predictor import inference_settings
 from medseg.ingest import Problem, ScanRef, discover, load, ref_for_path
 from medseg.pipeline import CaseRecord, Job, OutputUnwritable, coding_of, failure_reason, prepare_output
 from medseg.pipeline import segment_scan as segment_one
@@ -89,6 +90,7 @@ def prepare_job(
         overwrite=overwrite,
         device=device,
         coding=coding_of(state.config),
+        settings=inference_settings(state.config),  # the worker's Predictor takes the checkpoint's settings
     )
 
 

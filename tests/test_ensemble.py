@@ -19,7 +19,7 @@ from medseg.data.recorded_split import SplitRecordError, read_split
 from medseg.errors import ConfigError
 from medseg.files import sha256_file
 from medseg.inference.ensemble import Ensemble, EnsembleError, load_predictor
-from medseg.inference.predictor import Predictor
+from medseg.inference.predictor import Predictor, inference_settings
 from medseg.ingest import discover, load
 from medseg.pipeline import segment_folder
 from medseg.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -243,3 +243,25 @@ def test_an_unknown_or_missing_split_is_one_sentence(folds_run, tmp_path):
         read_split(tmp_path)
     with pytest.raises(SplitRecordError, match="records no 'test' cases"):
         read_split(run / "fold-0").cases("test")
+
+
+def test_the_skip_key_covers_the_settings_that_shape_a_mask(ct_model, ct_scan, tmp_path):
+    """A rerun with another overlap, precision or post-processing redoes the mask; the same settings skip it.
+    The flow's key (from the checkpoint's config) is the one a Predictor with no overrides resolves."""
+    input_dir, _ = ct_scan
+    out = tmp_path / "out"
+
+    def run(**options) -> dict[str, int]:
+        return segment_folder(
+            Predictor(ct_model, device="cpu", **options), input_dir, out, ["nifti"], progress=False
+        ).counts()
+
+    assert run()["written"] == 1 and run()["skipped"] == 1
+    assert run(overlap=0.1)["written"] == 1 and run(overlap=0.1)["skipped"] == 1
+    assert run(overlap=0.1, precision="fp32")["written"] == 1
+    foreground = [name for name, value in Predictor(ct_model, device="cpu").classes.items() if value][0]
+    assert run(overlap=0.1, precision="fp32", keep_largest=[foreground])["written"] == 1
+    assert run(overlap=0.1, precision="fp32", keep_largest=[foreground])["skipped"] == 1
+    assert (
+        inference_settings(load_checkpoint(ct_model / "best.pt").config) == Predictor(ct_model, device="cpu").settings
+    )

@@ -125,6 +125,8 @@ class Ensemble:
         self.classes: dict[str, int] = first.classes
         self.memory_budget_mb = first.memory_budget_mb
         self.tta = any(m.tta for m in self.members)  # each member's own mirroring is in checkpoint_sha256
+        # each member's resolved settings (its own config's defaults where none was given), in one order
+        self.settings = {"members": sorted((m.settings for m in self.members), key=lambda x: repr(sorted(x.items())))}
 
     @property
     def spatial_dims(self) -> int:

@@ -31,7 +31,29 @@ from medseg.data.transforms import Preprocessor, index_to_label
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["Prediction", "Predictor", "inference_settings"]
+
+
+def inference_settings(
+    config: Config,
+    overlap: float | None = None,
+    roi_size: Sequence[int] | None = None,
+    precision: str | None = None,
+    keep_largest: Sequence[str] = (),
+    fill_holes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The settings besides the weights and mirroring that shape a mask, resolved against the
+    checkpoint's ``infer`` section as `Predictor` resolves them. They are part of a scan's skip
+    key (medseg.pipeline.ledger): a rerun with another overlap, window, precision or
+    post-processing redoes its masks instead of calling the old ones up to date."""
+    infer = config.infer
+    return {
+        "overlap": float(infer.overlap if overlap is None else overlap),
+        "roi_size": [int(r) for r in (roi_size or infer.roi_size or config.train.patch_size)],
+        "precision": precision or infer.precision,
+        "keep_largest": sorted(keep_largest),
+        "fill_holes": sorted(fill_holes),
+    }
 
 
 @dataclass
@@ -101,10 +123,11 @@ class Predictor:
                 "or train with augment.p_flip above 0",
                 checkpoint,
             )
-        self.dtype = choose_precision(precision or infer.precision, self.device)
-        self.overlap = infer.overlap if overlap is None else overlap
+        self.settings = inference_settings(self.config, overlap, roi_size, precision, keep_largest, fill_holes)
+        self.dtype = choose_precision(self.settings["precision"], self.device)
+        self.overlap = self.settings["overlap"]
         self.sw_batch_size = sw_batch_size or infer.sw_batch_size
-        self.roi_size = list(roi_size or infer.roi_size or self.config.train.patch_size)
+        self.roi_size = self.settings["roi_size"]
         divisor = int(getattr(self.model, "size_divisor", 1))
         bad = [r for r in self.roi_size if r % divisor]
         if bad:

@@ -101,6 +101,7 @@ def _job(predictor: Any, output_dir: Path, formats: Sequence[str] | None, overwr
         overwrite,
         coding=coding_of(predictor.config),
         memory_budget_mb=predictor.memory_budget_mb,
+        settings=dict(predictor.settings),
     )
 
 

@@ -7,7 +7,8 @@ record in ``OUTPUT/.medseg/ledger/<case id>.json`` holding a key over
 
 - the sha256 of every input file of the scan, in reading order,
 - the sha256 of the checkpoint file,
-- what else shapes the mask: test-time augmentation, mask formats, medseg version,
+- what else shapes the mask: test-time augmentation, the inference settings (window overlap
+  and size, precision, post-processing), mask formats, medseg version,
 
 and, for each mask it wrote, its size and sha256 at write time. A scan is skipped only
 when the key matches and every mask still has that size and hash; then no model is
@@ -23,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError
@@ -43,7 +44,13 @@ class ScanKey:
     details: dict[str, Any]
 
 
-def scan_key(ref: ScanRef, checkpoint_sha256: str, tta: bool, formats: Sequence[str]) -> ScanKey:
+def scan_key(
+    ref: ScanRef,
+    checkpoint_sha256: str,
+    tta: bool,
+    formats: Sequence[str],
+    settings: Mapping[str, Any] | None = None,
+) -> ScanKey:
     """Hash the scan's input files and combine them with the model and the settings that shape its masks."""
     inputs = hashlib.sha256(ref.kind.encode())
     for path in ref.paths:
@@ -53,6 +60,7 @@ def scan_key(ref: ScanRef, checkpoint_sha256: str, tta: bool, formats: Sequence[
         "checkpoint_sha256": checkpoint_sha256,
         "tta": bool(tta),
         "formats": list(formats),
+        "settings": dict(settings or {}),  # overlap, window, precision, post-processing
         "medseg_version": __version__,
     }
     key = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()

@@ -87,6 +87,7 @@ class Job:
     coding: dict[str, Any] | None = None  # data.classes_coding of the checkpoint's config, for DICOM SEG
     memory_budget_mb: float | None = None  # per scan, checked from headers before decoding (None: default)
     retry_delays: tuple[float, ...] = field(default_factory=lambda: RETRY_DELAYS)
+    settings: dict[str, Any] = field(default_factory=dict)  # Predictor.settings: in the skip key
 
     def formats_for(self, ref: ScanRef) -> tuple[str, ...]:
         from medseg.export import default_formats
@@ -171,7 +172,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
     start = time.monotonic()
     record = CaseRecord(ref.id, ref.kind, str(ref.path), "written")
     try:
-        key = ledger.scan_key(ref, job.checkpoint_sha256, job.tta, job.formats_for(ref))
+        key = ledger.scan_key(ref, job.checkpoint_sha256, job.tta, job.formats_for(ref), job.settings)
         if not job.overwrite:
             outputs = ledger.find_outputs(job.output_dir, ref.id, key)
             if outputs is not None:
