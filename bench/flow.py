@@ -56,7 +56,7 @@ WORK = Path(os.environ.get("MEDSEG_BENCH_FLOW_WORK") or tempfile.mkdtemp(prefix=
 os.environ["MEDSEG_BENCH_FLOW_WORK"] = str(WORK)
 os.environ["PREFECT_HOME"] = str(WORK / "prefect-home")  # before Prefect is imported: never ~/.prefect
 
-import flows  # noqa: E402  (sets Prefect's telemetry defaults before Prefect is imported)
+import medseg_flows  # noqa: E402  (sets Prefect's telemetry defaults before Prefect is imported)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -71,11 +71,11 @@ from medseg.ingest import discover  # noqa: E402
 from medseg.pipeline import Job, segment_scan  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 
-from flows import model_cache  # noqa: E402
-from flows.runners import build_task_runner  # noqa: E402
-from flows.segment_study import segment_study  # noqa: E402
+from medseg_flows import model_cache  # noqa: E402
+from medseg_flows.runners import build_task_runner  # noqa: E402
+from medseg_flows.segment_study import segment_study  # noqa: E402
 
-del flows
+del medseg_flows
 BIN = Path(sys.executable).parent
 SCAN_SECONDS: dict[str, list[float]] = {}  # per runner: the pipeline's time for each scan (predictions.json)
 

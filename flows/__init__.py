@@ -23,7 +23,7 @@ PRIVATE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # a temporary server started for an in-process run
     # A temporary server takes 10-30 s to start on a small machine; Prefect's 20 s default is too tight.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # Prefect's minimum; see flows.health for why
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # Prefect's minimum; see medseg_flows.health for why
 }
 
 for _key, _value in PRIVATE_DEFAULTS.items():

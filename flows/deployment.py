@@ -19,7 +19,7 @@ Either way the deployment gets:
   every scan the first wrote. The output folder's lock file (medseg.pipeline.output_lock) keeps
   ``medseg predict`` and flows of other deployments out of the same folder too;
 - heartbeats every ``crash_detection.heartbeat_seconds`` in each run's process and the
-  automation of flows.health that marks a run Crashed when they stop (kill -9, a machine gone),
+  automation of medseg_flows.health that marks a run Crashed when they stop (kill -9, a machine gone),
   which also frees the concurrency slot for the next run;
 - ``paused: false``. Stopping ``medseg serve`` or a worker never pauses the deployment or removes
   its schedule (Prefect's served deployments pause on shutdown by default, which silenced every
@@ -45,10 +45,10 @@ from prefect.schedules import Cron
 from prefect.settings import get_current_settings
 from prefect.types.entrypoint import EntrypointType
 
-from flows.health import ensure_crash_automation, require_server
-from flows.runners import require_dask
-from flows.segment_study import segment_study
-from flows.settings import DEPLOYMENT_NAME, NightlyConfig, load_nightly_config, resolve_checkpoint
+from medseg_flows.health import ensure_crash_automation, require_server
+from medseg_flows.runners import require_dask
+from medseg_flows.segment_study import segment_study
+from medseg_flows.settings import DEPLOYMENT_NAME, NightlyConfig, load_nightly_config, resolve_checkpoint
 
 __all__ = [
     "ONE_RUN_AT_A_TIME",

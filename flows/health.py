@@ -58,10 +58,10 @@ __all__ = [
     "server_ui_url",
 ]
 
-NIGHTLY = "segment-study/nightly"  # flow name / deployment name (flows.settings.DEPLOYMENT_NAME)
+NIGHTLY = "segment-study/nightly"  # flow name / deployment name (medseg_flows.settings.DEPLOYMENT_NAME)
 CRASH_AUTOMATION = "medseg: mark segment-study runs Crashed when their heartbeats stop"
 FINAL_STATES = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
-SUMMARY_KEY = "segment-study-summary"  # the summary artifact (flows.reporting.SUMMARY_KEY), read by key
+SUMMARY_KEY = "segment-study-summary"  # the summary artifact (medseg_flows.reporting.SUMMARY_KEY), read by key
 
 
 class ServerUnavailable(MedsegError):

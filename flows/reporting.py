@@ -7,7 +7,7 @@ Artifacts, under stable keys so a person (or a script) finds the latest of each:
 ``segment-study-metrics`` (table: case, class, Dice, IoU) and ``segment-study-summary``
 (markdown: counts, skips, failures with reasons, mean scores, where the files are).
 The files are written first and never wait for the Prefect API; the artifacts go through
-flows.api_guard, which waits a bounded time for an API that is away, then skips them
+medseg_flows.api_guard, which waits a bounded time for an API that is away, then skips them
 with one warning.
 """
 
@@ -26,7 +26,7 @@ from medseg.evaluation.evaluate import EvaluationReport, Failure
 from medseg.evaluation.reports import write_reports
 from medseg.pipeline import SKIP_REASON, BatchReport, CaseRecord, Job, write_batch_reports
 
-from flows.api_guard import GUARD
+from medseg_flows.api_guard import GUARD
 
 __all__ = ["METRICS_KEY", "SUMMARY_KEY", "Outcome", "Summary", "publish_reports"]
 

@@ -12,7 +12,7 @@ Shape of a run::
 The per-scan tasks go to a task runner chosen by the run's parameters (threads or
 Dask), entered here and handed the tasks directly; Prefect fixes a flow's own runner
 when the flow is defined. No subflow: every flow run is API calls at its start and end,
-and a run's local work must not wait on the API (flows.api_guard).
+and a run's local work must not wait on the API (medseg_flows.api_guard).
 
 Final state: Completed when every scan has its mask (and, with a reference folder,
 its scores). Failed when any scan failed or could not be scored, but only after every
@@ -47,11 +47,11 @@ from medseg.errors import ConfigError, MedsegError
 from medseg.ingest import ScanRef
 from medseg.pipeline import CaseRecord, check_disjoint, output_lock, problem_record
 
-from flows.api_guard import GUARD, quiet_outage_noise
-from flows.reporting import Batch, Outcome, Summary, publish_reports
-from flows.runners import build_task_runner, in_flight
-from flows.settings import FlowParameters, resolve_checkpoint
-from flows.tasks import (
+from medseg_flows.api_guard import GUARD, quiet_outage_noise
+from medseg_flows.reporting import Batch, Outcome, Summary, publish_reports
+from medseg_flows.runners import build_task_runner, in_flight
+from medseg_flows.settings import FlowParameters, resolve_checkpoint
+from medseg_flows.tasks import (
     OUTPUT_STOPPED,
     Inventory,
     Job,

@@ -31,8 +31,8 @@ from medseg.ingest import Problem, ScanRef, discover, load, ref_for_path
 from medseg.pipeline import CaseRecord, Job, OutputUnwritable, coding_of, failure_reason, prepare_output
 from medseg.pipeline import segment_scan as segment_one
 
-from flows.api_guard import quiet_outage_noise
-from flows.model_cache import get_predictor
+from medseg_flows.api_guard import quiet_outage_noise
+from medseg_flows.model_cache import get_predictor
 
 OUTPUT_STOPPED = "OutputUnwritable"  # the name of a segment-scan's end state when the output took no more
 

@@ -135,8 +135,8 @@ def _isbi_config(runs: Path, minutes: float) -> Config:
 
 def _run_batch(name: str, images: Path, labels: Path | None, checkpoint: Path, out: Path) -> dict[str, Any]:
     """One segment-study flow run (masks, reports, review page)."""
-    import flows  # noqa: F401  (Prefect privacy defaults before Prefect is imported)
-    from flows.segment_study import segment_study
+    import medseg_flows  # noqa: F401  (Prefect privacy defaults before Prefect is imported)
+    from medseg_flows.segment_study import segment_study
 
     state = segment_study(
         input_dir=images, output_dir=out, checkpoint=checkpoint, reference_dir=labels, return_state=True

@@ -80,7 +80,8 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 def prefect_env(api: str, home: Path, **extra: str) -> dict[str, str]:
-    """The environment of every Prefect process of a test: its own PREFECT_HOME, this tree first on the path."""
+    """The environment of every Prefect process of a test: its own PREFECT_HOME, this tree's medseg first on the
+    path (medseg_flows, the flows/ folder under its installed name, comes from the installed medseg)."""
     return {
         **os.environ,
         "PREFECT_HOME": str(home),

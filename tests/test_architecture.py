@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,10 +52,22 @@ def test_only_the_cli_entry_points_reach_the_prefect_code() -> None:
         f"{path.relative_to(REPO)}:{line} imports {name}"
         for path in _modules("medseg")
         for line, name in _imports(path)
-        if name.split(".")[0] in ("flows", "medseg_flows", "prefect", "prefect_dask")
+        if name.split(".")[0] in ("medseg_flows", "prefect", "prefect_dask")
         and str(path.relative_to(REPO)) not in allowed
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_prefect_code_is_imported_by_its_installed_name() -> None:
+    """flows/ installs as medseg_flows (pyproject's package-dir): `import flows` works only where the repository
+    root is on sys.path, and elsewhere finds another distribution's `flows` or nothing. Code in strings that tests
+    run in a subprocess counts too, so the check reads text, not the syntax tree."""
+    bare = re.compile(r"^[ \t]*(?:from|import)[ \t]+flows\b", re.MULTILINE)
+    offenders = []
+    for path in _modules("medseg", "flows", "tests", "bench"):
+        text = path.read_text(encoding="utf-8")
+        offenders += [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}" for m in bare.finditer(text)]
+    assert not offenders, "import medseg_flows (the installed name), not flows:\n" + "\n".join(offenders)
 
 
 def test_no_module_is_over_the_line_limit() -> None:

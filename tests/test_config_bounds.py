@@ -159,7 +159,7 @@ def test_hostile_override_is_refused_naming_the_key(tmp_path, override, key, pro
 
 
 def _nightly(path):
-    from flows.settings import load_nightly_config
+    from medseg_flows.settings import load_nightly_config
 
     return load_nightly_config(path)
 
@@ -171,7 +171,7 @@ def test_alias_bomb_is_refused_before_it_expands(tmp_path, loader):
     path = tmp_path / "bomb.yaml"
     path.write_text(billion_laughs())
     load_config(_write(tmp_path / "warm.yaml", UNET))  # imports and the model registry, outside the measurement
-    import flows.settings  # noqa: F401  (imported outside the measurement too)
+    import medseg_flows.settings  # noqa: F401  (imported outside the measurement too)
 
     tracemalloc.start()
     try:

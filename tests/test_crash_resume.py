@@ -150,8 +150,8 @@ def test_killed_predict_leaves_no_partial_output_and_next_run_finishes(data, tmp
 FLOW = """
 import sys
 from pathlib import Path
-import flows  # privacy defaults before Prefect
-from flows.segment_study import segment_study
+import medseg_flows  # privacy defaults before Prefect
+from medseg_flows.segment_study import segment_study
 state = segment_study(input_dir=Path(sys.argv[1]), output_dir=Path(sys.argv[2]), checkpoint=Path(sys.argv[3]),
                       workers=1, return_state=True)
 print("STATE", state.name)

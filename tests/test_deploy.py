@@ -30,7 +30,7 @@ if "PREFECT_HOME" not in os.environ or "medseg-test-prefect-" not in os.environ[
     os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)
 
-import flows  # noqa: E402,F401  (Prefect's telemetry and heartbeat defaults, before Prefect is imported)
+import medseg_flows  # noqa: E402,F401  (Prefect's telemetry and heartbeat defaults, before Prefect is imported)
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
@@ -54,11 +54,11 @@ from medseg.data import phantoms  # noqa: E402
 from medseg.cli import main  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 
-from flows.deployment import ONE_RUN_AT_A_TIME, nightly_build_step, nightly_deployment, nightly_values  # noqa: E402
-from flows.health import CRASH_AUTOMATION, NIGHTLY, SUMMARY_KEY, crash_automation, server_ui_url  # noqa: E402
-from flows.reporting import SUMMARY_KEY as REPORTED_SUMMARY_KEY  # noqa: E402
-from flows.segment_study import segment_study  # noqa: E402
-from flows.settings import DEPLOYMENT_NAME, FlowParameters, load_nightly_config  # noqa: E402
+from medseg_flows.deployment import ONE_RUN_AT_A_TIME, nightly_build_step, nightly_deployment, nightly_values  # noqa: E402
+from medseg_flows.health import CRASH_AUTOMATION, NIGHTLY, SUMMARY_KEY, crash_automation, server_ui_url  # noqa: E402
+from medseg_flows.reporting import SUMMARY_KEY as REPORTED_SUMMARY_KEY  # noqa: E402
+from medseg_flows.segment_study import segment_study  # noqa: E402
+from medseg_flows.settings import DEPLOYMENT_NAME, FlowParameters, load_nightly_config  # noqa: E402
 
 from conftest import tiny_em_config, write_em_pairs  # noqa: E402
 from prefect_live import BIN, REPO, free_port, kill_group, server_process, start, stop, wait_until  # noqa: E402
@@ -106,7 +106,7 @@ def test_prefect_yaml_deploys_what_serve_serves(tmp_path):
     ((step_name, step_inputs),) = step.items()
     assert import_object(step_name) is nightly_build_step and step_inputs["id"] == "nightly"
     assert step_inputs["config"] == "configs/nightly.yaml" and (REPO / step_inputs["config"]).is_file()
-    assert spec["pull"] == []  # workers import the installed flows package
+    assert spec["pull"] == []  # workers import the installed medseg_flows package
     (deployment,) = spec["deployments"]
     assert f"{segment_study.name}/{deployment['name']}" == NIGHTLY
     assert load_flow_from_entrypoint(deployment["entrypoint"]) is segment_study
@@ -419,7 +419,7 @@ def test_status_names_each_reason_the_next_run_will_not_happen(live, model, tmp_
 
 @pytest.mark.slow
 def test_kill_9_of_serve_leaves_a_crashed_run_that_the_next_run_resumes(live, model, tmp_path):
-    """kill -9 of `medseg serve` mid-run: the run and its subflow are Crashed by the automation serve made, within
+    """kill -9 of `medseg serve` mid-run: the run is Crashed by the automation serve made, within
     crashed_after_seconds of the last heartbeat; a run that completed before keeps Completed; the next run takes
     the dead run's lock and skips every mask it finished."""
     api, env = live

@@ -52,11 +52,11 @@ from medseg.inference.predictor import Predictor  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
 
 import medseg.pipeline.scan  # noqa: E402
-from flows import model_cache  # noqa: E402
-from flows.deployment import check_nightly  # noqa: E402
-from flows.reporting import METRICS_KEY, SUMMARY_KEY  # noqa: E402
-from flows.segment_study import ScansFailed, segment_study  # noqa: E402
-from flows.settings import FlowParameters, load_nightly_config  # noqa: E402
+from medseg_flows import model_cache  # noqa: E402
+from medseg_flows.deployment import check_nightly  # noqa: E402
+from medseg_flows.reporting import METRICS_KEY, SUMMARY_KEY  # noqa: E402
+from medseg_flows.segment_study import ScansFailed, segment_study  # noqa: E402
+from medseg_flows.settings import FlowParameters, load_nightly_config  # noqa: E402
 
 from conftest import snapshot, tiny_em_config, write_em_pairs  # noqa: E402
 from prefect_live import BIN, server_process, start, stop, wait_until  # noqa: E402
@@ -413,7 +413,7 @@ def test_serve_takes_set_overrides_and_says_how_to_create_a_missing_checkpoint(m
 
 def test_the_flow_hands_out_a_bounded_window_of_scans():
     """A batch whose output stops taking writes stops after at most the window: twice the workers."""
-    from flows.runners import in_flight
+    from medseg_flows.runners import in_flight
 
     assert in_flight("threads") == 4 and in_flight("threads", 3) == 6
     assert in_flight("dask", 5) == 10
@@ -422,7 +422,7 @@ def test_the_flow_hands_out_a_bounded_window_of_scans():
 
 
 def test_a_stopped_run_says_so_first_and_points_only_at_reports_it_wrote(tmp_path):
-    from flows.reporting import Summary
+    from medseg_flows.reporting import Summary
 
     counts = {"written": 1, "skipped": 0, "failed": 0}
     stopped = Summary(str(tmp_path), counts, stopped="output folder X: Read-only file system", not_done=["b", "c"])

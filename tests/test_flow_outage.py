@@ -46,13 +46,13 @@ from prefect.events.clients import PrefectEventsClient  # noqa: E402
 from prefect.server.api.server import SubprocessASGIServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-import flows.reporting  # noqa: E402
-import flows.tasks  # noqa: E402
-from flows import api_guard  # noqa: E402
-from flows.api_guard import quiet_outage_noise, unreachable_reason  # noqa: E402
-from flows.reporting import SUMMARY_KEY, Batch, Outcome, publish_reports  # noqa: E402
-from flows.runners import build_task_runner  # noqa: E402
-from flows.segment_study import segment_study  # noqa: E402
+import medseg_flows.reporting  # noqa: E402
+import medseg_flows.tasks  # noqa: E402
+from medseg_flows import api_guard  # noqa: E402
+from medseg_flows.api_guard import quiet_outage_noise, unreachable_reason  # noqa: E402
+from medseg_flows.reporting import SUMMARY_KEY, Batch, Outcome, publish_reports  # noqa: E402
+from medseg_flows.runners import build_task_runner  # noqa: E402
+from medseg_flows.segment_study import segment_study  # noqa: E402
 from medseg.data import phantoms  # noqa: E402
 from medseg.pipeline import CaseRecord, Job  # noqa: E402
 from medseg.training.loop import train  # noqa: E402
@@ -228,8 +228,8 @@ def test_reports_are_written_before_the_artifacts_and_without_them(guard_lines, 
         on_disk_at_call.append(sorted(p.name for p in out.iterdir()))
         raise REFUSED
 
-    monkeypatch.setattr(flows.reporting, "create_markdown_artifact", refused)
-    monkeypatch.setattr(flows.reporting, "get_run_logger", lambda: logging.getLogger("prefect.medseg.flows"))
+    monkeypatch.setattr(medseg_flows.reporting, "create_markdown_artifact", refused)
+    monkeypatch.setattr(medseg_flows.reporting, "get_run_logger", lambda: logging.getLogger("prefect.medseg.flows"))
     summary = publish_reports.fn(images, None, job, Batch([Outcome(record)], cases=["a_em"]))
 
     assert summary.counts == {"written": 1, "skipped": 0, "failed": 0}
@@ -305,7 +305,7 @@ def write_pngs(root: Path, count: int) -> tuple[Path, Path]:
 def test_run_survives_the_api_going_away_mid_run(prefect_server, model, monkeypatch, tmp_path, caplog):
     images, labels = write_pngs(tmp_path, 6)
     out = tmp_path / "out"
-    real_segment, lock, events = flows.tasks.segment_one, threading.Lock(), {}
+    real_segment, lock, events = medseg_flows.tasks.segment_one, threading.Lock(), {}
 
     def stop_server_then_segment(ref, job, predictor):
         with lock:
@@ -325,7 +325,7 @@ def test_run_survives_the_api_going_away_mid_run(prefect_server, model, monkeypa
         prefect_server.start(timeout=120)  # same port, same database
         events["restarted"] = time.monotonic()
 
-    monkeypatch.setattr(flows.tasks, "segment_one", stop_server_then_segment)
+    monkeypatch.setattr(medseg_flows.tasks, "segment_one", stop_server_then_segment)
     restarter = threading.Thread(target=contextvars.copy_context().run, args=(restart_when_reports_are_written,))
     restarter.start()  # with this test's settings (the harness's database), so the restarted server has the run
     try:

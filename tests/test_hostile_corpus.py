@@ -76,8 +76,8 @@ def _prefect_console_to_this_test() -> None:
 
 def flow_call(w: World, inputs: Path, out: Path):
     def call() -> tuple[int, str]:
-        import flows  # noqa: F401  (Prefect's privacy defaults first)
-        from flows.segment_study import segment_study
+        import medseg_flows  # noqa: F401  (Prefect's privacy defaults first)
+        from medseg_flows.segment_study import segment_study
 
         _prefect_console_to_this_test()
 

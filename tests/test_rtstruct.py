@@ -335,7 +335,7 @@ def test_segment_folder_writes_nifti_and_rtstruct_that_agree(tmp_path, tiny_3d_c
 
 
 def test_rtstruct_is_a_format_of_predict_and_of_the_flow(tmp_path, tiny_3d_checkpoint, capsys):
-    from flows import segment_study, settings
+    from medseg_flows import segment_study, settings
     from medseg.cli import main
 
     assert "rtstruct" in get_args(segment_study.MaskFormat) and "rtstruct" in get_args(settings.MaskFormat)
@@ -357,8 +357,8 @@ def test_rtstruct_is_a_format_of_predict_and_of_the_flow(tmp_path, tiny_3d_check
 
 def test_the_flow_scores_the_nifti_mask_when_rtstruct_comes_first(tmp_path):
     """evaluate-scan scores the first mask that is not a DICOM object (SEG or RTSTRUCT)."""
-    import flows  # noqa: F401  (Prefect defaults before Prefect)
-    from flows import tasks
+    import medseg_flows  # noqa: F401  (Prefect defaults before Prefect)
+    from medseg_flows import tasks
     from medseg.ingest import ref_for_path
     from medseg.pipeline import CaseRecord
 

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 SOAK = r"""
 import json, sys, threading
 from pathlib import Path
-import flows  # privacy defaults before Prefect
+import medseg_flows  # privacy defaults before Prefect
 import medseg.export as export
-from flows.segment_study import segment_study
+from medseg_flows.segment_study import segment_study
 
 samples, lock = [], threading.Lock()
 real_export = export.export_mask

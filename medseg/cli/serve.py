@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
             f"{args.config}: no nightly config there; `medseg serve --init` writes a commented one to edit "
             f"(to {DEFAULT_CONFIG}, or to --config PATH)"
         )
-    # Imported here: `flows` sets Prefect's telemetry defaults before Prefect is first imported,
+    # Imported here: `medseg_flows` sets Prefect's telemetry defaults before Prefect is first imported,
     # and other commands should not pay for importing Prefect.
-    from flows.deployment import check_nightly, serve_nightly
-    from flows.health import server_ui_url
-    from flows.settings import load_nightly_config
+    from medseg_flows.deployment import check_nightly, serve_nightly
+    from medseg_flows.health import server_ui_url
+    from medseg_flows.settings import load_nightly_config
     from medseg.cli import Terminated
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the server otherwise

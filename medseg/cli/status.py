@@ -25,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here: `flows` sets Prefect's telemetry defaults before Prefect is first imported,
-    # and other commands should not pay for importing Prefect. flows.health imports no torch.
-    from flows.health import ServerUnavailable, nightly_health, require_server
+    # Imported here: `medseg_flows` sets Prefect's telemetry defaults before Prefect is first imported,
+    # and other commands should not pay for importing Prefect. medseg_flows.health imports no torch.
+    from medseg_flows.health import ServerUnavailable, nightly_health, require_server
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
