@@ -78,6 +78,21 @@ def test_isotropic_mr_gets_nnunets_hippocampus_plan():
     assert config.train.schedule == "poly" and config.train.ema_decay == 0.998
 
 
+def test_a_short_time_budget_plans_half_the_width_and_adam():
+    """Under 4 hours nnU-Net's 250,000 SGD steps are out of reach: the plan halves the width (a third of
+    the step cost) and trains with Adam; from 4 hours on, and with no budget, it is nnU-Net's recipe."""
+    shapes, spacings = jittered(np.random.default_rng(0), 60, (36, 50, 35), (1.0, 1.0, 1.0), 0.08)
+    fp = fingerprint(shapes, spacings)
+    plan, short = plan_of(fp, minutes=30)
+    assert short.model.features == 16 and short.train.optimizer == "adam" and short.train.learning_rate == 3e-3
+    assert short.train.time_budget_minutes == 30 and short.train.ema_decay == 0.998
+    assert "half nnU-Net's 32" in plan.sections["model"]["features"].rule
+    assert short.train.patch_size == [40, 56, 40] and short.train.batch_size == 2  # the data's rules are unchanged
+    for minutes in (None, 240):
+        _, full = plan_of(fp, minutes=minutes)
+        assert full.model.features == 32 and full.train.optimizer == "sgd" and full.train.learning_rate == 0.01
+
+
 def test_anisotropic_volumes_take_the_tenth_percentile_and_go_2d():
     """0.6 x 0.6 x 3-4.5 mm with 20 slices: the coarse axis is over 3x coarser and has under a third of the
     voxels, so it gets the 10th percentile of its spacings (nnU-Net), and the plan is 2D across it."""

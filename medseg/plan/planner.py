@@ -143,7 +143,7 @@ def make_plan(fp: Fingerprint, options: PlanOptions) -> Plan:
     in_plane = [a for a in range(len(median_shape)) if a != slice_axis]
     patch_median = [median_shape[a] for a in in_plane] if slice_axis is not None else median_shape
     patch_spacing = [rule_spacing[a] for a in in_plane] if slice_axis is not None else rule_spacing
-    features, max_features = rules.width(spatial_dims)
+    features, max_features = rules.width(spatial_dims, options.minutes)
     model = {
         "name": "unet",
         "spatial_dims": spatial_dims,
