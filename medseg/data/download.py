@@ -6,7 +6,8 @@ sha256, so training never runs on a half-downloaded or silently changed file.
 
 A manifest can come from anywhere, so its URLs are untrusted: downloads go over https://
 only (certificate checked, redirects to https:// only); a file:// URL is read only from
-inside the local mirror. Each file is streamed and cut off as soon as it grows past its
+inside the local mirror, and a mirror's entry is copied only if it is a regular file
+inside the mirror once its links are resolved. Each file is streamed and cut off as soon as it grows past its
 declared ``size`` (an optional column, in bytes) or, without one, past
 ``MAX_UNDECLARED_BYTES``, so an endless or wrong source cannot fill the disk; the
 partial download is deleted.
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import ssl
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -216,6 +219,62 @@ def _local_source(entry: ManifestEntry, mirror: Path | None, manifest: Path | No
     return path
 
 
+def _mirror_copy(mirror: Path, entry: ManifestEntry) -> Path | None:
+    """The mirror's own regular file for ``entry`` (links resolved); None where the mirror has nothing at its path.
+
+    Why: the mirror is only read, and only its own files are copied. A link in it to ``/etc/passwd``
+    or to another user's data would otherwise land in the dataset folder (its checksum proves only
+    that the bytes are the declared ones, not where they came from), and a FIFO would block the copy.
+    """
+    source = mirror / entry.dataset / entry.path
+    if not os.path.lexists(source):
+        return None
+    name = f"{entry.dataset}/{entry.path}"
+    try:
+        real = source.resolve()
+        inside = real.is_relative_to(mirror.resolve())
+    except (OSError, RuntimeError) as exc:
+        raise ManifestError(
+            f"{source}: cannot be resolved ({exc}), so {name} was not copied from the mirror; remove the link loop"
+        ) from None
+    if not inside:
+        raise ManifestError(
+            f"{source}: leads through a link to {real}, outside the mirror {mirror}, so {name} was not copied; "
+            "replace the link with the file itself (or with a link that stays inside the mirror)"
+        )
+    if not real.is_file():
+        raise ManifestError(
+            f"{source}: is {_not_regular(source, real)} in the mirror {mirror}, not a regular file, so {name} was "
+            "not copied; put the file itself there, or remove the entry to download it from its source_url"
+        )
+    return real
+
+
+def _not_regular(source: Path, real: Path) -> str:
+    """What a mirror entry that is no regular file is, in words."""
+    if not real.exists():
+        return f"a link to {real}, which does not exist"
+    link = f"a link to {real}, which is " if source.is_symlink() else ""
+    if real.is_dir():
+        return f"{link}a folder"
+    kinds = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+    return link + kinds.get(stat.S_IFMT(real.stat().st_mode), "a special file")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if, once open, it is a regular file: a link or FIFO swapped in after
+    the checks is refused (O_NOFOLLOW; O_NONBLOCK so opening a FIFO does not wait for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is no longer a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _download(
     entry: ManifestEntry,
     target: Path,
@@ -232,7 +291,7 @@ def _download(
     local = _local_source(entry, mirror, manifest)
     try:
         if local is not None:
-            with local.open("rb") as handle:
+            with _open_regular(local) as handle:
                 _write_verified(handle, target, entry, entry.source_url, manifest)
             return
         with (opener or _open_https)(entry.source_url, 60.0) as response:
@@ -281,7 +340,8 @@ def fetch(
     checksum is an error unless ``force`` (local edits are never overwritten silently).
     Missing files are copied from ``mirror/<dataset>/<path>`` (argument or
     ``$MEDSEG_DATA_MIRROR``) when the mirror has them, else downloaded from source_url:
-    https:// only, or file:// inside the mirror. The mirror is only read.
+    https:// only, or file:// inside the mirror. The mirror is only read, and only its own
+    regular files: an entry that links out of it, or is a folder or a FIFO, is refused.
     opener: opens an https:// URL (default: urllib with certificate checks and https-only
     redirects); a parameter so a caller can supply its own transport, and tests a local stream.
     """
@@ -311,10 +371,11 @@ def fetch(
                         f"{entry.sha256}; it was left as is. Rerun with --force to replace it"
                     )
                 report.replaced.append(entry.path)
-            source = mirror / dataset / entry.path if mirror is not None else None
-            if source is not None and source.is_file():
+            copy = _mirror_copy(mirror, entry) if mirror is not None else None
+            if copy is not None:
+                source = mirror / dataset / entry.path
                 try:
-                    with source.open("rb") as handle:
+                    with _open_regular(copy) as handle:
                         _write_verified(handle, target, entry, str(source), manifest)
                 except OSError as exc:
                     raise ManifestError(

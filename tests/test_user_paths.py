@@ -1,0 +1,87 @@
+"""The paths a user names to `medseg data fetch` (the mirror's entries, --dest), `medseg data phantom` and
+`medseg view`, where they lead elsewhere or hold something else (issue #15; the hostile corpus runs the
+same situations end to end through the CLI, tests/hostile_corpus/user_paths.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import one_file_manifest
+from medseg.data import download
+from medseg.data.download import fetch
+from medseg.errors import ManifestError
+
+DATA = b"the dataset's bytes"
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def _mirror(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A mirror with tiny/img/ (empty), a file outside it holding the declared bytes, and the manifest."""
+    mirror, outside = tmp_path / "mirror", tmp_path / "outside"
+    (mirror / "tiny" / "img").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "a.bin").write_bytes(DATA)
+    return mirror, outside, one_file_manifest(tmp_path / "m.csv", "", sha256=SHA, size=len(DATA))
+
+
+def test_fetch_copies_only_the_mirrors_own_regular_files(tmp_path: Path) -> None:
+    mirror, outside, manifest = _mirror(tmp_path)
+    entry, dest = mirror / "tiny" / "img" / "a.bin", tmp_path / "dest"
+    entry.symlink_to(outside / "a.bin")  # the declared bytes, but from outside the mirror
+    with pytest.raises(ManifestError) as err:
+        fetch("tiny", dest, mirror=mirror, manifest=manifest)
+    message = str(err.value)
+    assert message.startswith(str(entry)) and "outside the mirror" in message and str(outside / "a.bin") in message
+    assert "replace the link with the file itself" in message and "\n" not in message
+    assert not (dest / "tiny" / "img" / "a.bin").exists()
+
+    entry.unlink()
+    (mirror / "store.bin").write_bytes(DATA)
+    entry.symlink_to(mirror / "store.bin")  # a link that stays inside the mirror is the mirror's own file
+    report = fetch("tiny", dest, mirror=mirror, manifest=manifest)
+    assert report.copied == ["img/a.bin"] and (dest / "tiny" / "img" / "a.bin").read_bytes() == DATA
+    assert not (dest / "tiny" / "img" / "a.bin").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling"])
+def test_a_mirror_entry_that_is_no_regular_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    mirror, _, manifest = _mirror(tmp_path)
+    entry = mirror / "tiny" / "img" / "a.bin"
+    if kind == "fifo":
+        os.mkfifo(entry)  # opening it would wait for a writer
+    elif kind == "folder":
+        entry.mkdir()
+    else:
+        entry.symlink_to(mirror / "gone.bin")
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch("tiny", tmp_path / "dest", mirror=mirror, manifest=manifest)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "fetch blocked on the mirror entry"
+    assert outcome and isinstance(outcome[0], ManifestError), outcome
+    assert str(outcome[0]).startswith(str(entry)) and "not a regular file" in str(outcome[0])
+
+
+def test_the_copy_opens_only_a_regular_file_whatever_was_swapped_in(tmp_path: Path) -> None:
+    """Between the check and the open a link or a FIFO may replace the file: the open itself refuses it."""
+    regular = tmp_path / "a.bin"
+    regular.write_bytes(DATA)
+    with download._open_regular(regular) as handle:
+        assert handle.read() == DATA
+    (tmp_path / "link").symlink_to(regular)
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "link", tmp_path / "fifo"):
+        with pytest.raises(OSError):
+            download._open_regular(path)
