@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_file_manifest
-from medseg.data import download
+from medseg.data.mirror import open_regular
 from medseg.data.download import fetch
 from medseg.errors import ManifestError
 
@@ -78,10 +78,43 @@ def test_the_copy_opens_only_a_regular_file_whatever_was_swapped_in(tmp_path: Pa
     """Between the check and the open a link or a FIFO may replace the file: the open itself refuses it."""
     regular = tmp_path / "a.bin"
     regular.write_bytes(DATA)
-    with download._open_regular(regular) as handle:
+    with open_regular(regular) as handle:
         assert handle.read() == DATA
     (tmp_path / "link").symlink_to(regular)
     os.mkfifo(tmp_path / "fifo")
     for path in (tmp_path / "link", tmp_path / "fifo"):
         with pytest.raises(OSError):
-            download._open_regular(path)
+            open_regular(path)
+
+
+@pytest.mark.parametrize("layout", ["equal", "inside", "link", "dataset-link", "holding"])
+def test_fetch_never_writes_into_the_mirror_whatever_dest_is(tmp_path: Path, layout: str) -> None:
+    mirror = tmp_path / "data" / "tiny" / "m" if layout == "holding" else tmp_path / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    (mirror / "copy.bin").write_bytes(DATA)  # a file:// source inside the mirror: a fetch would write its copy
+    manifest = one_file_manifest(tmp_path / "m.csv", (mirror / "copy.bin").as_uri(), SHA, len(DATA))
+    dest = {"equal": mirror, "inside": mirror / "datasets", "link": tmp_path / "link"}.get(layout, tmp_path / "data")
+    if layout == "link":
+        dest.symlink_to(mirror)
+    if layout == "dataset-link":
+        dest.mkdir()
+        (dest / "tiny").symlink_to(mirror / "tiny")
+    before = sorted(mirror.rglob("*"))
+    with pytest.raises(ManifestError) as err:
+        fetch("tiny", dest, mirror=mirror, manifest=manifest)
+    message = str(err.value)
+    assert message.startswith(f"{dest}: ") and f"overlaps the mirror {mirror}" in message and "--dest" in message
+    assert sorted(mirror.rglob("*")) == before
+
+
+def test_fetch_follows_a_dest_link_that_leads_elsewhere_and_names_a_loop(tmp_path: Path) -> None:
+    mirror, _, manifest = _mirror(tmp_path)
+    (mirror / "tiny" / "img" / "a.bin").write_bytes(DATA)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (tmp_path / "data").symlink_to(disk)  # a data root on another disk
+    assert fetch("tiny", tmp_path / "data", mirror=mirror, manifest=manifest).copied == ["img/a.bin"]
+    assert (disk / "tiny" / "img" / "a.bin").read_bytes() == DATA
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ManifestError, match="cannot be resolved.*remove the link loop"):
+        fetch("tiny", tmp_path / "loop" / "data", mirror=mirror, manifest=manifest)

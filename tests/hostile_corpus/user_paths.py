@@ -95,4 +95,74 @@ MIRROR_ENTRIES = [
 ]
 
 
-USER_PATHS = [*MIRROR_ENTRIES]
+# ============================================================================ 1. a --dest that lands in the mirror
+
+
+def dest_overlaps(layout: str):
+    """`medseg data fetch` whose dataset folder would lie in, hold, or link into the mirror it reads.
+
+    The mirror lacks tiny/img/a.bin and the manifest names a file:// copy inside it, so a fetch that
+    went ahead would write the mirror (the walked sandbox shows it: nothing may change anywhere).
+    """
+
+    def build(w: World) -> Run:
+        data = w.root / "data"
+        mirror = data / "tiny" / "mirror" if layout == "dataset-folder-holds-the-mirror" else w.root / "mirror"
+        (mirror / "tiny" / "img").mkdir(parents=True)
+        (mirror / "copy.bin").write_bytes(b"data")
+        url = (mirror / "copy.bin").as_uri()
+        manifest = one_file_manifest(w.root / "m.csv", url, sha256=sha256_of(b"data"), size=4)
+        dest = {"is-the-mirror": mirror, "inside-the-mirror": mirror / "datasets", "links-to-the-mirror": w.out}.get(
+            layout, data
+        )
+        if layout == "links-to-the-mirror":
+            w.out.symlink_to(mirror)
+        if layout == "dataset-folder-links-into-the-mirror":
+            data.mkdir()
+            (data / "tiny").symlink_to(mirror / "tiny")
+        return Run(fetch_argv(w, mirror, manifest, dest), None, 1, says=(str(dest), "overlaps the mirror", str(mirror)))
+
+    return build
+
+
+def dest_on_another_disk(w: World) -> Run:
+    """Links in --dest are followed, as for `medseg predict --output`: a data root on another disk is a link."""
+    mirror, disk = w.root / "mirror", w.root / "disk"
+    (mirror / "tiny" / "img").mkdir(parents=True)
+    (mirror / "tiny" / "img" / "a.bin").write_bytes(b"data")
+    disk.mkdir()
+    w.out.symlink_to(disk)
+    manifest = one_file_manifest(w.root / "m.csv", "", sha256=sha256_of(b"data"), size=4)
+
+    def landed() -> None:
+        assert (disk / "tiny" / "img" / "a.bin").read_bytes() == b"data"
+
+    return Run(fetch_argv(w, mirror, manifest), disk, 0, says=("tiny: 1 files verified",), after=landed)
+
+
+def dest_behind_a_link_loop(w: World) -> Run:
+    mirror = w.root / "mirror"
+    (mirror / "tiny" / "img").mkdir(parents=True)
+    (w.root / "loop").symlink_to(w.root / "loop")
+    manifest = one_file_manifest(w.root / "m.csv", "", sha256=sha256_of(b"data"), size=4)
+    dest = w.root / "loop" / "data"
+    return Run(fetch_argv(w, mirror, manifest, dest), None, 1, says=(str(dest), "cannot be resolved"))
+
+
+DESTINATIONS = [
+    *(
+        Case(f"dest-{layout}", 1, "data", dest_overlaps(layout))
+        for layout in (
+            "is-the-mirror",
+            "inside-the-mirror",
+            "links-to-the-mirror",
+            "dataset-folder-links-into-the-mirror",
+            "dataset-folder-holds-the-mirror",
+        )
+    ),
+    Case("dest-links-to-another-disk", 1, "data", dest_on_another_disk),
+    Case("dest-behind-a-link-loop", 3, "data", dest_behind_a_link_loop),
+]
+
+
+USER_PATHS = [*MIRROR_ENTRIES, *DESTINATIONS]
