@@ -9,9 +9,11 @@ import os
 import threading
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 
 from conftest import one_file_manifest
+from medseg.cli import main
 from medseg.data.mirror import open_regular
 from medseg.data.download import fetch
 from medseg.errors import ManifestError
@@ -118,3 +120,30 @@ def test_fetch_follows_a_dest_link_that_leads_elsewhere_and_names_a_loop(tmp_pat
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(ManifestError, match="cannot be resolved.*remove the link loop"):
         fetch("tiny", tmp_path / "loop" / "data", mirror=mirror, manifest=manifest)
+
+
+def test_phantom_keeps_a_users_file_of_its_names_unless_told_to_overwrite(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "phantom"
+    user = out / "labelsTr" / "case_000.nii.gz"
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"a user's label")
+    (out / "labelsTr" / "notes.txt").write_text("a user's notes")
+    assert main(["data", "phantom", str(out), "--cases", "1"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{user}: already exists" in error and "--overwrite" in error
+    assert user.read_bytes() == b"a user's label" and not (out / "imagesTr").exists()  # nothing written
+
+    assert main(["data", "phantom", str(out), "--cases", "1", "--overwrite"]) == 0
+    assert nib.load(user).shape == nib.load(out / "imagesTr" / "case_000_0000.nii.gz").shape  # the phantom's label
+    assert (out / "labelsTr" / "notes.txt").read_text() == "a user's notes"
+
+
+def test_phantom_writes_nothing_through_a_link_out_of_its_folder(tmp_path: Path, capsys) -> None:
+    out, elsewhere = tmp_path / "phantom", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.nii.gz").write_bytes(b"outside")
+    (out / "labelsTr").mkdir(parents=True)
+    (out / "labelsTr" / "case_000.nii.gz").symlink_to(elsewhere / "precious.nii.gz")
+    assert main(["data", "phantom", str(out), "--cases", "1", "--overwrite"]) == 1
+    assert "outside the output folder" in capsys.readouterr().err
+    assert (elsewhere / "precious.nii.gz").read_bytes() == b"outside" and not (out / "imagesTr").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import CANARY, one_file_manifest
 from hostile_corpus.checker import Case, Run, World
-from hostile_corpus.common import sha256_of
+from hostile_corpus.common import plant_user_files, sha256_of
 
 CANARY_TEXT = CANARY.decode().strip()
 
@@ -165,4 +165,74 @@ DESTINATIONS = [
 ]
 
 
-USER_PATHS = [*MIRROR_ENTRIES, *DESTINATIONS]
+# ================================================================== 1, 2. the phantom folder holds a user's files
+
+
+def phantom_over(name: str, overwrite: bool = False):
+    """`medseg data phantom` into a folder where ``name`` (one of the names it writes) is a user's file."""
+
+    def build(w: World) -> Run:
+        user = w.out / name
+        user.parent.mkdir(parents=True)
+        user.write_bytes(b"a user's own volume, not a phantom")
+        plant_user_files(w.out / "imagesTr")
+        argv = ["data", "phantom", str(w.out), "--cases", "1", *(["--overwrite"] if overwrite else [])]
+        if overwrite:  # the phantom's own name is its to replace; the user's other files survive
+            return Run(argv, w.out, 0, says=("1 CT phantom volumes",), may_change=(user,))
+        return Run(argv, w.out, 1, says=(str(user), "already exists", "--overwrite"))
+
+    return build
+
+
+def phantom_beside_user_files(w: World) -> Run:
+    planted = plant_user_files(w.out) + plant_user_files(w.out / "labelsTr")
+
+    def written() -> None:
+        assert sorted(p.name for p in (w.out / "imagesTr").iterdir()) == ["case_000_0000.nii.gz"]
+        assert all(p.is_file() for p in planted)
+
+    return Run(["data", "phantom", str(w.out), "--cases", "1"], w.out, 0, says=("1 CT phantom volumes",), after=written)
+
+
+def phantom_second_run(w: World) -> Run:
+    from medseg.data.phantoms import write_ct_dataset
+
+    write_ct_dataset(w.out, cases=2)
+    return Run(
+        ["data", "phantom", str(w.out), "--cases", "2", "--seed", "1"],
+        w.out,
+        1,
+        says=(str(w.out / "imagesTr" / "case_000_0000.nii.gz"), "already exists", "3 more"),
+    )
+
+
+def phantom_link_out(kind: str):
+    """A folder or file the phantom writes is a link out of its folder: refused, --overwrite or not."""
+
+    def build(w: World) -> Run:
+        elsewhere = w.root / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "precious.nii.gz").write_bytes(b"a user's volume outside the phantom folder")
+        link = w.out / ("imagesTr" if kind == "folder" else "labelsTr/case_000.nii.gz")
+        link.parent.mkdir(parents=True)
+        link.symlink_to(elsewhere if kind == "folder" else elsewhere / f"{kind}.nii.gz")
+        argv = ["data", "phantom", str(w.out), "--cases", "1", "--overwrite"]
+        return Run(argv, w.out, 1, says=(str(link), "outside the output folder"))
+
+    return build
+
+
+PHANTOM = [
+    Case("phantom-keeps-a-users-image", 2, "data", phantom_over("imagesTr/case_000_0000.nii.gz")),
+    Case("phantom-keeps-a-users-label", 2, "data", phantom_over("labelsTr/case_000.nii.gz")),
+    Case("phantom-second-run-refused", 2, "data", phantom_second_run),
+    Case("phantom-user-files-beside-survive", 2, "data", phantom_beside_user_files),
+    Case("phantom-overwrite-replaces-only-its-own", 2, "data", phantom_over("imagesTr/case_000_0000.nii.gz", True)),
+    *(
+        Case(f"phantom-{what}-links-out", 1, "data", phantom_link_out(kind))
+        for what, kind in (("folder", "folder"), ("file", "precious"), ("dangling-file", "gone"))
+    ),
+]
+
+
+USER_PATHS = [*MIRROR_ENTRIES, *DESTINATIONS, *PHANTOM]
