@@ -147,3 +147,41 @@ def test_phantom_writes_nothing_through_a_link_out_of_its_folder(tmp_path: Path,
     assert main(["data", "phantom", str(out), "--cases", "1", "--overwrite"]) == 1
     assert "outside the output folder" in capsys.readouterr().err
     assert (elsewhere / "precious.nii.gz").read_bytes() == b"outside" and not (out / "imagesTr").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, problem, fix",
+    [
+        ("scan", "is a file, not a folder", "not a scan or a mask"),
+        ("predictions", "is a file, not a folder", "medseg view {batch}"),
+        ("missing", "does not exist", "run `medseg predict"),
+        ("dangling", "is a link to {root}/gone, which does not exist", "point it at a batch folder"),
+        ("below-a-file", "does not exist ({root}/a.nii.gz is a file, not a folder)", "the output folder of"),
+        ("fifo", "is a FIFO, not a folder", "the output folder of"),
+    ],
+)
+def test_view_names_the_path_the_problem_and_the_fix(tmp_path: Path, capsys, kind: str, problem: str, fix: str) -> None:
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "predictions.json").write_text('{"records": []}')
+    (tmp_path / "a.nii.gz").write_bytes(b"a scan")
+    path = {
+        "scan": tmp_path / "a.nii.gz",
+        "predictions": batch / "predictions.json",
+        "missing": tmp_path / "nope",
+        "dangling": tmp_path / "link",
+        "below-a-file": tmp_path / "a.nii.gz" / "out",
+        "fifo": tmp_path / "pipe",
+    }[kind]
+    if kind == "dangling":
+        path.symlink_to(tmp_path / "gone")
+    if kind == "fifo":
+        os.mkfifo(path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["view", str(path)]) == 1  # as every command that refuses a path it was given
+    console = capsys.readouterr()
+    assert console.out == "" and console.err.count("\n") == 1 and "Traceback" not in console.err
+    message = console.err.removeprefix("medseg view: error: ")
+    assert message.startswith(f"{path}: {problem.format(root=tmp_path)}"), message
+    assert fix.format(batch=batch) in message
+    assert sorted(tmp_path.rglob("*")) == before

@@ -235,4 +235,51 @@ PHANTOM = [
 ]
 
 
-USER_PATHS = [*MIRROR_ENTRIES, *DESTINATIONS, *PHANTOM]
+# ============================================================================ 3. view given something else
+
+
+def view_path(kind: str):
+    """`medseg view PATH` where PATH is not a batch output folder: one sentence naming it, the problem and the fix."""
+
+    def build(w: World) -> Run:
+        batch = w.root / "batch"
+        batch.mkdir()
+        (batch / "predictions.json").write_text('{"records": []}')
+        (batch / "review.html").write_text("<html></html>")
+        scan = w.inputs / "a.nii.gz"
+        scan.write_bytes(b"a scan")
+        path, says = {
+            "a-scan-file": (scan, ("is a file, not a folder", "output folder of `medseg predict`")),
+            "predictions-json": (batch / "predictions.json", ("is a file, not a folder", f"medseg view {batch}")),
+            "review-html": (batch / "review.html", ("is a file, not a folder", f"medseg view {batch}")),
+            "missing-folder": (w.root / "nope", ("does not exist", "medseg predict")),
+            "dangling-link": (w.root / "link", ("a link to", "does not exist")),
+            "below-a-file": (scan / "out", (f"{scan} is a file", "not a folder")),
+            "fifo": (w.root / "pipe", ("is a FIFO, not a folder",)),
+            "folder-without-predictions": (w.inputs, ("no predictions.json", "medseg predict")),
+        }[kind]
+        if kind == "dangling-link":
+            path.symlink_to(w.root / "gone")
+        if kind == "fifo":
+            os.mkfifo(path)
+        return Run(["view", str(path)], None, 1, says=(f"{path}: ", *says))
+
+    return build
+
+
+VIEW_PATHS = [
+    Case(kind, 3, "view", view_path(kind))
+    for kind in (
+        "a-scan-file",
+        "predictions-json",
+        "review-html",
+        "missing-folder",
+        "dangling-link",
+        "below-a-file",
+        "fifo",
+        "folder-without-predictions",
+    )
+]
+
+
+USER_PATHS = [*MIRROR_ENTRIES, *DESTINATIONS, *PHANTOM, *VIEW_PATHS]
