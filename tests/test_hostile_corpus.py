@@ -29,6 +29,7 @@ from hostile_corpus.outputs import LITTER, OUTPUT_FIRST, UMASK
 from hostile_corpus.scans import BUDGETS, GEOMETRY, ONE_SCAN, SCAN_CASES
 from hostile_corpus.servers import SERVERS
 from hostile_corpus.signals import SIGNALS
+from hostile_corpus.user_paths import USER_PATHS
 from medseg.data import phantoms
 
 
@@ -169,6 +170,7 @@ CASES = [
     *SIGNALS,
     *SERVERS,
     *UMASK,
+    *USER_PATHS,
     *FLOW,
 ]
 

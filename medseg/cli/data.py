@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from medseg.data import download, manifest
@@ -48,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     phantom.add_argument("output", type=Path, help="folder to write imagesTr/ and labelsTr/ into")
     phantom.add_argument("--cases", type=int, default=6, help="number of volumes (default 6)")
     phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of the names it writes (case_NNN...) already in the folder; other files are never touched",
+    )
 
     parser.set_defaults(func=handler)
 
@@ -71,9 +77,33 @@ def _phantom(args: argparse.Namespace) -> int:
     from medseg.pipeline.output import probe_output
 
     probe_output(args.output, "the phantom folder")
+    _check_phantom_names(args.output, args.cases, args.overwrite)
     images, labels = write_ct_dataset(args.output, cases=args.cases, seed=args.seed)
     print(f"{args.cases} CT phantom volumes in {images}, labels in {labels} (liver=1, kidney=2, spine=3)")
     return 0
+
+
+def _check_phantom_names(folder: Path, cases: int, overwrite: bool) -> None:
+    """Before any volume is generated: every file the phantom writes lies inside ``folder`` (no link there leads
+    out, --overwrite or not), and none exists unless --overwrite, as `medseg predict` keeps what it finds.
+
+    Why: the names (case_000_0000.nii.gz) are common ones, and a user's volume of that name in the
+    folder, or a file a link there points at, would be replaced without a word.
+    """
+    from medseg.data.phantoms import ct_dataset_paths
+    from medseg.errors import MedsegError
+    from medseg.files import ensure_inside
+
+    targets = [path for pair in ct_dataset_paths(folder, cases) for path in pair]
+    for path in targets:
+        ensure_inside(folder, path)
+    existing = [path for path in targets if os.path.lexists(path)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the {len(targets)} files it writes)" if len(existing) > 1 else ""
+        raise MedsegError(
+            f"{existing[0]}: already exists{more}, so no phantom was written; pass --overwrite to replace the "
+            f"phantom's own names (nothing else in {folder} is touched), or choose a fresh folder"
+        )
 
 
 def _fetch(args: argparse.Namespace) -> int:

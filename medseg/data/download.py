@@ -5,9 +5,10 @@
 sha256, so training never runs on a half-downloaded or silently changed file.
 
 A manifest can come from anywhere, so its URLs are untrusted: downloads go over https://
-only (certificate checked, redirects to https:// only); a file:// URL is read only from
-inside the local mirror. Each file is streamed and cut off as soon as it grows past its
-declared ``size`` (an optional column, in bytes) or, without one, past
+only (certificate checked, redirects to https:// only); the local mirror is read only
+through `medseg.data.mirror` (its own regular files, file:// sources inside it, a dataset
+folder that does not overlap it). Each file is streamed and cut off as soon as it grows
+past its declared ``size`` (an optional column, in bytes) or, without one, past
 ``MAX_UNDECLARED_BYTES``, so an endless or wrong source cannot fill the disk; the
 partial download is deleted.
 """
@@ -35,6 +36,7 @@ from medseg.data.manifest import (
     default_manifest_path,
     default_mirror,
 )
+from medseg.data.mirror import check_dest, local_source, mirror_copy, open_regular
 from medseg.errors import ManifestError
 from medseg.files import atomic_path, sha256_file, tidy_journal
 
@@ -166,56 +168,6 @@ def _open_https(url: str, timeout: float) -> BinaryIO:
     return _https_opener().open(url, timeout=timeout)
 
 
-def _local_source(entry: ManifestEntry, mirror: Path | None, manifest: Path | None) -> Path | None:
-    """The mirror file a file:// source_url names; None for an https:// URL; ManifestError for anything else.
-
-    Why: a manifest URL is untrusted. Plain http:// can be altered on the way (the sha256 would
-    catch it, after the whole download), ftp://, gopher:// and data: have no place here, and a
-    file:// URL could name any file or device (``/dev/zero`` never ends) unless it is confined
-    to the mirror folder the user chose.
-    """
-    url = entry.source_url
-    where = manifest or default_manifest_path()
-    name = f"{entry.dataset}/{entry.path}"
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "https" and parts.hostname:
-        return None
-    if scheme != "file":
-        shown = (
-            "an https:// URL with no host"
-            if scheme == "https"
-            else f"a {scheme}: URL"
-            if scheme
-            else "not a URL (it has no scheme)"
-        )
-        raise ManifestError(
-            f"{url}: is {shown}, and medseg downloads {name} only over https://; change its source_url in {where} "
-            "to an https:// address, or pass --mirror DIR holding the file"
-        )
-    if mirror is None:
-        raise ManifestError(
-            f"{url}: file:// sources are read only from a local mirror, and none was given for {name}; pass "
-            "--mirror DIR (or set MEDSEG_DATA_MIRROR) naming the folder that holds it, or use an https:// URL"
-        )
-    try:
-        path = Path(urllib.request.url2pathname(parts.path)).resolve()
-        inside = parts.netloc in ("", "localhost") and path.is_relative_to(mirror.resolve())
-    except (OSError, RuntimeError, ValueError):
-        inside = False
-    if not inside:
-        raise ManifestError(
-            f"{url}: lies outside the mirror {mirror} (after links), so {name} was not read from it; point the "
-            "source_url into the mirror folder, or pass --mirror DIR naming the folder that holds it"
-        )
-    if not path.is_file():
-        raise ManifestError(
-            f"{url}: is not a regular file in the mirror {mirror}, so {name} was not read; put the file there "
-            "or fix its source_url"
-        )
-    return path
-
-
 def _download(
     entry: ManifestEntry,
     target: Path,
@@ -229,10 +181,10 @@ def _download(
             f"{entry.dataset}/{entry.path}: not in the mirror and the manifest gives no source_url; "
             "pass a mirror that has it with --mirror DIR"
         )
-    local = _local_source(entry, mirror, manifest)
+    local = local_source(entry, mirror, manifest)
     try:
         if local is not None:
-            with local.open("rb") as handle:
+            with open_regular(local) as handle:
                 _write_verified(handle, target, entry, entry.source_url, manifest)
             return
         with (opener or _open_https)(entry.source_url, 60.0) as response:
@@ -281,7 +233,9 @@ def fetch(
     checksum is an error unless ``force`` (local edits are never overwritten silently).
     Missing files are copied from ``mirror/<dataset>/<path>`` (argument or
     ``$MEDSEG_DATA_MIRROR``) when the mirror has them, else downloaded from source_url:
-    https:// only, or file:// inside the mirror. The mirror is only read.
+    https:// only, or file:// inside the mirror. The mirror is only read, and only its own
+    regular files: an entry that links out of it, or is a folder or a FIFO, is refused; and the
+    dataset folder must not overlap the mirror (links in ``dest`` are followed, then checked).
     opener: opens an https:// URL (default: urllib with certificate checks and https-only
     redirects); a parameter so a caller can supply its own transport, and tests a local stream.
     """
@@ -293,6 +247,7 @@ def fetch(
             f"{mirror}: mirror folder does not exist; pass an existing folder with --mirror DIR "
             "(layout DIR/<dataset>/<path>) or unset MEDSEG_DATA_MIRROR"
         )
+    check_dest(dest, dataset, mirror)
     folder = dest / dataset
     report = FetchReport(dataset=dataset, folder=folder)
     progress = _Progress(len(entries), f"fetch {dataset}")
@@ -311,10 +266,11 @@ def fetch(
                         f"{entry.sha256}; it was left as is. Rerun with --force to replace it"
                     )
                 report.replaced.append(entry.path)
-            source = mirror / dataset / entry.path if mirror is not None else None
-            if source is not None and source.is_file():
+            copy = mirror_copy(mirror, entry) if mirror is not None else None
+            if copy is not None:
+                source = mirror / dataset / entry.path
                 try:
-                    with source.open("rb") as handle:
+                    with open_regular(copy) as handle:
                         _write_verified(handle, target, entry, str(source), manifest)
                 except OSError as exc:
                     raise ManifestError(

@@ -40,6 +40,7 @@ __all__ = [
     "write_png_sequence",
     "write_sample_study",
     "write_ct_dataset",
+    "ct_dataset_paths",
     "CT_CLASSES",
     "EM_CLASSES",
 ]
@@ -272,21 +273,29 @@ def write_png_sequence(array: np.ndarray, folder: Path, prefix: str = "") -> lis
     return paths
 
 
+def ct_dataset_paths(folder: Path, cases: int) -> list[tuple[Path, Path]]:
+    """The (image, label) paths of each case that `write_ct_dataset` writes, in case order."""
+    return [
+        (folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz", folder / "labelsTr" / f"case_{i:03d}.nii.gz")
+        for i in range(cases)
+    ]
+
+
 def write_ct_dataset(folder: Path, cases: int = 6, seed: int = 0) -> tuple[Path, Path]:
     """CT phantoms in the nnU-Net layout: imagesTr/case_NNN_0000.nii.gz, labelsTr/case_NNN.nii.gz.
 
     Each case has its own seed, shape jitter and a small random rotation, so a model has
-    to learn the structures, not one fixed volume.
+    to learn the structures, not one fixed volume. Files of those names are replaced
+    (`medseg data phantom` checks first that none is a user's).
     """
     rng = np.random.default_rng(seed)
-    images, labels = folder / "imagesTr", folder / "labelsTr"
-    for i in range(cases):
+    for i, (image, label) in enumerate(ct_dataset_paths(folder, cases)):
         shape = tuple(int(n) for n in rng.integers([36, 32, 20], [48, 44, 28]))
         angles = tuple(float(a) for a in rng.uniform(-10, 10, size=3))
         case = ct_phantom(shape=shape, oblique=angles, seed=seed * 1000 + i)
-        write_nifti(case.image, case.affine, images / f"case_{i:03d}_0000.nii.gz")
-        write_nifti(case.label, case.affine, labels / f"case_{i:03d}.nii.gz")
-    return images, labels
+        write_nifti(case.image, case.affine, image)
+        write_nifti(case.label, case.affine, label)
+    return folder / "imagesTr", folder / "labelsTr"
 
 
 def write_sample_study(folder: Path, seed: int = 0) -> dict[str, Path]:

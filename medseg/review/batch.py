@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,7 @@ def read_batch(output_dir: Path | str) -> dict[str, Any]:
         f"run `medseg predict --checkpoint RUN --input SCANS --output {folder}` first (or point at the folder it wrote)"
     )
     if not folder.is_dir():
-        raise ReviewError(f"{folder}: no such folder; {run_first}")
+        raise ReviewError(f"{folder}: {_not_a_folder(folder, run_first)}")
     if not path.is_file():
         raise ReviewError(f"{folder}: no predictions.json, so this is not a batch output folder; {run_first}")
     try:
@@ -85,6 +86,28 @@ def read_batch(output_dir: Path | str) -> dict[str, Any]:
         classes = {str(name): i for i, name in enumerate(classes)}
     batch["classes"] = {str(k): int(v) for k, v in (classes or {}).items()}
     return batch
+
+
+def _not_a_folder(path: Path, run_first: str) -> str:
+    """Why ``path`` is no batch folder and what to pass instead, in words (the start of one sentence).
+
+    Why: `medseg view a.nii.gz` (a scan), `medseg view out/predictions.json` (a file of the batch)
+    and a typo are different mistakes, and each has its own fix.
+    """
+    predict = "the output folder of `medseg predict` (the folder holding predictions.json, the masks and review.html)"
+    if path.is_file():
+        if (path.parent / "predictions.json").is_file():
+            return f"is a file, not a folder; medseg view takes the batch folder holding it: medseg view {path.parent}"
+        return f"is a file, not a folder; medseg view takes {predict}, not a scan or a mask"
+    if path.is_symlink():
+        return f"is a link to {os.readlink(path)}, which does not exist; point it at a batch folder, or {run_first}"
+    if path.exists():
+        kind = "a FIFO" if stat.S_ISFIFO(path.stat().st_mode) else "a device or socket"
+        return f"is {kind}, not a folder; medseg view takes {predict}"
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"does not exist ({blocker} is a file, not a folder); medseg view takes {predict}"
+    return f"does not exist; {run_first}"
 
 
 def class_legend(classes: Mapping[str, int]) -> list[dict[str, Any]]:
