@@ -199,6 +199,24 @@ def test_rerun_skips_unchanged_scans_without_model_work(first_run, model, monkey
     }
 
 
+def test_a_truncated_mask_is_redone_and_a_gone_inputs_masks_are_listed_as_orphans(first_run, model, tmp_path):
+    """Integrity (issue #18 item 5): the ledger's size and hash catch a mask cut short by a full disk, and
+    the masks of an input that has gone stay, listed in predictions.json and the summary artifact."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(first_run["images"], images)
+    shutil.copytree(first_run["output"], out, copy_function=shutil.copy2)
+    (out / "ct_volume.nii.gz").write_bytes((out / "ct_volume.nii.gz").read_bytes()[:100])
+    shutil.move(images / "em_stack.tif", tmp_path / "archived.tif")  # its mask em_stack.tif is now an orphan
+    summary = segment_study(input_dir=images, output_dir=out, checkpoint=model)
+    assert summary.counts == {"written": 1, "skipped": 1, "failed": 0}
+    assert records(out)["ct_volume"]["status"] == "written" and (out / "ct_volume.nii.gz").stat().st_size > 100
+    assert (out / "em_stack.tif").is_file()  # kept
+    assert [o["case"] for o in summary.orphans] == ["em_stack"]
+    assert [o["case"] for o in json.loads((out / "predictions.json").read_text())["orphans"]] == ["em_stack"]
+    markdown = Artifact.get(SUMMARY_KEY).data
+    assert "Orphaned outputs (input gone; kept)" in markdown and "em_stack.tif" in markdown
+
+
 def test_corrupt_scan_fails_alone_and_io_errors_are_retried(prefect_server, model, monkeypatch, tmp_path):
     images, labels = write_study(tmp_path)
     good = nib.load(images / "ct_volume.nii.gz")
