@@ -29,12 +29,39 @@ def test_best_epoch_follows_every_gain_but_patience_restarts_only_on_min_delta()
     assert stopping.update({"mean_dice": 0.7}, 4) and stopping.since_best == 0 and not stopping.should_stop
 
 
-def test_no_patience_never_stops_and_restore_continues_from_the_best():
+def test_no_patience_never_stops_and_a_replayed_history_continues_from_the_best():
     stopping = EarlyStopping.from_config(TrainConfig())
-    stopping.restore(0.8, 5, {"mean_dice": 0.8})
+    stopping.replay([{"epoch": 4, "mean_dice": 0.5}, {"epoch": 5, "mean_dice": 0.8}])
     for epoch in range(6, 20):
         assert not stopping.update({"mean_dice": 0.1}, epoch)
     assert not stopping.should_stop and stopping.best_epoch == 5
+
+
+def test_a_resumed_run_keeps_its_count_of_validations_without_gain():
+    """Patience 3, stalled for 2 validations when the run was killed: the resumed run stops after one more,
+    exactly where an unbroken run stops (before, a resume restarted the count at 0)."""
+    history = [
+        {"epoch": 1, "step": 10, "mean_dice": 0.5},
+        {"epoch": 2, "step": 20},  # not validated (val_every 2 would leave such rows)
+        {"epoch": 3, "step": 30, "mean_dice": 0.49},
+        {"epoch": 4, "step": 40, "mean_dice": 0.5},
+    ]
+    unbroken = EarlyStopping.from_config(TrainConfig(early_stop_patience=3))
+    for row in history:
+        if "mean_dice" in row:
+            unbroken.update(row, row["epoch"])
+    resumed = EarlyStopping.from_config(TrainConfig(early_stop_patience=3))
+    resumed.replay(history)
+    assert (
+        (resumed.best_epoch, resumed.best_metric, resumed.since_best)
+        == (1, 0.5, 2)
+        == (
+            unbroken.best_epoch,
+            unbroken.best_metric,
+            unbroken.since_best,
+        )
+    )
+    assert not resumed.update({"epoch": 5, "mean_dice": 0.45}, 5) and resumed.should_stop
 
 
 def test_weight_average_is_off_without_a_decay_and_restores_its_count():

@@ -365,7 +365,7 @@ def _restore(
     if average is not None:
         average.load(state.weights, saved.ema_updates)
     optim.load_state_dicts(saved.optimizer, saved.scheduler, saved.scaler)
-    stopping.restore(saved.best_metric, saved.best_epoch, saved.best_metrics)
+    stopping.replay(saved.history)
     return saved.epoch, list(saved.history)
 
 

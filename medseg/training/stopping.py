@@ -8,7 +8,7 @@ restarts on a gain of at least ``min_delta``, so noise cannot keep a stalled run
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from medseg.config import TrainConfig
 
@@ -42,9 +42,13 @@ class EarlyStopping:
     def from_config(cls, train: TrainConfig) -> EarlyStopping:
         return cls(train.early_stop_patience, train.early_stop_min_delta)
 
-    def restore(self, best_metric: float, best_epoch: int, best_metrics: Mapping[str, float]) -> None:
-        """Continue from a checkpoint's best epoch (the count since then starts again at 0)."""
-        self.best_metric, self.best_epoch, self.best_metrics = best_metric, best_epoch, dict(best_metrics)
+    def replay(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Continue a resumed run: judge its saved history again, row by row, so the best epoch and
+        the count of validations since the last real gain are where the run left them (a resume
+        must not give a stalled run a fresh ``patience``)."""
+        for row in history:
+            if SCORE in row:
+                self.update(row, int(row["epoch"]))
 
     def update(self, row: Mapping[str, float], epoch: int) -> bool:
         """Judge one validated epoch's row; True when it is the new best."""
