@@ -163,10 +163,19 @@ def _load_with_retries(ref: ScanRef, job: Job) -> Any:
             attempt += 1
 
 
-def _refuse_foreign(output_dir: Path, case: str, targets: list[Path]) -> None:
-    """ExportError if a mask name of ``case`` is taken by a file (or folder, or link) no ledger record of it names."""
+def _refuse_foreign(output_dir: Path, case: str, targets: list[Path], overwrite: bool) -> None:
+    """ExportError if a mask name of ``case`` is taken by a file (or link) no ledger record of it names, unless
+    ``overwrite``; or, overwrite or not, by a folder (a user's folder is never replaced by a mask)."""
     from medseg.pipeline import ledger
 
+    folders = [p for p in targets if p.is_dir() and not p.is_symlink()]
+    if folders:
+        raise ExportError(
+            f"{folders[0]}: is a folder where a mask of {case} goes, and medseg never replaces a folder; "
+            "move it away and rerun"
+        )
+    if overwrite:
+        return
     ours = ledger.recorded_paths(output_dir, case)
     taken = [p for p in targets if os.path.lexists(p) and ledger.relative_path(output_dir, p) not in ours]
     if taken:
@@ -205,8 +214,7 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
         scan = _load_with_retries(ref, job)
         formats = job.formats_for(ref)
         targets = [p for paths in mask_paths(job.output_dir, ref, scan.geometry.shape, formats).values() for p in paths]
-        if not job.overwrite:
-            _refuse_foreign(job.output_dir, ref.id, targets)
+        _refuse_foreign(job.output_dir, ref.id, targets, job.overwrite)
         prediction = predictor().predict(scan)
         refused: list[str] = []  # a DICOM object this series cannot have; the other masks are still written
         ledger.intend(job.output_dir, ref.id, key, targets, str(ref.path))  # before any mask: a kill leaves it ours
