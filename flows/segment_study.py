@@ -95,7 +95,8 @@ def segment_study(
         config: an experiment config whose run folder holds the checkpoint.
         reference_dir: reference masks named by case id → metrics.csv/json and Dice/IoU artifact.
         tta: test-time augmentation; None keeps the checkpoint's setting.
-        overwrite: redo every scan even if its masks are up to date.
+        overwrite: redo every scan even if its masks are up to date, and replace files at mask names
+            that medseg did not write (without it, such a scan fails naming the file).
         device: auto (CUDA if present), cpu, cuda, cuda:N.
         formats: mask formats; None: the default per input kind (as `medseg predict`).
         task_runner: threads (one process, one model) or dask (pip install 'medseg[dask]').

@@ -26,6 +26,7 @@ from hostile_corpus.common import COMMANDS, went_on
 from hostile_corpus.containment import CONTAINMENT
 from hostile_corpus.models import CHECKPOINTS, CONFIGS
 from hostile_corpus.outputs import LITTER, OUTPUT_FIRST, UMASK
+from hostile_corpus.own_masks import OWN_MASKS
 from hostile_corpus.scans import BUDGETS, GEOMETRY, ONE_SCAN, SCAN_CASES
 from hostile_corpus.servers import SERVERS
 from hostile_corpus.signals import SIGNALS
@@ -160,6 +161,7 @@ FLOW = [
 CASES = [
     *CONTAINMENT,
     *LITTER,
+    *OWN_MASKS,
     *OUTPUT_FIRST,
     *ONE_SCAN,
     *SCAN_CASES,

@@ -39,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=PRECISIONS,
         help="arithmetic of the forward passes (default: the checkpoint's infer.precision, auto)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="redo scans whose masks are already up to date")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo scans whose masks are already up to date, and replace files at mask names medseg did not write",
+    )
     parser.add_argument(
         "--format",
         dest="formats",

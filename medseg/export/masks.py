@@ -21,7 +21,7 @@ from medseg.export.dicom_seg import write_dicom_seg
 from medseg.errors import ExportError
 from medseg.files import atomic_path, contained_path, journal_root, unique_names
 from medseg.geometry import Geometry
-from medseg.ingest.scan import Scan
+from medseg.ingest.scan import Scan, ScanRef
 from medseg.export.rtstruct import write_rtstruct
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "write_tiff_mask",
     "write_png_masks",
     "export_mask",
+    "mask_paths",
     "CLASS_COLOURS",
 ]
 
@@ -77,7 +78,36 @@ def default_formats(kind: str) -> tuple[str, ...]:
     }.get(kind, ("png",))
 
 
-_SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "tiff": ".tif"}
+_SUFFIX = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm", "tiff": ".tif"}
+
+
+def mask_paths(
+    output_dir: Path, ref: ScanRef, shape: Sequence[int], formats: Sequence[str] | None = None
+) -> dict[str, list[Path]]:
+    """Every file `export_mask` writes for the scan ``ref`` on a grid of ``shape``, per format.
+
+    Why one function: the pipeline checks these names before the model runs (a user's file
+    there is never replaced unless asked) and records them before the write (a killed run
+    leaves masks the ledger still knows); `export_mask` writes exactly these, so the list
+    checked and the files written cannot differ. ``<id>.nii.gz``, ``<id>.seg.dcm``,
+    ``<id>.rtstruct.dcm``, ``<id>.tif``; PNG: ``<id>.png`` for a 2D grid, else one file
+    per slice in ``<id>/``, named like the input images where there is one per slice.
+    """
+    case = ref.id
+    paths: dict[str, list[Path]] = {}
+    for fmt in tuple(formats or default_formats(ref.kind)):
+        if fmt in _SUFFIX:
+            paths[fmt] = [contained_path(output_dir, case, _SUFFIX[fmt])]
+        elif fmt == "png" and len(shape) == 2:
+            paths[fmt] = [contained_path(output_dir, case, ".png")]
+        elif fmt == "png":
+            planes = shape[2]
+            stems = [Path(p).stem for p in ref.paths] if len(ref.paths) == planes else None
+            names = unique_names(stems) if stems else [str(k) for k in range(planes)]  # 1.png, 1.PNG: two masks
+            paths[fmt] = [contained_path(output_dir, f"{case}/{name}", ".png") for name in names]
+        else:
+            raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, rtstruct, tiff or png")
+    return paths
 
 
 def spatial_mask(mask: np.ndarray, scan: Scan, target: Path | None = None) -> np.ndarray:
@@ -156,18 +186,15 @@ def _check_tiff_spacing(tmp: Path, scan: Scan, shown: Path) -> None:
         raise ExportError(f"{shown}: TIFF mask does not match its scan's grid: {problem}")
 
 
-def write_png_masks(mask: np.ndarray, scan: Scan, folder_or_file: Path) -> list[Path]:
-    """PNG per 2D slice (a single PNG for a 2D image), named like the input images."""
+def write_png_masks(mask: np.ndarray, scan: Scan, paths: Sequence[Path]) -> list[Path]:
+    """PNG per 2D slice (one PNG for a 2D image) at ``paths``, as `mask_paths` names them."""
     mask = spatial_mask(mask, scan)
     dtype = np.uint8 if mask.max() <= 255 and mask.min() >= 0 else np.uint16
-    if mask.ndim == 2:
-        targets = [(folder_or_file, mask)]
-    else:
-        stems = [Path(p).stem for p in scan.ref.paths] if len(scan.ref.paths) == mask.shape[2] else None
-        names = unique_names(stems) if stems else [str(k) for k in range(mask.shape[2])]  # 1.png, 1.PNG: two masks
-        targets = [(folder_or_file / f"{name}.png", mask[:, :, k]) for k, name in enumerate(names)]
+    planes = [mask] if mask.ndim == 2 else [mask[:, :, k] for k in range(mask.shape[2])]
+    if len(planes) != len(paths):
+        raise ExportError(f"{scan.ref.path}: {len(planes)} mask slices for {len(paths)} PNG names")
     written = []
-    for path, plane in targets:
+    for path, plane in zip(paths, planes):
         with atomic_path(path) as tmp:
             Image.fromarray(np.ascontiguousarray(plane.T.astype(dtype))).save(tmp, format="PNG")
             back = np.asarray(Image.open(tmp))
@@ -193,36 +220,30 @@ def export_mask(
     geometry, say), its sentence goes here and the other formats are still written; without a
     list, or when nothing else could be written, that ExportError is raised.
 
-    File names follow the scan id: ``<id>.nii.gz``, ``<id>.seg.dcm``, ``<id>.rtstruct.dcm``, ``<id>.tif``,
-    ``<id>/`` (PNGs).
+    File names follow the scan id, as `mask_paths` gives them: ``<id>.nii.gz``, ``<id>.seg.dcm``,
+    ``<id>.rtstruct.dcm``, ``<id>.tif``, ``<id>/`` (PNGs).
     """
     check_output_outside_inputs(output_dir, scan)
-    formats = tuple(formats or default_formats(scan.ref.kind))
-    case = scan.ref.id
+    targets = mask_paths(output_dir, scan.ref, spatial_mask(mask, scan).shape, formats)
     written: list[Path] = []
     refused: list[ExportError] = []
     with journal_root(output_dir):  # temporary files journalled where a later run's cleanup looks
-        for fmt in formats:
+        for fmt, paths in targets.items():
             if fmt == "nifti":
-                written.append(write_nifti_mask(mask, scan, contained_path(output_dir, case, ".nii.gz")))
+                written.append(write_nifti_mask(mask, scan, paths[0]))
             elif fmt in ("dicom-seg", "rtstruct"):
-                writer, suffix = (
-                    (write_dicom_seg, ".seg.dcm") if fmt == "dicom-seg" else (write_rtstruct, ".rtstruct.dcm")
-                )
+                writer = write_dicom_seg if fmt == "dicom-seg" else write_rtstruct
                 try:
-                    written.append(writer(mask, scan, contained_path(output_dir, case, suffix), classes, coding=coding))
+                    written.append(writer(mask, scan, paths[0], classes, coding=coding))
                 except ExportError as exc:
                     if notes is None:
                         raise
                     refused.append(exc)
                     notes.append(f"{fmt} not written: {exc}")
             elif fmt == "tiff":
-                written.append(write_tiff_mask(mask, scan, contained_path(output_dir, case, ".tif")))
-            elif fmt == "png":
-                flat = spatial_mask(mask, scan).ndim == 2
-                written.extend(write_png_masks(mask, scan, contained_path(output_dir, case, ".png" if flat else "")))
+                written.append(write_tiff_mask(mask, scan, paths[0]))
             else:
-                raise ExportError(f"unknown mask format {fmt!r}; use nifti, dicom-seg, rtstruct, tiff or png")
+                written.extend(write_png_masks(mask, scan, paths))
     if refused and not written:
         raise refused[0]
     return written

@@ -12,8 +12,19 @@ record in ``OUTPUT/.medseg/ledger/<case id>.json`` holding a key over
 
 and, for each mask it wrote, its size and sha256 at write time. A scan is skipped only
 when the key matches and every mask still has that size and hash; then no model is
-loaded or run. Records whose scan is no longer among the inputs name orphaned outputs:
-listed in the reports, never deleted. The folder is hidden, so discovery (and
+loaded or run.
+
+The record also says which files are medseg's: a file at a mask's name that no record of
+its case names (a user's own ``scan1.nii.gz``) is never replaced without ``--overwrite``.
+So that a run killed between a mask's rename and its record cannot leave a mask of ours
+the ledger does not know, the record is written first with the key and the masks about to
+be written marked ``pending`` (`intend`), and completed with sizes and hashes after the
+write (`remember`); a pending entry is ours but never intact, so its scan is redone.
+Masks of this case an earlier record named and this one no longer writes (another
+format) stay named under ``earlier`` while they exist.
+
+Records whose scan is no longer among the inputs name orphaned outputs: listed in the
+reports, never deleted. The folder is hidden, so discovery (and
 ``medseg evaluate``) never sees it; one file per case means parallel workers never write
 the same file.
 """
@@ -31,7 +42,17 @@ from medseg.errors import MedsegError
 from medseg.files import atomic_write_text, contained_path, ensure_inside, sha256_file
 from medseg.ingest.scan import ScanRef
 
-__all__ = ["LEDGER_DIR", "ScanKey", "scan_key", "find_outputs", "remember", "orphans"]
+__all__ = [
+    "LEDGER_DIR",
+    "ScanKey",
+    "scan_key",
+    "find_outputs",
+    "intend",
+    "recorded_paths",
+    "relative_path",
+    "remember",
+    "orphans",
+]
 
 LEDGER_DIR = ".medseg/ledger"
 
@@ -81,7 +102,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _intact(output_dir: Path, entry: Any) -> Path | None:
     """The mask an output entry names, if it is inside the output folder and unchanged since it was written."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or entry.get("pending"):
         return None
     try:
         path = contained_path(output_dir, entry["path"])
@@ -104,15 +125,56 @@ def find_outputs(output_dir: Path, case: str, key: ScanKey) -> list[Path] | None
     return None if any(p is None for p in outputs) else outputs  # type: ignore[return-value]
 
 
+def relative_path(output_dir: Path, path: Path) -> str:
+    """``path`` relative to ``output_dir``, its folder resolved but not the file itself (a link is its own file)."""
+    path = Path(path)
+    return (path.parent.resolve() / path.name).relative_to(output_dir.resolve()).as_posix()
+
+
+def _entry_paths(record: Mapping[str, Any] | None) -> list[str]:
+    """The relative paths a record names: its outputs (written or pending) and earlier masks of its case."""
+    if record is None:
+        return []
+    entries = (
+        [e for e in record.get("outputs", []) if isinstance(e, dict)] if isinstance(record.get("outputs"), list) else []
+    )
+    earlier = record.get("earlier") if isinstance(record.get("earlier"), list) else []
+    return [e["path"] for e in entries if isinstance(e.get("path"), str)] + [p for p in earlier if isinstance(p, str)]
+
+
+def recorded_paths(output_dir: Path, case: str) -> set[str]:
+    """Files (relative to ``output_dir``) the ledger names as this case's masks, under any key, pending or written."""
+    return set(_entry_paths(_read(_record_path(output_dir, case))))
+
+
+def _write(output_dir: Path, case: str, key: ScanKey, entries: list[dict[str, Any]], source: str) -> Path:
+    """The case's record, atomically, keeping earlier masks of the case that it no longer names and that exist."""
+    path = _record_path(output_dir, case)
+    named = {entry["path"] for entry in entries}
+    earlier = []
+    for rel in _entry_paths(_read(path)):
+        try:
+            if rel not in named and rel not in earlier and contained_path(output_dir, rel).exists():
+                earlier.append(rel)
+        except (OSError, ValueError, MedsegError):
+            continue  # a name that leaves the folder is no mask of ours
+    payload = {"case": case, "input": source, "key": key.key, **key.details, "outputs": entries, "earlier": earlier}
+    return atomic_write_text(path, json.dumps(payload, indent=2), root=output_dir)
+
+
+def intend(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path], source: str) -> Path:
+    """Record (atomically), before they are written, that ``outputs`` are this case's masks for ``key``: pending."""
+    entries = [{"path": relative_path(output_dir, path), "pending": True} for path in outputs]
+    return _write(output_dir, case, key, entries, source)
+
+
 def remember(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path], source: str) -> Path:
     """Record (atomically) that ``outputs`` were made for ``key``, with each mask's size and hash now."""
     entries = []
     for path in outputs:
-        rel = Path(path).resolve().relative_to(output_dir.resolve()).as_posix()
+        rel = relative_path(output_dir, path)
         entries.append({"path": rel, "size": Path(path).stat().st_size, "sha256": sha256_file(Path(path))})
-    payload = {"case": case, "input": source, "key": key.key, **key.details, "outputs": entries}
-    path = _record_path(output_dir, case)
-    return atomic_write_text(path, json.dumps(payload, indent=2), root=output_dir)
+    return _write(output_dir, case, key, entries, source)
 
 
 def orphans(output_dir: Path, cases: Sequence[str]) -> list[dict[str, Any]]:
@@ -135,8 +197,6 @@ def orphans(output_dir: Path, cases: Sequence[str]) -> list[dict[str, Any]]:
         record = _read(path)
         if record is None or not isinstance(record.get("case"), str) or record["case"] in current:
             continue
-        outputs = [
-            e["path"] for e in record.get("outputs", []) if isinstance(e, dict) and isinstance(e.get("path"), str)
-        ]
+        outputs = _entry_paths(record)
         found.append({"case": record["case"], "input": str(record.get("input", "")), "outputs": outputs})
     return found

@@ -1,9 +1,13 @@
 """Segment one scan: the one per-scan path of `medseg predict` and the segment-study flow.
 
-Skip if the ledger says the masks are intact, else load → predict → export → record. Any
-problem of this scan becomes this scan's failure with one sentence (an unexpected one also
-leaves its traceback in ``OUTPUT/logs/``); a transient input read is retried; an output
-folder that takes no more raises `OutputUnwritable`, which stops the batch.
+Skip if the ledger says the masks are intact, else load → check the mask names → predict →
+record the intent → export → record. A file at a mask's name that the ledger does not name
+as this case's (a user's own segmentation) fails the scan unless the job overwrites; the
+ledger record written before the export means a run killed mid-write leaves masks the next
+run knows as its own, and redoes. Any problem of this scan becomes this scan's failure with
+one sentence (an unexpected one also leaves its traceback in ``OUTPUT/logs/``); a transient
+input read is retried; an output folder that takes no more raises `OutputUnwritable`, which
+stops the batch.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medseg import __version__
-from medseg.errors import MedsegError, ScanError
+from medseg.errors import ExportError, MedsegError, ScanError
 from medseg.files import atomic_write_text, contained_path, safe_part
 from medseg.ingest import LoadOptions, Problem, ScanRef, case_id, load
 from medseg.pipeline.output import (
@@ -159,15 +163,41 @@ def _load_with_retries(ref: ScanRef, job: Job) -> Any:
             attempt += 1
 
 
+def _refuse_foreign(output_dir: Path, case: str, targets: list[Path], overwrite: bool) -> None:
+    """ExportError if a mask name of ``case`` is taken by a file (or link) no ledger record of it names, unless
+    ``overwrite``; or, overwrite or not, by a folder (a user's folder is never replaced by a mask)."""
+    from medseg.pipeline import ledger
+
+    folders = [p for p in targets if p.is_dir() and not p.is_symlink()]
+    if folders:
+        raise ExportError(
+            f"{folders[0]}: is a folder where a mask of {case} goes, and medseg never replaces a folder; "
+            "move it away and rerun"
+        )
+    if overwrite:
+        return
+    ours = ledger.recorded_paths(output_dir, case)
+    taken = [p for p in targets if os.path.lexists(p) and ledger.relative_path(output_dir, p) not in ours]
+    if taken:
+        more = f" (and {len(taken) - 1} more of this scan's mask names)" if len(taken) > 1 else ""
+        raise ExportError(
+            f"{taken[0]}: exists and medseg did not write it{more}; move it away, "
+            "or rerun with --overwrite to replace it"
+        )
+
+
 def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRecord:
-    """Load → predict → export → record one scan, unless its masks are intact (then no model work).
+    """Load → check the mask names → predict → export → record one scan, unless its masks are intact.
+
+    Intact masks: no model work. The mask names are checked once the scan is read (PNG slice
+    names follow its grid) and before the model is loaded or run.
 
     ``predictor`` returns the Predictor, called only when the scan needs one (a worker
     loads its model on first use). Never raises for a problem of this scan; raises
     `OutputUnwritable` when the output folder can take no more.
     """
     from medseg.pipeline import ledger
-    from medseg.export import export_mask
+    from medseg.export import export_mask, mask_paths
 
     start = time.monotonic()
     record = CaseRecord(ref.id, ref.kind, str(ref.path), "written")
@@ -182,11 +212,13 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
         check_reads_outside(ref, job.output_dir)
         _check_still_writable(job, ref)
         scan = _load_with_retries(ref, job)
+        formats = job.formats_for(ref)
+        targets = [p for paths in mask_paths(job.output_dir, ref, scan.geometry.shape, formats).values() for p in paths]
+        _refuse_foreign(job.output_dir, ref.id, targets, job.overwrite)
         prediction = predictor().predict(scan)
         refused: list[str] = []  # a DICOM object this series cannot have; the other masks are still written
-        outputs = export_mask(
-            prediction.mask, scan, job.output_dir, job.classes, job.formats_for(ref), job.coding, notes=refused
-        )
+        ledger.intend(job.output_dir, ref.id, key, targets, str(ref.path))  # before any mask: a kill leaves it ours
+        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, formats, job.coding, notes=refused)
         ledger.remember(job.output_dir, ref.id, key, outputs, str(ref.path))
         record.outputs = [str(p) for p in outputs]
         record.notes = list(scan.notes) + list(scan.geometry.notes) + refused
