@@ -43,6 +43,7 @@ from medseg.files import atomic_write_text, contained_path, ensure_inside, sha25
 from medseg.ingest.scan import ScanRef
 
 __all__ = [
+    "abandon",
     "LEDGER_DIR",
     "ScanKey",
     "scan_key",
@@ -166,6 +167,38 @@ def intend(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path], s
     """Record (atomically), before they are written, that ``outputs`` are this case's masks for ``key``: pending."""
     entries = [{"path": relative_path(output_dir, path), "pending": True} for path in outputs]
     return _write(output_dir, case, key, entries, source)
+
+
+def abandon(output_dir: Path, case: str) -> None:
+    """After an export that failed in a live process: the case's record keeps only the masks that
+    exist (still ours, still pending, so redone next time), and goes when none is left, so a
+    failed scan leaves no bookkeeping about masks that were never written. Best effort: a full
+    or read-only disk keeps the record as it was, which is safe (pending entries are never intact)."""
+    path = _record_path(output_dir, case)
+    record = _read(path)
+    if record is None:
+        return
+
+    def exists(rel: Any) -> bool:
+        try:
+            return isinstance(rel, str) and contained_path(output_dir, rel).exists()
+        except (OSError, ValueError, MedsegError):
+            return False
+
+    entries = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+    record["outputs"] = [e for e in entries if isinstance(e, dict) and exists(e.get("path"))]
+    record["earlier"] = [rel for rel in record.get("earlier") or [] if exists(rel)]
+    try:
+        if record["outputs"] or record["earlier"]:
+            atomic_write_text(path, json.dumps(record, indent=2), root=output_dir)
+            return
+        path.unlink(missing_ok=True)
+        folder, top = path.parent, output_dir / LEDGER_DIR
+        while folder != top.parent and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    except OSError:
+        pass
 
 
 def remember(output_dir: Path, case: str, key: ScanKey, outputs: Sequence[Path], source: str) -> Path:

@@ -218,7 +218,13 @@ def segment_scan(ref: ScanRef, job: Job, predictor: Callable[[], Any]) -> CaseRe
         prediction = predictor().predict(scan)
         refused: list[str] = []  # a DICOM object this series cannot have; the other masks are still written
         ledger.intend(job.output_dir, ref.id, key, targets, str(ref.path))  # before any mask: a kill leaves it ours
-        outputs = export_mask(prediction.mask, scan, job.output_dir, job.classes, formats, job.coding, notes=refused)
+        try:
+            outputs = export_mask(
+                prediction.mask, scan, job.output_dir, job.classes, formats, job.coding, notes=refused
+            )
+        except BaseException:
+            ledger.abandon(job.output_dir, ref.id)  # no record of masks that were never written
+            raise
         ledger.remember(job.output_dir, ref.id, key, outputs, str(ref.path))
         record.outputs = [str(p) for p in outputs]
         record.notes = list(scan.notes) + list(scan.geometry.notes) + refused
