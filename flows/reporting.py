@@ -78,9 +78,11 @@ class Summary:
         text = self.headline()
         if self.stopped:
             text = f"stopped early: {self.stopped}; {text}"
-        listed = [Path(p).name for p in self.reports if Path(p).name == "predictions.json"]
-        where = ["the summary artifact", *(str(Path(self.output_dir) / name) for name in listed)]
-        return f"{text}; reasons in {' and '.join(where)}" if self.failures or self.evaluation_failures else text
+        if not (self.failures or self.evaluation_failures):
+            return text
+        manifest = Path(self.output_dir) / "predictions.json"
+        written = any(Path(p).name == manifest.name for p in self.reports)  # not when the folder took no more
+        return f"{text}; reasons in the summary artifact" + (f" and {manifest}" if written else "")
 
     def headline(self) -> str:
         c = self.counts

@@ -50,16 +50,14 @@ def require_dask() -> Any:
 def build_task_runner(kind: str, workers: int | None = None, address: str | None = None) -> TaskRunner:
     """A fresh task runner of ``kind`` ('threads' or 'dask')."""
     if kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers or 2)
-    dask_runner = require_dask()
+        return ThreadPoolTaskRunner(max_workers=_worker_count(kind, workers, address))
+    dask_runner = require_dask()  # before anything else: its absence is the first thing to say
     if address:
         return dask_runner(address=address)
-    gpus = gpu_count()
-    count = workers or gpus or min(2, os.cpu_count() or 1)
     return dask_runner(
         cluster_class=local_cluster,
         cluster_kwargs={
-            "n_workers": count,
+            "n_workers": _worker_count(kind, workers, address),
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
@@ -74,11 +72,17 @@ def in_flight(kind: str, workers: int | None = None, address: str | None = None)
     waits while the flow hands out the next scan, and no more, so that a batch whose output
     stops taking writes stops after at most that many more tries. An existing Dask cluster
     whose size the flow does not know (no ``workers`` given) gets 64."""
+    count = _worker_count(kind, workers, address)
+    return 64 if count is None else 2 * count
+
+
+def _worker_count(kind: str, workers: int | None, address: str | None) -> int | None:
+    """The threads, or the local Dask worker processes, a run gets (None: an existing cluster's own)."""
     if kind == "threads":
-        return 2 * (workers or 2)
+        return workers or 2
     if address:
-        return 2 * workers if workers else 64
-    return 2 * (workers or gpu_count() or min(2, os.cpu_count() or 1))
+        return workers
+    return workers or gpu_count() or min(2, os.cpu_count() or 1)
 
 
 def local_cluster(**kwargs: Any) -> Any:

@@ -148,17 +148,23 @@ def recorded_paths(output_dir: Path, case: str) -> set[str]:
     return set(_entry_paths(_read(_record_path(output_dir, case))))
 
 
+def _exists(output_dir: Path, rel: Any) -> bool:
+    """Whether a recorded relative path names a file inside ``output_dir`` that exists (a name that
+    leaves the folder is no mask of ours)."""
+    try:
+        return isinstance(rel, str) and contained_path(output_dir, rel).exists()
+    except (OSError, ValueError, MedsegError):
+        return False
+
+
 def _write(output_dir: Path, case: str, key: ScanKey, entries: list[dict[str, Any]], source: str) -> Path:
     """The case's record, atomically, keeping earlier masks of the case that it no longer names and that exist."""
     path = _record_path(output_dir, case)
     named = {entry["path"] for entry in entries}
     earlier = []
     for rel in _entry_paths(_read(path)):
-        try:
-            if rel not in named and rel not in earlier and contained_path(output_dir, rel).exists():
-                earlier.append(rel)
-        except (OSError, ValueError, MedsegError):
-            continue  # a name that leaves the folder is no mask of ours
+        if rel not in named and rel not in earlier and _exists(output_dir, rel):
+            earlier.append(rel)
     payload = {"case": case, "input": source, "key": key.key, **key.details, "outputs": entries, "earlier": earlier}
     return atomic_write_text(path, json.dumps(payload, indent=2), root=output_dir)
 
@@ -178,16 +184,9 @@ def abandon(output_dir: Path, case: str) -> None:
     record = _read(path)
     if record is None:
         return
-
-    def exists(rel: Any) -> bool:
-        try:
-            return isinstance(rel, str) and contained_path(output_dir, rel).exists()
-        except (OSError, ValueError, MedsegError):
-            return False
-
     entries = record.get("outputs") if isinstance(record.get("outputs"), list) else []
-    record["outputs"] = [e for e in entries if isinstance(e, dict) and exists(e.get("path"))]
-    record["earlier"] = [rel for rel in record.get("earlier") or [] if exists(rel)]
+    record["outputs"] = [e for e in entries if isinstance(e, dict) and _exists(output_dir, e.get("path"))]
+    record["earlier"] = [rel for rel in record.get("earlier") or [] if _exists(output_dir, rel)]
     try:
         if record["outputs"] or record["earlier"]:
             atomic_write_text(path, json.dumps(record, indent=2), root=output_dir)
